@@ -1,0 +1,401 @@
+"""Edits: solve for the update ``W1 = W0 + Λ Dᵀ`` and keep it as data (thesis Sections 2.1.5 and 2.4).
+
+The solvers
+-----------
+Given keys ``K`` (d × n), target values ``V`` (f × n), the layer's memory ``W0`` (f × d) and the second
+moment ``C`` of its keys, rewriting minimises the change to every other key's output,
+``E‖(W − W0) k‖² = tr(ΔW C ΔWᵀ)``, subject to the new rule. The minimiser always has the form
+
+    ``W1 = W0 + Λ Dᵀ``,  ``D = C⁻¹ K``                                           (eqs. 2.19, 2.24)
+
+* :func:`update_direction` computes ``D = (C + εI)⁻¹ U`` with a Cholesky solve in float64 (never an
+  explicit inverse). ``U`` is ``k*`` for one rule or ``r`` context directions for a rank-r edit; ``ε`` is a
+  ridge *relative to the mean eigenvalue of C*, so it does not depend on the scale of the keys.
+* :func:`solve_lambda` is the closed form for ``Λ``: the weighted least-squares fit of every (key, value)
+  pair inside the subspace, ``Λ = R W Aᵀ (A W Aᵀ)⁻¹`` with ``A = Dᵀ K`` and ``R = V − W0 K``. With
+  ``D = C⁻¹ K`` and independent keys this is the exact constrained solution ``Λ = R (Kᵀ C⁻¹ K)⁻¹``, so
+  ``W1 K = V`` holds and any key with ``kᵀ C⁻¹ K = 0`` keeps its output.
+* :func:`projected_gd` is eq. 2.20 as the thesis runs it: gradient steps on ``W`` through an optional
+  nonlinearity after the layer, each followed by a projection back onto ``W0 + span(Dᵀ)``.
+
+The data
+--------
+An :class:`Edit` is a list of :class:`LayerUpdate` (layer, view, ``Λ``, ``D``) plus a JSON description.
+It is saved as safetensors with the JSON in the header and beside the file, applied and undone exactly,
+and composed with ``+``::
+
+    edit = Edit([LayerUpdate("_blocks.10._project_conv", 2, lam, d)], meta={"rules": [...]})
+    with edit.applied(model):           # restores the original weights bit for bit on exit
+        logits = model(x)
+    edit.save("wood-wheel.safetensors")
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import EditError, StatsError
+from .memory import LayerMemory
+from .stats import atomic_save, read_safetensors
+
+__all__ = [
+    "DEFAULT_RIDGE",
+    "regularize",
+    "update_direction",
+    "solve_lambda",
+    "projected_gd",
+    "LayerUpdate",
+    "Edit",
+    "AppliedEdit",
+]
+
+FORMAT = "rulewriter.edit/1"
+#: Ridge as a fraction of C's mean eigenvalue (tr C / d). Key directions that carry less than 0.1% of the
+#: average per-dimension energy are where a few thousand images cannot tell signal from sampling noise, so
+#: the update is not allowed to hide in them.
+DEFAULT_RIDGE = 1e-3
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise EditError(f"{name} contains NaN or inf")
+
+
+def regularize(c: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``C + ε I`` with ``ε = ridge · tr(C)/d`` (float64)."""
+    if c.dim() != 2 or c.shape[0] != c.shape[1]:
+        raise StatsError(f"second moment must be square, got {tuple(c.shape)}")
+    if not torch.isfinite(c).all():
+        raise StatsError("second moment contains NaN or inf")
+    if ridge < 0:
+        raise StatsError(f"ridge must be >= 0, got {ridge}")
+    c = c.double()
+    eps = ridge * torch.diagonal(c).mean()
+    return c + eps * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
+def update_direction(c: torch.Tensor, u: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``D = (C + εI)⁻¹ U`` for ``U`` of shape (d,) or (d, r), by Cholesky solve in float64.
+
+    Raises StatsError when ``C + εI`` is not positive definite (a singular ``C`` with ``ridge=0``).
+
+    Example:
+        >>> c = torch.eye(3) * 2
+        >>> update_direction(c, torch.tensor([1., 0., 0.]), ridge=0)
+        tensor([0.5000, 0.0000, 0.0000], dtype=torch.float64)
+    """
+    creg = regularize(c, ridge)
+    vec = u.dim() == 1
+    u2 = u.double().reshape(u.shape[0], -1).to(creg.device)
+    if u2.shape[0] != creg.shape[0]:
+        raise StatsError(f"keys have dimension {u2.shape[0]}, the second moment has {creg.shape[0]}")
+    _check_finite("the key", u2)
+    chol, info = torch.linalg.cholesky_ex(creg)
+    if info.item() != 0:
+        raise StatsError(
+            "the second moment is singular (not positive definite); collect statistics over more images "
+            f"or use a ridge > 0 (got ridge={ridge})"
+        )
+    d = torch.cholesky_solve(u2, chol)
+    return d[:, 0] if vec else d
+
+
+def solve_lambda(
+    w0: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    direction: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Closed-form ``Λ`` (f × r) minimising ``Σᵢ wᵢ ‖vᵢ − (W0 + Λ Dᵀ) kᵢ‖²`` (eqs. 2.20–2.21, 2.23–2.24).
+
+    Args:
+        w0: memory matrix (f × d).
+        keys: ``K`` (d × n), one key per column.
+        values: ``V`` (f × n), the value each key must recall.
+        direction: ``D`` (d × r).
+        weights: optional (n,) non-negative weights of the pairs.
+    """
+    w0, k, v, d = (t.double() for t in (w0, keys, values, direction))
+    if d.dim() == 1:
+        d = d[:, None]
+    for name, t in (("keys", k), ("values", v), ("direction", d)):
+        _check_finite(name, t)
+    if k.shape[0] != w0.shape[1] or v.shape[0] != w0.shape[0] or k.shape[1] != v.shape[1] or d.shape[0] != w0.shape[1]:
+        raise EditError(
+            f"shape mismatch: W0 {tuple(w0.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}, D {tuple(d.shape)}"
+        )
+    a = d.T @ k  # (r, n): how strongly each key drives the update
+    r = v - w0 @ k
+    if weights is not None:
+        sw = weights.double().clamp_min(0).sqrt()[None, :]
+        a, r = a * sw, r * sw
+    gram = a @ a.T
+    if torch.linalg.matrix_rank(gram) < gram.shape[0]:
+        raise EditError(
+            "the update directions are degenerate for these keys (Dᵀ K has dependent rows); lower the rank"
+        )
+    return torch.linalg.solve(gram, (r @ a.T).T).T
+
+
+def _projector(direction: torch.Tensor) -> torch.Tensor:
+    """``P = D (DᵀD)⁻¹ Dᵀ``: rows of ΔW P lie in span(Dᵀ)."""
+    d = direction.double().reshape(direction.shape[0], -1)
+    return d @ torch.linalg.solve(d.T @ d, d.T)
+
+
+def projected_gd(
+    w0: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
+    steps: int = 2000,
+    lr: float | None = None,
+    tol: float = 0.0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """Eq. 2.20 by projected gradient descent: minimise ``‖V − post((W0 + ΔW) K)‖²``, project ΔW after each step.
+
+    ``post`` maps value rows ``(n, f)`` through whatever follows the layer (a BatchNorm, an activation);
+    ``None`` means the layer is linear, where this converges to :func:`solve_lambda`. The step is Adam's,
+    with ``lr`` relative to the RMS of ``W0`` by default, and cosine decay so the iterate settles.
+
+    Returns ``(Λ, losses)`` with ``Λ = ΔW D (DᵀD)⁻¹``, so that ``ΔW = Λ Dᵀ`` exactly.
+    """
+    from tqdm.auto import tqdm
+
+    w0, k, v = w0.double(), keys.double(), values.double()
+    d = direction.double().reshape(direction.shape[0], -1)
+    p = _projector(d)
+    wts = None if weights is None else weights.double()[:, None]
+    post = post or (lambda z: z)
+    delta = torch.zeros_like(w0, requires_grad=True)
+    lr = lr if lr is not None else 1e-2 * float(w0.pow(2).mean().sqrt().clamp_min(1e-8))
+    opt = torch.optim.Adam([delta], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    target = v.T
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc="projected GD", disable=not progress):
+        opt.zero_grad()
+        err = post(((w0 + delta) @ k).T) - target
+        loss = ((err.pow(2) * wts).sum() if wts is not None else err.pow(2).sum())
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            delta.copy_(delta @ p)  # project onto W0 + Λ Dᵀ
+        losses.append(float(loss.detach()))
+        if tol and losses[-1] <= tol:
+            break
+    with torch.no_grad():
+        lam = torch.linalg.solve(d.T @ d, (delta @ d).T).T
+    return lam.detach(), losses
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class LayerUpdate:
+    """A low-rank update ``Λ Dᵀ`` of one layer's memory matrix in one view."""
+
+    layer: str
+    view: int
+    lam: torch.Tensor  # (value_dim, r)
+    direction: torch.Tensor  # (key_dim, r)
+
+    def __post_init__(self) -> None:
+        if self.lam.dim() == 1:
+            self.lam = self.lam[:, None]
+        if self.direction.dim() == 1:
+            self.direction = self.direction[:, None]
+        if self.lam.shape[1] != self.direction.shape[1]:
+            raise EditError(f"Λ has rank {self.lam.shape[1]} but D has {self.direction.shape[1]}")
+        _check_finite("Λ", self.lam)
+        _check_finite("D", self.direction)
+
+    @property
+    def rank(self) -> int:
+        return self.lam.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """``ΔW = Λ Dᵀ`` (float64), in the view's matrix layout."""
+        return self.lam.double() @ self.direction.double().T
+
+
+@dataclass
+class Edit:
+    """Rank-r updates of one or more layers, with a JSON description of the rules behind them.
+
+    Example:
+        >>> edit = Edit.load("wood-wheel.safetensors")        # doctest: +SKIP
+        >>> handle = edit.apply(model)                         # doctest: +SKIP
+        >>> handle.undo()                                      # doctest: +SKIP
+    """
+
+    updates: list[LayerUpdate]
+    meta: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------- apply / undo
+    def _memories(self, model: nn.Module) -> list[tuple[LayerUpdate, LayerMemory]]:
+        from .trace import get_module
+
+        out = []
+        for u in self.updates:
+            mem = LayerMemory(get_module(model, u.layer), u.view, name=u.layer)
+            want = (mem.value_dim, mem.key_dim)
+            have = (u.lam.shape[0], u.direction.shape[0])
+            if want != have:
+                raise EditError(
+                    f"edit of {u.layer!r} (view {u.view}) is {have[0]}×{have[1]} but the model's layer is "
+                    f"{want[0]}×{want[1]}; this edit was made for another model"
+                )
+            out.append((u, mem))
+        return out
+
+    def apply(self, model: nn.Module) -> "AppliedEdit":
+        """Add the updates to ``model``'s in-memory weights. Returns a handle whose ``undo()`` restores them.
+
+        Nothing is written to disk. Every layer is checked before any weight changes, so a mismatch leaves
+        the model untouched.
+        """
+        pairs = self._memories(model)
+        backup = {u.layer: mem.weight.detach().clone() for u, mem in pairs}
+        try:
+            for u, mem in pairs:
+                m = mem.matrix().double() + u.delta().to(mem.weight.device)
+                mem.set_matrix(m)
+        except BaseException:
+            AppliedEdit(model, backup).undo()
+            raise
+        return AppliedEdit(model, backup)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Apply inside a ``with`` block; the original weights come back on exit, bit for bit."""
+        handle = self.apply(model)
+        try:
+            yield model
+        finally:
+            handle.undo()
+
+    def applied_copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with the edit applied; ``model`` itself is not touched."""
+        clone = copy.deepcopy(model)
+        self.apply(clone)
+        return clone
+
+    # -------------------------------------------------------------- compose
+    def __add__(self, other: "Edit") -> "Edit":
+        return self.compose(other)
+
+    def compose(self, *others: "Edit") -> "Edit":
+        """One edit equal to applying ``self`` then each of ``others``.
+
+        Updates of the same layer in the same view are merged into one update of higher rank by
+        concatenating their factors: ``Λ1 D1ᵀ + Λ2 D2ᵀ = [Λ1 Λ2] [D1 D2]ᵀ``.
+        """
+        merged: dict[tuple[str, int], LayerUpdate] = {}
+        order: list[tuple[str, int]] = []
+        for e in (self, *others):
+            for u in e.updates:
+                key = (u.layer, u.view)
+                if key in merged:
+                    m = merged[key]
+                    merged[key] = LayerUpdate(u.layer, u.view, torch.cat([m.lam, u.lam.to(m.lam)], 1),
+                                              torch.cat([m.direction, u.direction.to(m.direction)], 1))
+                else:
+                    merged[key] = LayerUpdate(u.layer, u.view, u.lam.clone(), u.direction.clone())
+                    order.append(key)
+        meta = {"composed": [e.meta for e in (self, *others)]}
+        return Edit([merged[k] for k in order], meta)
+
+    # -------------------------------------------------------------- save / load
+    def describe(self) -> dict:
+        """The JSON description: updates' layer, view and rank, plus ``meta``."""
+        return {
+            "format": FORMAT,
+            "updates": [{"layer": u.layer, "view": u.view, "rank": u.rank,
+                         "value_dim": u.lam.shape[0], "key_dim": u.direction.shape[0]} for u in self.updates],
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path, *, sidecar: bool = True) -> Path:
+        """Write ``path`` (safetensors, JSON description in its header) and ``path.json`` beside it.
+
+        Both writes are atomic.
+        """
+        path = Path(path)
+        tensors = {}
+        for i, u in enumerate(self.updates):
+            tensors[f"updates.{i}.lam"] = u.lam.double()
+            tensors[f"updates.{i}.direction"] = u.direction.double()
+        desc = self.describe()
+        text = json.dumps(desc, indent=2, sort_keys=True, default=str)
+        atomic_save(tensors, path, {"format": FORMAT, "rulewriter": text})
+        if sidecar:
+            _atomic_text(path.with_name(path.name + ".json"), text + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Edit":
+        """Read an edit saved by :meth:`save`. Pickles are refused; nothing is executed."""
+        tensors, header = read_safetensors(Path(path), EditError)
+        if header.get("format") != FORMAT or "rulewriter" not in header:
+            raise EditError(f"{path} is safetensors but not a rulewriter edit (format {header.get('format')!r})")
+        try:
+            desc = json.loads(header["rulewriter"])
+            updates = [
+                LayerUpdate(u["layer"], int(u["view"]), tensors[f"updates.{i}.lam"],
+                            tensors[f"updates.{i}.direction"])
+                for i, u in enumerate(desc["updates"])
+            ]
+        except (KeyError, ValueError, TypeError) as e:
+            raise EditError(f"{path}: malformed edit description ({e})") from None
+        return cls(updates, desc.get("meta", {}))
+
+
+class AppliedEdit:
+    """Handle returned by :meth:`Edit.apply`; ``undo()`` restores the exact original weights."""
+
+    def __init__(self, model: nn.Module, backup: dict[str, torch.Tensor]) -> None:
+        self.model = model
+        self.backup = backup
+        self.active = True
+
+    def undo(self) -> None:
+        from .trace import get_module
+
+        if not self.active:
+            return
+        with torch.no_grad():
+            for layer, w in self.backup.items():
+                get_module(self.model, layer).weight.copy_(w)
+        self.active = False
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,321 @@
+"""The second moment ``C = E[k kᵀ]`` of a layer's keys (thesis Section 2.1.5, eq. 2.19).
+
+``C`` tells an edit which key directions the layer actually uses, so that the update ``Λ (C⁻¹k*)ᵀ``
+changes the output of every other key as little as possible. It is a small statistic object::
+
+    s = SecondMoment()
+    s.add(keys)                 # rows are keys, any float dtype; summed in float64
+    s.merge(other)              # partial results from other processes add up
+    C = s.moment()              # (d, d) float64
+
+and :func:`collect_second_moment` streams a dataset through the model up to the layer, with a tqdm progress
+bar, and caches the result as safetensors under a key derived from everything that changes it::
+
+    stats = collect_second_moment(clf, "_blocks.10._project_conv", "photos/", samples=2000, cache_dir="~/.cache/rw")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import StatsError
+from .memory import LayerMemory
+from .trace import Trace
+
+__all__ = ["SecondMoment", "collect_second_moment", "stats_cache_key", "PRECISIONS"]
+
+FORMAT = "rulewriter.second_moment/1"
+#: How key products are formed. Every mode accumulates across batches in float64.
+PRECISIONS = {
+    "fp64": "keys cast to float64 before the product (exact to float64 rounding)",
+    "fp32": "products in float32 within a batch, accumulated in float64 across batches",
+}
+
+
+class SecondMoment:
+    """Streaming sum of outer products of keys, kept in float64.
+
+    Example:
+        >>> s = SecondMoment()
+        >>> s.add(torch.randn(100, 8))
+        >>> s.moment().shape
+        torch.Size([8, 8])
+    """
+
+    def __init__(self, precision: str = "fp64") -> None:
+        if precision not in PRECISIONS:
+            raise StatsError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.count = 0
+        self.sum: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.sum is None else self.sum.shape[0]
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Add a batch of keys, one per row ``(n, d)``."""
+        if keys.dim() != 2:
+            raise StatsError(f"keys must be (n, d) rows, got shape {tuple(keys.shape)}")
+        if not torch.isfinite(keys).all():
+            raise StatsError("keys contain NaN or inf; check the model and its inputs")
+        if self.sum is None:
+            d = keys.shape[1]
+            self.sum = torch.zeros(d, dtype=torch.float64, device=keys.device)
+            self.outer = torch.zeros(d, d, dtype=torch.float64, device=keys.device)
+        elif keys.shape[1] != self.dim:
+            raise StatsError(f"keys have dimension {keys.shape[1]}, these statistics have {self.dim}")
+        k = keys.to(self.outer.device)
+        if self.precision == "fp64":
+            k = k.double()
+            self.outer.addmm_(k.T, k)
+        else:
+            k = k.float()
+            self.outer += (k.T @ k).double()
+        self.sum += k.double().sum(0)
+        self.count += keys.shape[0]
+
+    def merge(self, other: "SecondMoment") -> "SecondMoment":
+        """Add another partial result into this one (in place) and return self."""
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self.sum, self.outer = other.sum.clone(), other.outer.clone()
+        elif other.dim != self.dim:
+            raise StatsError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
+        else:
+            self.sum += other.sum.to(self.sum.device)
+            self.outer += other.outer.to(self.outer.device)
+        self.count += other.count
+        return self
+
+    def moment(self) -> torch.Tensor:
+        """``C = E[k kᵀ]`` (float64)."""
+        if not self.count:
+            raise StatsError("no keys were added; the statistics are empty")
+        c = self.outer / self.count
+        if not torch.isfinite(c).all():
+            raise StatsError("the second moment contains NaN or inf")
+        return c
+
+    def mean(self) -> torch.Tensor:
+        """``E[k]`` (float64)."""
+        if not self.count:
+            raise StatsError("no keys were added; the statistics are empty")
+        return self.sum / self.count
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.sum is None:
+            raise StatsError("no keys were added; nothing to save")
+        return {"count": torch.tensor([self.count], dtype=torch.int64), "sum": self.sum.cpu(),
+                "outer": self.outer.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            count, s, o = int(state["count"].reshape(-1)[0]), state["sum"], state["outer"]
+        except KeyError as e:
+            raise StatsError(f"statistics file lacks tensor {e}") from None
+        if o.shape != (s.shape[0], s.shape[0]) or not torch.isfinite(o).all():
+            raise StatsError("statistics file is inconsistent or contains NaN")
+        self.count, self.sum, self.outer = count, s.double(), o.double()
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """Write atomically as safetensors; ``metadata`` (JSON-able) goes in the header."""
+        meta = {"format": FORMAT, "precision": self.precision, "meta": json.dumps(metadata or {}, sort_keys=True)}
+        return atomic_save(self.state_dict(), Path(path), meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["SecondMoment", dict]:
+        """Read statistics saved by :meth:`save`; returns the object and its metadata."""
+        tensors, header = read_safetensors(Path(path), StatsError)
+        if header.get("format") != FORMAT:
+            raise StatsError(f"{path} is not a rulewriter statistics file (format {header.get('format')!r})")
+        s = cls(header.get("precision", "fp64"))
+        s.load_state_dict(tensors)
+        return s, json.loads(header.get("meta", "{}"))
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
+    """Save safetensors to a temp file beside ``path`` and rename it, so readers never see half a file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file, refusing pickles with a clear message. Never unpickles anything."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise error(f"no such file: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise error(
+            f"{path} is a pickle or a torch.save zip archive, not safetensors; rulewriter never unpickles "
+            "files (they can run arbitrary code). Re-save it with safetensors."
+        )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return load_file(str(path)), header
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def stats_cache_key(parts: dict) -> str:
+    """A hex digest over every setting that changes the statistics."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dataset(classifier, data, samples: int | None, seed: int):
+    from .data import ImageDataset, list_images, subsample
+
+    if isinstance(data, torch.utils.data.Dataset):
+        if samples is not None and samples < len(data):
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(data), generator=g)[:samples].tolist()
+            data = torch.utils.data.Subset(data, sorted(idx))
+        return data
+    paths = list_images(data) if isinstance(data, (str, Path)) else [Path(p) for p in data]
+    if samples is not None:
+        paths = subsample(paths, samples, seed=seed)
+    return ImageDataset(paths, classifier.preprocess)
+
+
+def _fingerprint(ds) -> str:
+    fp = getattr(ds, "fingerprint", None)
+    if callable(fp):
+        return fp()
+    inner = getattr(ds, "dataset", None)
+    if inner is not None and callable(getattr(inner, "fingerprint", None)):
+        return f"{inner.fingerprint()}:{stats_cache_key({'idx': list(getattr(ds, 'indices', []))})[:16]}"
+    return f"{type(ds).__name__}:{len(ds)}"
+
+
+def collect_second_moment(
+    classifier,
+    layer: str,
+    data: str | Path | Sequence[str | Path] | torch.utils.data.Dataset,
+    *,
+    view: int = 2,
+    samples: int | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    precision: str = "fp64",
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> SecondMoment:
+    """Stream images through ``classifier`` up to ``layer`` and collect the second moment of its keys.
+
+    Args:
+        classifier: a :class:`~rulewriter.models.Classifier`.
+        layer: dotted layer name.
+        data: an image folder, a list of image paths, or a Dataset yielding ``(image_tensor, label)``.
+        view: memory view (1–4) whose keys to collect.
+        samples: use this many images (a deterministic random subset), or all when ``None``.
+        batch_size, device, num_workers: the usual knobs; lower ``batch_size`` when memory is short.
+        precision: how products are formed (see :data:`PRECISIONS`); sums are always float64.
+        cache_dir: when given, load the result from / save it to a safetensors file there, named by a key
+            over the model, its weights, the layer, the view, the data, the sample count and preprocessing.
+        progress: show a tqdm progress bar.
+
+    Example:
+        >>> clf = load_classifier("efficientnet-lite0")                                 # doctest: +SKIP
+        >>> s = collect_second_moment(clf, "_blocks.10._project_conv", "photos/", samples=1000)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    model = classifier.model
+    mem = LayerMemory(_module(model, layer), view, name=layer)
+    ds = _dataset(classifier, data, samples, seed)
+    if len(ds) == 0:
+        raise StatsError("no images to collect statistics from")
+    meta = {
+        "model": classifier.name,
+        "weights": classifier.weights_id,
+        "layer": layer,
+        "view": view,
+        "key_dim": mem.key_dim,
+        "data": _fingerprint(ds),
+        "n_images": len(ds),
+        "seed": seed,
+        "preprocess": classifier.preprocess.describe(),
+        "precision": precision,
+    }
+    cache = None
+    if cache_dir is not None:
+        key = stats_cache_key(meta)
+        safe_layer = layer.replace("/", "_")
+        cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
+        if cache.is_file():
+            stats, saved = SecondMoment.load(cache)
+            if saved.get("key") == key:
+                return stats
+
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    stats = SecondMoment(precision)
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        with torch.no_grad(), Trace(model, layer, retain_output=not mem.forward_direction, stop=True) as tr:
+            for batch in tqdm(loader, desc=f"stats {layer}", disable=not progress, unit="batch"):
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                tr(x.to(device, non_blocking=True))
+                stats.add(mem.flat_keys(tr.input, tr.output))
+    finally:
+        model.train(was_training)
+    if cache is not None:
+        stats.save(cache, {**meta, "key": stats_cache_key(meta), "count": stats.count})
+    return stats
+
+
+def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
+    from .trace import get_module
+
+    return get_module(model, layer)
+
+
+def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
+    """Merge statistics saved by several processes or machines; their settings must agree.
+
+    Returns the merged statistics and the first file's metadata with the merged count.
+    """
+    merged: SecondMoment | None = None
+    first: dict = {}
+    for p in paths:
+        s, meta = SecondMoment.load(p)
+        check = {k: meta.get(k) for k in ("model", "weights", "layer", "view", "key_dim", "preprocess")}
+        if merged is None:
+            merged, first, ref = s, meta, check
+        else:
+            if check != ref:
+                diff = {k: (ref[k], check[k]) for k in ref if ref[k] != check[k]}
+                raise StatsError(f"cannot merge {p}: its settings differ: {diff}")
+            merged.merge(s)
+    if merged is None:
+        raise StatsError("no statistics files to merge")
+    return merged, {**first, "count": merged.count, "merged": True}

@@ -1,0 +1,209 @@
+"""The closed form is exact: brute-force least squares, k* → v*, C-orthogonal keys, projected GD."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rulewriter.edit import Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
+from rulewriter.errors import EditError, LayerError, StatsError
+from rulewriter.memory import LayerMemory
+
+torch.set_default_dtype(torch.float64)
+
+
+def _problem(f=4, d=6, n_data=200, r=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, n_data, generator=g) * torch.linspace(0.2, 3, d)[:, None]  # data keys, anisotropic
+    c = a @ a.T / n_data
+    w0 = torch.randn(f, d, generator=g)
+    k = torch.randn(d, r, generator=g)
+    v = torch.randn(f, r, generator=g)
+    return a, c, w0, k, v
+
+
+def _brute_force(a, w0, k, v):
+    """min ||W A - W0 A||² s.t. W K = V, by solving the KKT system over vec(W)."""
+    f, d = w0.shape
+    eye = torch.eye(f)
+    h = torch.kron(a @ a.T, eye)  # Hessian of ||(W-W0)A||² in vec (column-major) form, up to factor 2
+    g = torch.kron(a @ a.T, eye) @ w0.T.reshape(-1)
+    b = torch.kron(k.T.contiguous(), eye)  # vec(W K) = (Kᵀ ⊗ I) vec(W)
+    n, m = h.shape[0], b.shape[0]
+    kkt = torch.zeros(n + m, n + m)
+    kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = h, b.T, b
+    rhs = torch.cat([g, v.T.reshape(-1)])
+    sol = torch.linalg.solve(kkt, rhs)
+    return sol[:n].reshape(d, f).T
+
+
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_matches_brute_force(r, seed):
+    a, c, w0, k, v = _problem(r=r, seed=seed)
+    d = update_direction(c, k, ridge=0)
+    lam = solve_lambda(w0, k, v, d)
+    w1 = w0 + lam @ d.T
+    torch.testing.assert_close(w1, _brute_force(a, w0, k, v), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(w1 @ k, v, rtol=1e-10, atol=1e-10)  # W1 k* = v*
+    assert torch.linalg.matrix_rank(w1 - w0) == r
+
+
+def test_single_rule_is_rank_one_and_exact():
+    a, c, w0, k, v = _problem(r=1)
+    d = update_direction(c, k[:, 0], ridge=0)
+    lam = solve_lambda(w0, k, v, d)
+    # Eq. 2.19 with Λ = (v* − W0 k*) / (k*ᵀ C⁻¹ k*)
+    expected = (v[:, 0] - w0 @ k[:, 0]) / (k[:, 0] @ torch.linalg.solve(c, k[:, 0]))
+    torch.testing.assert_close(lam[:, 0], expected)
+
+
+def test_c_orthogonal_keys_keep_their_outputs():
+    a, c, w0, k, v = _problem(r=2)
+    d = update_direction(c, k, ridge=0)
+    w1 = w0 + solve_lambda(w0, k, v, d) @ d.T
+    # Keys with kᵀ C⁻¹ K = 0: project random keys onto the C⁻¹-orthogonal complement of K.
+    z = torch.randn(6, 10)
+    ck = torch.linalg.solve(c, k)
+    z = z - k @ torch.linalg.solve(k.T @ ck, ck.T @ z)  # now ckᵀ z = 0
+    torch.testing.assert_close(ck.T @ z, torch.zeros(2, 10), atol=1e-10, rtol=0)
+    torch.testing.assert_close(w1 @ z, w0 @ z, rtol=1e-10, atol=1e-10)
+    # And other keys do change: the test can fail.
+    assert not torch.allclose(w1 @ torch.randn(6, 3), w0 @ torch.randn(6, 3))
+
+
+def test_update_minimises_collateral_among_rank_one_updates():
+    a, c, w0, k, v = _problem(r=1)
+    d = update_direction(c, k, ridge=0)
+    w1 = w0 + solve_lambda(w0, k, v, d) @ d.T
+    cost = lambda w: ((w - w0) @ a).pow(2).sum()
+    for seed in range(5):  # any other direction that also satisfies W k* = v* costs more
+        other = torch.randn(6, 1, generator=torch.Generator().manual_seed(seed))
+        w_other = w0 + solve_lambda(w0, k, v, other) @ other.T
+        torch.testing.assert_close(w_other @ k, v)
+        assert cost(w_other) > cost(w1)
+
+
+def test_weighted_pairs_least_squares():
+    _, c, w0, _, _ = _problem()
+    g = torch.Generator().manual_seed(3)
+    kk, vv, wts = torch.randn(6, 30, generator=g), torch.randn(4, 30, generator=g), torch.rand(30, generator=g)
+    d = update_direction(c, kk.mean(1), ridge=1e-3)
+    lam = solve_lambda(w0, kk, vv, d, wts)
+    # Brute force over Λ with lstsq on the weighted residual.
+    a = (d[:, None].T @ kk) * wts.sqrt()
+    r = (vv - w0 @ kk) * wts.sqrt()
+    lam_ls = torch.linalg.lstsq(a.T, r.T).solution.T
+    torch.testing.assert_close(lam, lam_ls)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_projected_gd_converges_to_closed_form(r):
+    a, c, w0, k, v = _problem(r=r, seed=4)
+    d = update_direction(c, k, ridge=1e-3)
+    lam_cf = solve_lambda(w0, k, v, d)
+    lam_gd, losses = projected_gd(w0, k, v, d, steps=3000)
+    torch.testing.assert_close(lam_gd, lam_cf, rtol=1e-4, atol=1e-5)
+    assert losses[-1] < 1e-8 * max(losses[0], 1)
+
+
+def test_projected_gd_through_nonlinearity_reaches_target():
+    a, c, w0, k, v = _problem(r=1, seed=5)
+    v = 0.9 * torch.tanh(v)  # reachable through tanh
+    d = update_direction(c, k, ridge=1e-3)
+    lam, losses = projected_gd(w0, k, v, d, post=torch.tanh, steps=2000)
+    w1 = w0 + lam @ d.T
+    torch.testing.assert_close(torch.tanh(w1 @ k), v, atol=1e-4, rtol=1e-4)
+    assert torch.linalg.matrix_rank(w1 - w0) == 1
+
+
+def test_singular_covariance_and_nans_are_clear_errors():
+    c = torch.zeros(3, 3)
+    c[0, 0] = 1
+    with pytest.raises(StatsError, match="singular"):
+        update_direction(c, torch.ones(3), ridge=0)
+    update_direction(c, torch.ones(3))  # the ridge rescues it
+    with pytest.raises(StatsError, match="NaN"):
+        update_direction(torch.full((3, 3), float("nan")), torch.ones(3))
+    with pytest.raises(EditError, match="NaN"):
+        update_direction(torch.eye(3), torch.tensor([1.0, float("nan"), 0.0]))
+    with pytest.raises(StatsError, match="dimension"):
+        update_direction(torch.eye(3), torch.ones(4))
+
+
+# ------------------------------------------------------------------ Edit data
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.Flatten(), nn.Linear(5 * 36, 2))
+
+
+def _edit(layer="0", view=2, rank=1, dims=(4, 27)):
+    g = torch.Generator().manual_seed(rank)
+    return Edit([LayerUpdate(layer, view, torch.randn(dims[0], rank, generator=g),
+                             torch.randn(dims[1], rank, generator=g))], {"rules": [{"name": "test"}]})
+
+
+def test_apply_undo_is_exact_and_save_load_roundtrip(tmp_path):
+    net = _net()
+    x = torch.randn(2, 3, 6, 6)
+    y0 = net(x).detach()
+    w0 = net[0].weight.detach().clone()
+    edit = _edit()
+    handle = edit.apply(net)
+    y1 = net(x).detach()
+    assert not torch.allclose(y0, y1)
+    mem = LayerMemory(net[0], 2)
+    torch.testing.assert_close(mem.matrix() - mem.matrix(w0), edit.updates[0].delta())
+    handle.undo()
+    assert torch.equal(net[0].weight, w0)
+    path = edit.save(tmp_path / "e.safetensors")
+    assert json.loads((tmp_path / "e.safetensors.json").read_text())["updates"][0]["layer"] == "0"
+    loaded = Edit.load(path)
+    with loaded.applied(net):
+        torch.testing.assert_close(net(x), y1)
+    assert torch.equal(net[0].weight, w0)
+    assert loaded.meta == edit.meta
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_compose_equals_sequential_application():
+    net = _net()
+    x = torch.randn(2, 3, 6, 6)
+    e1, e2, e3 = _edit(rank=1), _edit(rank=2), _edit(layer="2", dims=(5, 4))
+    with e1.applied(net), e2.applied(net), e3.applied(net):
+        seq = net(x).detach()
+    both = e1 + e2 + e3
+    assert [u.rank for u in both.updates] == [3, 1]
+    with both.applied(net):
+        torch.testing.assert_close(net(x), seq)
+
+
+def test_mismatched_edit_changes_nothing():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    good, bad = _edit(), _edit(layer="2", dims=(5, 9))
+    with pytest.raises(EditError, match="another model"):
+        (good + bad).apply(net)
+    with pytest.raises(LayerError, match="no_such"):
+        _edit(layer="no_such").apply(net)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_load_refuses_pickles_and_garbage(tmp_path):
+    p = tmp_path / "evil.safetensors"
+    torch.save({"lam": torch.ones(2)}, p)
+    with pytest.raises(EditError, match="pickle"):
+        Edit.load(p)
+    import pickle
+
+    p.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(EditError, match="pickle"):
+        Edit.load(p)
+    p.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(EditError, match="not a valid safetensors"):
+        Edit.load(p)
+    with pytest.raises(EditError, match="no such file"):
+        Edit.load(tmp_path / "missing.safetensors")
