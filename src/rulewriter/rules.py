@@ -268,7 +268,7 @@ def rewrite(
         if rank is not None and rank != len(rules):
             raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
     else:
-        u = context_dirs(k, rank or 1, method=context, C=c)
+        u = context_dirs(k, rank or 1, method=context, C=c, weights=w)
     d = update_direction(c, u, ridge)
     w0 = mem.matrix().double()
     if fit == "mean":
