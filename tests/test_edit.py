@@ -11,7 +11,14 @@ from rulewriter.edit import Edit, LayerUpdate, projected_gd, solve_lambda, updat
 from rulewriter.errors import EditError, LayerError, StatsError
 from rulewriter.memory import LayerMemory
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _problem(f=4, d=6, n_data=200, r=2, seed=0):

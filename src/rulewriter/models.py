@@ -61,10 +61,13 @@ __all__ = [
     "module_fingerprint",
 ]
 
-#: The layer ``edit`` rewrites when no layer is named, per model name.
-#: Placeholders for the models we know; the core of the package may refine them.
+#: The layer ``edit`` rewrites when no layer is named, per model name. The principle: the deepest
+#: groups=1 conv whose output is a block's whole output (not bypassed by a residual identity path, which
+#: would carry the unedited concept around the edit), short of the classifier head. For VGG16 that is
+#: conv5_3 as in the thesis; ResNets have no such conv, so they use the last conv of the last block as
+#: EditingClassifiers does.
 DEFAULT_LAYERS: dict[str, str] = {
-    "efficientnet-lite0": "_blocks.12._project_conv",
+    "efficientnet-lite0": "_blocks.15._project_conv",
     "vgg16": "features.28",
     "resnet18": "layer4.1.conv2",
     "resnet50": "layer4.2.conv3",
