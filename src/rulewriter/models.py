@@ -739,6 +739,9 @@ def load_classifier(
         # Only labels from the caller can disagree with the head; one blank forward pass checks them.
         _check_labels(labels, _count_outputs(net, pre, "cpu"), name)
     layer = default_layer if default_layer is not None else DEFAULT_LAYERS.get(name)
+    if layer is None:  # the last groups=1 conv: the deepest layer that is a whole key→value memory
+        convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+        layer = convs[-1] if convs else None
     if layer is not None:
         get_module(net, layer)  # fail now, not at the first edit
     net.eval().to(device)
