@@ -282,7 +282,7 @@ def test_module_passed_directly() -> None:
     net = TinyNet(classes=3).float().train()
     clf = load_classifier(net)
     assert clf.name == "TinyNet" and clf.labels == ["class_0", "class_1", "class_2"]
-    assert clf.wnids is None and clf.default_layer is None and not net.training
+    assert clf.wnids is None and clf.default_layer == "conv" and not net.training  # its last groups=1 conv
     assert clf.weights_id == module_fingerprint(net)
     assert clf.preprocess.size == 224
     pre = Preprocess(size=32, resize=40, mean=(0.5,) * 3, std=(0.5,) * 3)
