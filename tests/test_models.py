@@ -147,10 +147,13 @@ def test_mask_inputs() -> None:
         pre.mask(np.full((4, 4), 2.0))
     with pytest.raises(MaskError):
         pre.mask(np.zeros((2, 3, 4, 5)))
-    soft = mask_for_image(np.array([[0.0, 1.0]], np.float32), (4, 1))
-    assert soft.shape == (1, 4) and 0 < soft[0, 1] < 1  # bilinear keeps soft edges
-    hard = mask_for_image(np.array([[0.0, 1.0]], np.float32), (4, 1), resample="nearest")
+    soft = mask_for_image(np.array([[0.0, 1.0], [0.0, 1.0]], np.float32), (4, 4))
+    assert soft.shape == (4, 4) and 0 < soft[0, 1] < 1  # bilinear keeps soft edges
+    hard = mask_for_image(np.array([[0.0, 1.0], [0.0, 1.0]], np.float32), (4, 4), resample="nearest")
     assert set(np.unique(hard)) <= {0.0, 1.0}
+    assert mask_for_image(np.ones((200, 300)), (600, 400)).shape == (400, 600)  # any resolution
+    with pytest.raises(MaskError, match="aspect"):  # but not another picture's shape
+        mask_for_image(np.ones((300, 300)), (600, 400))
 
 
 def test_denormalize_round_trips() -> None:

@@ -131,8 +131,8 @@ def mask_for_image(
 ) -> np.ndarray:
     """Resize a mask to its image's size, so that :meth:`Preprocess.mask` crops it like the image.
 
-    A mask drawn at another resolution (or another aspect ratio) than its photo is stretched to the photo's
-    ``(W, H)``; use ``resample="nearest"`` to keep a hard mask hard.
+    A mask drawn at another resolution than its photo is resized to the photo's ``(W, H)``; use
+    ``resample="nearest"`` to keep a hard mask hard. A mask of another aspect ratio raises MaskError.
 
     Args:
         mask: (H, W) array, PIL image or tensor; see :func:`rulewriter.concepts.load_mask` for value rules.
@@ -156,6 +156,13 @@ def mask_for_image(
         raise MaskError(f"unknown resample {resample!r}; choose from {sorted(_RESAMPLE)}")
     if arr.shape == (h, w):
         return arr
+    mh, mw = arr.shape
+    # A mask is drawn on its photo at any resolution; a different aspect ratio means a different picture.
+    if abs(mw / mh - w / h) > 0.02 * (w / h) + 1.0 / min(mh, mw):
+        raise MaskError(
+            f"mask is {mw}×{mh} but its image is {w}×{h}: the aspect ratios differ, so the mask was not drawn "
+            "on this image (a mask may have any resolution, but the same shape as its image)"
+        )
     # Mode "F" keeps soft values exact through the resize instead of quantising to 8 bits.
     out = np.asarray(Image.fromarray(arr).resize((w, h), _RESAMPLE[resample]), dtype=np.float32)
     return np.clip(out, 0.0, 1.0)
