@@ -160,18 +160,19 @@ def projected_gd(
     *,
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     weights: torch.Tensor | None = None,
-    steps: int = 2000,
-    lr: float | None = None,
+    steps: int = 500,
     tol: float = 0.0,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Eq. 2.20 by projected gradient descent: minimise ``‖V − post((W0 + ΔW) K)‖²``, project ΔW after each step.
+    """Eq. 2.20 by projected gradient descent: minimise ``‖V − post((W0 + ΔW) K)‖²``, project ΔW each step.
 
     ``post`` maps value rows ``(n, f)`` through whatever follows the layer (a BatchNorm, an activation);
-    ``None`` means the layer is linear, where this converges to :func:`solve_lambda`. The step is Adam's,
-    with ``lr`` relative to the RMS of ``W0`` by default, and cosine decay so the iterate settles.
+    ``None`` means the layer is linear, where this converges to :func:`solve_lambda`. Each step moves
+    along the projected gradient with a backtracking (Armijo) line search, so no learning rate needs
+    tuning, then projects ``ΔW`` back onto ``span(Dᵀ)`` as the thesis does.
 
-    Returns ``(Λ, losses)`` with ``Λ = ΔW D (DᵀD)⁻¹``, so that ``ΔW = Λ Dᵀ`` exactly.
+    Returns ``(Λ, losses)`` with ``Λ = ΔW D (DᵀD)⁻¹``, so that ``ΔW = Λ Dᵀ`` exactly; ``losses[t]`` is the
+    loss before step ``t``. Stops early when the loss falls to ``tol`` or stops decreasing.
     """
     from tqdm.auto import tqdm
 
@@ -180,27 +181,35 @@ def projected_gd(
     p = _projector(d)
     wts = None if weights is None else weights.double()[:, None]
     post = post or (lambda z: z)
-    delta = torch.zeros_like(w0, requires_grad=True)
-    lr = lr if lr is not None else 1e-2 * float(w0.pow(2).mean().sqrt().clamp_min(1e-8))
-    opt = torch.optim.Adam([delta], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     target = v.T
+
+    def objective(delta: torch.Tensor) -> torch.Tensor:
+        err = post(((w0 + delta) @ k).T) - target
+        return (err.pow(2) * wts).sum() if wts is not None else err.pow(2).sum()
+
+    delta = torch.zeros_like(w0)
+    eta = 1.0
     losses: list[float] = []
     for _ in tqdm(range(steps), desc="projected GD", disable=not progress):
-        opt.zero_grad()
-        err = post(((w0 + delta) @ k).T) - target
-        loss = ((err.pow(2) * wts).sum() if wts is not None else err.pow(2).sum())
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            delta.copy_(delta @ p)  # project onto W0 + Λ Dᵀ
+        x = delta.clone().requires_grad_(True)
+        loss = objective(x)
+        (grad,) = torch.autograd.grad(loss, x)
         losses.append(float(loss.detach()))
         if tol and losses[-1] <= tol:
             break
-    with torch.no_grad():
-        lam = torch.linalg.solve(d.T @ d, (delta @ d).T).T
-    return lam.detach(), losses
+        g = grad @ p
+        gg = float((g * g).sum())
+        if gg == 0.0:
+            break
+        eta *= 2.0
+        with torch.no_grad():
+            while eta > 1e-30 and float(objective(delta - eta * g)) > losses[-1] - 0.5 * eta * gg:
+                eta *= 0.5
+            if eta <= 1e-30:
+                break
+            delta = (delta - eta * g) @ p  # the projection onto W0 + Λ Dᵀ
+    lam = torch.linalg.solve(d.T @ d, (delta @ d).T).T
+    return lam, losses
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -1,0 +1,159 @@
+"""Rules from images and features, and rewrite(): exact on a fixture model, effective on the real one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from rulewriter.edit import Edit
+from rulewriter.errors import EditError, LayerError, MaskError
+from rulewriter.memory import LayerMemory
+from rulewriter.models import Preprocess, load_classifier
+from rulewriter.rules import Rule, layer_io, rewrite, rule_from_features, rule_from_images
+from rulewriter.stats import SecondMoment, collect_second_moment
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 6, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    pre = Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return load_classifier(Tiny(), preprocess=pre)
+
+
+def _images(n, seed=0, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _masks(n, size=(48, 40)):
+    out = []
+    for i in range(n):
+        m = np.zeros((size[1], size[0]), np.float32)
+        m[8 + i : 24 + i, 10:30] = 1
+        out.append(m)
+    return out
+
+
+def _stats(clf, layer, n=40):
+    s = SecondMoment()
+    mem = LayerMemory(dict(clf.model.named_modules())[layer], 2)
+    x, _ = layer_io(clf, layer, clf.preprocess.batch(_images(n, seed=9)))
+    s.add(mem.flat_keys(x))
+    return s
+
+
+@pytest.mark.parametrize("layer", ["features.2", "features.4"])
+def test_rule_from_images_and_exact_single_rule(tiny, layer):
+    orig, man, masks = _images(3), _images(3, seed=1), _masks(3)
+    rule = rule_from_images(tiny, layer, orig, man, masks)
+    mem = LayerMemory(dict(tiny.model.named_modules())[layer], 2)
+    assert rule.keys.shape[1] == mem.key_dim and rule.values.shape[1] == mem.value_dim
+    assert rule.keys.shape[0] == rule.weights.shape[0] > 3
+    stats = _stats(tiny, layer)
+    edit = rewrite(tiny, rule, stats, fit="mean", ridge=0)
+    with edit.applied(tiny.model):
+        w1 = mem.matrix().double()
+    torch.testing.assert_close(w1 @ rule.key(), rule.value(), rtol=1e-6, atol=1e-6)  # W1 k* = v*
+    assert edit.updates[0].rank == 1 and edit.meta["rules"][0]["method"] == "images"
+
+
+def test_pairs_fit_reduces_the_rule_error_and_rank_r(tiny):
+    layer = "features.2"
+    rule = rule_from_images(tiny, layer, _images(2), _images(2, seed=1), _masks(2))
+    stats = _stats(tiny, layer)
+    mem = LayerMemory(tiny.model.features[2], 2)
+    w0 = mem.matrix().double()
+    err = lambda w: (((rule.values.T - w @ rule.keys.T) ** 2).sum(0) * rule.weights).sum()
+    for ctx, rank in (("mean", None), ("svd", 3), ("zca", 2)):
+        edit = rewrite(tiny, rule, stats, context=ctx, rank=rank)
+        with edit.applied(tiny.model):
+            w1 = mem.matrix().double()
+        assert err(w1) < err(w0)
+        assert edit.updates[0].rank == (rank or 1)
+    # Two rules give one direction each (eq. 2.23) and are met exactly with fit="mean".
+    r2 = rule_from_images(tiny, layer, _images(2, seed=3), _images(2, seed=4), _masks(2))
+    edit = rewrite(tiny, [rule, r2], stats, fit="mean", ridge=0)
+    with edit.applied(tiny.model):
+        w1 = mem.matrix().double()
+    torch.testing.assert_close(w1 @ torch.stack([rule.key(), r2.key()], 1),
+                               torch.stack([rule.value(), r2.value()], 1), rtol=1e-6, atol=1e-6)
+
+
+def test_projected_gd_solver_matches_closed_form(tiny):
+    rule = rule_from_images(tiny, "features.4", _images(2), _images(2, seed=1), _masks(2))
+    stats = _stats(tiny, "features.4")
+    a = rewrite(tiny, rule, stats)
+    b = rewrite(tiny, rule, stats, solver="projected-gd", steps=3000)
+    torch.testing.assert_close(b.updates[0].lam, a.updates[0].lam, rtol=1e-3, atol=1e-6)
+
+
+def test_rule_from_features_pastes_texture_features(tiny):
+    layer = "features.4"  # 1×1 conv: key grid = input grid
+    orig, masks = _images(2), _masks(2)
+    tex = _images(1, seed=5)[0]
+    rule = rule_from_features(tiny, layer, orig, masks, tex)
+    x_t, _ = layer_io(tiny, layer, tiny.preprocess.batch([tex]))
+    # Fully covered locations hold exactly the texture's features as keys.
+    full = rule.weights == 1
+    assert full.any()
+    tex_keys = x_t[0].permute(1, 2, 0).reshape(-1, x_t.shape[1]).double()
+    dists = torch.cdist(rule.keys[full], tex_keys).min(1).values
+    assert dists.max() < 1e-5
+    assert rule.description["method"] == "features"
+
+
+def test_bad_inputs_are_clear_and_change_nothing(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    orig, man = _images(1), _images(1, seed=1)
+    with pytest.raises(MaskError, match="empty|no"):
+        rule_from_images(tiny, "features.2", orig, man, [np.zeros((40, 48))])
+    with pytest.raises(MaskError, match="aspect"):
+        rule_from_images(tiny, "features.2", orig, man, [np.ones((40, 40))])
+    with pytest.raises(MaskError, match="NaN"):
+        rule_from_images(tiny, "features.2", orig, man, [np.full((40, 48), np.nan)])
+    with pytest.raises(LayerError, match="features.2"):
+        rule_from_images(tiny, "features.22", orig, man, _masks(1))
+    with pytest.raises(EditError, match="one manipulated"):
+        rule_from_images(tiny, "features.2", orig, man * 2, _masks(1))
+    rule = rule_from_images(tiny, "features.2", orig, man, _masks(1))
+    with pytest.raises(EditError, match="statistics are for"):
+        rewrite(tiny, rule, torch.eye(5))
+    with pytest.raises(EditError, match="NaN"):
+        k = rule.keys.clone()
+        k[0, 0] = float("nan")
+        Rule(rule.layer, rule.view, k, rule.values, rule.weights)
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_real_model_edit_restores_a_texture_pasted_photo(lite0, coffee_case, photo_dir, tmp_path):
+    """The whole path on EfficientNet-Lite0: gravel on an espresso cup → rewrite → espresso again."""
+    original, manipulated, mask = coffee_case
+    layer = lite0.default_layer
+    top1 = lambda im: lite0.predict(lite0.preprocess.batch([im]), topk=1)[0][0][1]
+    assert top1(original) == "espresso"
+    assert top1(manipulated) != "espresso"  # the texture breaks the prediction
+    stats = collect_second_moment(lite0, layer, photo_dir, progress=False)
+    rule = rule_from_images(lite0, layer, [original], [manipulated], [mask])
+    edit = rewrite(lite0, rule, stats)
+    w0 = lite0.model.get_submodule(layer).weight.detach().clone()
+    with edit.applied(lite0.model):
+        assert top1(manipulated) == "espresso"
+        assert top1(original) == "espresso"
+    assert torch.equal(lite0.model.get_submodule(layer).weight, w0)
+    loaded = Edit.load(edit.save(tmp_path / "coffee.safetensors"))
+    with loaded.applied(lite0.model):
+        assert top1(manipulated) == "espresso"
