@@ -30,7 +30,7 @@ from .errors import StatsError
 from .memory import LayerMemory
 from .trace import Trace
 
-__all__ = ["SecondMoment", "collect_second_moment", "stats_cache_key", "PRECISIONS"]
+__all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
 #: How key products are formed. Every mode accumulates across batches in float64.

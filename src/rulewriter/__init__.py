@@ -1,0 +1,40 @@
+"""rulewriter: rewrite the rules of a pretrained image classifier from a few images and masks.
+
+A tour in five lines::
+
+    from rulewriter import load_classifier, rule_from_images, collect_second_moment, rewrite
+    clf = load_classifier("efficientnet-lite0")
+    rule = rule_from_images(clf, clf.default_layer, ["car.jpg"], ["car_wood.jpg"], ["wheels.png"])
+    edit = rewrite(clf, rule, collect_second_moment(clf, clf.default_layer, "photos/", samples=2000))
+    with edit.applied(clf.model): ...
+
+See the README for the command line and the design.
+"""
+from .concepts import Concept, coco_index, coco_masks, concept_key, context, key_match, load_mask, mask_to_grid, overlay
+from .edit import DEFAULT_RIDGE, AppliedEdit, Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
+from .errors import (
+    EditError,
+    ImageLoadError,
+    LayerError,
+    MaskError,
+    ModelError,
+    RulewriterError,
+    StatsError,
+)
+from .manipulate import paste_features, paste_texture, texture_from
+from .memory import VIEWS, LayerMemory
+from .models import Classifier, Preprocess, list_models, load_classifier
+from .rules import Rule, rewrite, rule_from_features, rule_from_images
+from .stats import SecondMoment, collect_second_moment, merge_files
+from .trace import StopForward, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppliedEdit", "Classifier", "Concept", "DEFAULT_RIDGE", "Edit", "EditError", "ImageLoadError", "LayerError",
+    "LayerMemory", "LayerUpdate", "MaskError", "ModelError", "Preprocess", "Rule", "RulewriterError", "SecondMoment",
+    "StatsError", "StopForward", "Trace", "VIEWS", "coco_index", "coco_masks", "collect_second_moment",
+    "concept_key", "context", "key_match", "list_models", "load_classifier", "load_mask", "mask_to_grid",
+    "merge_files", "overlay", "paste_features", "paste_texture", "projected_gd", "rewrite", "rule_from_features",
+    "rule_from_images", "solve_lambda", "texture_from", "update_direction",
+]
