@@ -26,7 +26,7 @@ import base64
 import html
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -64,6 +64,8 @@ p { margin: .4em 0 .8em; max-width: 75ch; }
 .muted { color: var(--muted); }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 14px; }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 12px; }
+.card.wide { grid-column: 1 / -1; }
+.card.wide .figs { grid-template-columns: repeat(auto-fit, minmax(200px, 360px)); }
 .card .figs { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 8px; }
 figure { margin: 0 0 8px; }
 figure img { display: block; width: 100%; height: auto; border-radius: 4px; image-rendering: auto; }
@@ -87,8 +89,10 @@ def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def image_data_uri(img: ImageSource) -> str:
+def image_data_uri(img: ImageSource, max_side: int | None = None) -> str:
     """A ``data:image/png;base64,...`` URI of an image (a PIL image or an image file), for ``<img src>``.
+
+    ``max_side`` shrinks a larger image (aspect kept) before encoding, to keep the page small.
 
     Example::
 
@@ -103,12 +107,17 @@ def image_data_uri(img: ImageSource) -> str:
             pic = opened.copy()
     if pic.mode not in ("RGB", "RGBA", "L", "LA", "1", "P"):
         pic = pic.convert("RGB")
+    if max_side is not None and max(pic.size) > max_side > 0:
+        f = max_side / max(pic.size)
+        pic = pic.resize((max(1, round(pic.width * f)), max(1, round(pic.height * f))), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     pic.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def figure(img: ImageSource, caption: str, *, embed: bool = True, alt: str | None = None) -> str:
+def figure(
+    img: ImageSource, caption: str, *, embed: bool = True, alt: str | None = None, max_side: int | None = None
+) -> str:
     """An image with a caption, as ``<figure>``.
 
     Args:
@@ -118,6 +127,7 @@ def figure(img: ImageSource, caption: str, *, embed: bool = True, alt: str | Non
             ``embed=False`` the path is linked as given (relative paths resolve against the page), which
             needs ``img`` to be a path.
         alt: alternative text; defaults to the caption.
+        max_side: when embedding, shrink the image so its longer side is at most this many pixels.
 
     Example::
 
@@ -125,7 +135,7 @@ def figure(img: ImageSource, caption: str, *, embed: bool = True, alt: str | Non
         False
     """
     if embed:
-        src = image_data_uri(img)
+        src = image_data_uri(img, max_side)
     elif isinstance(img, (str, Path)):
         src = Path(img).as_posix()
     else:
@@ -193,11 +203,11 @@ def code_block(text: str) -> str:
     return f"<pre>{_esc(text)}</pre>"
 
 
-def card(title: str, parts: Sequence[str], *, subtitle: str | None = None) -> str:
+def card(title: str, parts: Sequence[str], *, subtitle: str | None = None, wide: bool = False) -> str:
     """One grid cell: a title, an optional muted subtitle, then HTML fragments (figures go side by side).
 
     ``parts`` are fragments from this module (already escaped); consecutive ``<figure>`` fragments are
-    laid out in a row.
+    laid out in a row. ``wide=True`` makes the card span the whole row of the grid.
     """
     out = [f"<h3>{_esc(title)}</h3>"]
     if subtitle:
@@ -212,15 +222,26 @@ def card(title: str, parts: Sequence[str], *, subtitle: str | None = None) -> st
             figs = []
         if p:
             out.append(p)
-    return f'<div class="card">{"".join(out)}</div>'
+    cls = "card wide" if wide else "card"
+    return f'<div class="{cls}">{"".join(out)}</div>'
 
 
-def section(title: str, items: Sequence[str] = (), *, intro: str | Sequence[str] | None = None) -> str:
-    """A titled block: intro paragraphs (plain text, escaped) then ``items`` (e.g. cards) in a grid."""
+def section(
+    title: str,
+    items: Sequence[str] = (),
+    *,
+    intro: str | Sequence[str] | None = None,
+    body: Sequence[str] = (),
+) -> str:
+    """A titled block: intro paragraphs (plain text, escaped), ``items`` (e.g. cards) in a grid, then ``body``.
+
+    ``items`` and ``body`` are HTML fragments from this module; ``body`` (e.g. a :func:`code_block`) goes
+    below the grid, full width.
+    """
     intro_list = [intro] if isinstance(intro, str) else list(intro or [])
-    body = "".join(paragraph(t) for t in intro_list)
+    text = "".join(paragraph(t) for t in intro_list)
     grid = f'<div class="grid">{"".join(items)}</div>' if items else ""
-    return f"<section><h2>{_esc(title)}</h2>{body}{grid}</section>"
+    return f"<section><h2>{_esc(title)}</h2>{text}{grid}{''.join(body)}</section>"
 
 
 def html_page(title: str, sections: Sequence[str]) -> str:
@@ -244,7 +265,9 @@ def html_page(title: str, sections: Sequence[str]) -> str:
 def _atomic(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], object]) -> Path:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    # Not mkstemp: its 0600 mode would stick to the result; 0666 through the umask is what open() gives.
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
