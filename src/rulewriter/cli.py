@@ -86,8 +86,6 @@ def cmd_layers(args) -> None:
 def _predict(clf, paths: Sequence[str], topk: int = 5) -> list[dict]:
     from .data import load_image
 
-    import torch
-
     out = []
     images = [load_image(p) for p in paths]  # fail before any work on a bad file
     for i in range(0, len(images), 16):
@@ -233,7 +231,9 @@ def cmd_heatmap(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    summary = run_demo(out_dir=Path(args.out), stats_data=args.stats_data, samples=args.samples, quiet=args.quiet)
+    # With --json the story goes to stderr so that stdout is one JSON document.
+    summary = run_demo(out_dir=Path(args.out), stats_data=args.stats_data, samples=args.samples, quiet=args.quiet,
+                       stream=sys.stderr if args.json else None)
     if args.json:
         print(json.dumps(summary, indent=2))
 

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from rulewriter.errors import EditError, ImageLoadError, MaskError, StatsError
+from .atomic import atomic_bytes
+from .errors import EditError, ImageLoadError, MaskError, StatsError
 
 __all__ = [
     "MaskSource",
@@ -901,7 +901,7 @@ class Concept:
         from safetensors.torch import save as st_save
 
         blob = st_save(self.tensors(), metadata={"rulewriter.concept": json.dumps(self.to_dict())})
-        return _atomic_write(Path(path), lambda f: f.write(blob))
+        return atomic_bytes(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> "Concept":
@@ -1079,24 +1079,6 @@ def overlay(
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Write via a temp file in the same directory and os.replace, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def save_overlay(path: str | Path, image: Image.Image | str | Path, heat: torch.Tensor | np.ndarray, **kw: Any) -> Path:
     """Write :func:`overlay` (``**kw`` are its options) as a PNG, atomically; returns the path.
 
@@ -1107,4 +1089,4 @@ def save_overlay(path: str | Path, image: Image.Image | str | Path, heat: torch.
     picture = overlay(image, heat, **kw)
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
-    return _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+    return atomic_bytes(path, buf.getvalue())

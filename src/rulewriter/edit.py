@@ -37,11 +37,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .atomic import atomic_bytes
 from .errors import EditError, StatsError
 from .memory import LayerMemory
 from .stats import atomic_save, read_safetensors
@@ -352,7 +353,7 @@ class Edit:
         text = json.dumps(desc, indent=2, sort_keys=True, default=str)
         atomic_save(tensors, path, {"format": FORMAT, "rulewriter": text})
         if sidecar:
-            _atomic_text(path.with_name(path.name + ".json"), text + "\n")
+            atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
         return path
 
     @classmethod
@@ -390,20 +391,6 @@ class AppliedEdit:
             for layer, w in self.backup.items():
                 get_module(self.model, layer).weight.copy_(w)
         self.active = False
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def timestamp() -> str:

@@ -26,11 +26,12 @@ import base64
 import html
 import io
 import os
-import secrets
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 from PIL import Image
+
+from .atomic import atomic_bytes
 
 __all__ = [
     "CSS",
@@ -262,33 +263,17 @@ def html_page(title: str, sections: Sequence[str]) -> str:
     )
 
 
-def _atomic(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], object]) -> Path:
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the result; 0666 through the umask is what open() gives.
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
 def write_html(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` as UTF-8 atomically (a temp file in the same folder, then ``os.replace``); returns the path.
 
     The folder is created if needed. On any error the temp file is removed and ``path`` is left as it was.
     """
     data = text.encode("utf-8")
-    return _atomic(path, lambda fh: fh.write(data))
+    return atomic_bytes(path, data)
 
 
 def save_png(path: str | os.PathLike[str], img: Image.Image) -> Path:
     """Save a PIL image as PNG atomically; returns the path."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return _atomic(path, lambda fh: fh.write(buf.getvalue()))
+    return atomic_bytes(path, buf.getvalue())

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import atomic_bytes
 from .errors import StatsError
 from .memory import LayerMemory
 from .trace import Trace
@@ -145,18 +144,9 @@ class SecondMoment:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
-    """Save safetensors to a temp file beside ``path`` and rename it, so readers never see half a file."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Save safetensors atomically, so readers never see half a file."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
+    return atomic_bytes(path, data)
 
 
 def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
