@@ -17,6 +17,7 @@ Errors a user can cause print one line and exit with status 2; nothing is writte
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import RulewriterError
+
+#: Modules that contribute subcommands through ``add_cli(subparsers)``.
+_EXTENSIONS = ("evaluate", "inverse", "newclass")
 
 DEFAULT_CACHE = Path(os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")).expanduser()
 
@@ -324,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    # Commands that live beside their concept: each module's add_cli(sub) adds its subcommand(s).
+    for name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(f"rulewriter.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"rulewriter.{name}":
+                raise
+            continue
+        module.add_cli(sub)
     return parser
 
 
