@@ -38,14 +38,13 @@ def coffee_case():
     """
     skdata = pytest.importorskip("skimage.data")
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
+    from rulewriter.demo import coffee_mask
     from rulewriter.manipulate import paste_texture, texture_from
 
     img = Image.fromarray(skdata.coffee())
-    m = Image.new("L", img.size, 0)
-    ImageDraw.Draw(m).ellipse([78, 65, 478, 385], fill=255)
-    mask = np.asarray(m, np.float32) / 255
+    mask = np.asarray(coffee_mask(img.size), np.float32) / 255
     return img, paste_texture(img, mask, texture_from("skimage:gravel")), mask
 
 
