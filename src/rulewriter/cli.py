@@ -101,15 +101,30 @@ def _predict(clf, paths: Sequence[str], topk: int = 5) -> list[dict]:
 
 def cmd_predict(args) -> None:
     clf = _load(args)
-    if args.edit:
-        from .edit import Edit
+    # Each --edit is applied in memory, in order: rule edits change weights, added classes add a logit.
+    # The weights file is never touched.
+    from .edit import Edit
 
-        Edit.load(args.edit).apply(clf.model)  # in-memory only; the weights file is never touched
+    for path in args.edit:
+        if _is_new_class(path):
+            from .newclass import NewClass
+
+            clf = NewClass.load(path).apply(clf).classifier
+        else:
+            Edit.load(path).apply(clf.model)
     res = _predict(clf, args.images, args.topk)
     text = "\n".join(
         f"{r['path']}\n" + "\n".join(f"   {t['prob']:.3f}  {t['label']} ({t['index']})" for t in r["top5"]) for r in res
     )
     _emit(res, args.json, text)
+
+
+def _is_new_class(path: str) -> bool:
+    try:
+        from .newclass import is_new_class_file
+    except ModuleNotFoundError:
+        return False
+    return is_new_class_file(path)
 
 
 def _stats(args, clf, layer: str, data: str, samples: int | None):
@@ -268,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-5 predictions, optionally with an edit applied")
     _add_model(p)
-    p.add_argument("--edit", default=None, help="an edit (.safetensors) to apply in memory first")
+    p.add_argument("--edit", action="append", default=[],
+                   help="an edit or an added class (.safetensors) to apply in memory first (repeat to compose)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.add_argument("images", nargs="+")
