@@ -37,11 +37,14 @@ __all__ = [
     "CSS",
     "card",
     "code_block",
+    "data_table",
     "figure",
+    "figure_image",
     "html_page",
     "image_data_uri",
     "paragraph",
     "prediction_table",
+    "save_figure",
     "save_png",
     "section",
     "write_html",
@@ -277,3 +280,59 @@ def save_png(path: str | os.PathLike[str], img: Image.Image) -> Path:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return atomic_bytes(path, buf.getvalue())
+
+
+def data_table(headers: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A plain table of numbers or text (every cell escaped), styled like :func:`prediction_table`.
+
+    Cells that look numeric (``12``, ``-3.5``, ``87.50%``, ``+1.0``) are right-aligned.
+
+    Example::
+
+        >>> data_table(["test", "accuracy"], [["normal", "80.00%"]]).count("<td")
+        2
+    """
+
+    def numeric(cell: object) -> bool:
+        text = str(cell).strip().rstrip("%").lstrip("+−-")
+        return bool(text) and text.replace(".", "", 1).replace("/", "", 1).isdigit()
+
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="p">{_esc(c)}</td>' if numeric(c) else f"<td>{_esc(c)}</td>" for c in row)
+        body.append(f"<tr>{cells}</tr>")
+    return f'<table class="preds"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def figure_image(fig, dpi: int | None = None) -> Image.Image:
+    """Render a matplotlib figure to a PIL image and close the figure (so pyplot does not keep it).
+
+    Example::
+
+        >>> import matplotlib.pyplot as plt                     # doctest: +SKIP
+        >>> figure_image(plt.figure(figsize=(2, 1), dpi=50)).size  # doctest: +SKIP
+        (100, 50)
+    """
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.load()
+        return img.copy()
+
+
+def save_figure(path: str | os.PathLike[str], fig, dpi: int | None = None) -> Path:
+    """Save a matplotlib figure as PNG atomically, close it, and return the path.
+
+    Example::
+
+        >>> save_figure("out/roc.png", fig)                     # doctest: +SKIP
+        PosixPath('out/roc.png')
+    """
+    return save_png(path, figure_image(fig, dpi))
