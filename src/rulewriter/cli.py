@@ -11,6 +11,9 @@
                        [... repeated] --stats-data DIR [--stats-samples N] --out EDIT.safetensors
     rulewriter heatmap --model efficientnet-lite0 --concept-image IMG --concept-mask MASK [...] --out-dir DIR IMG [...]
     rulewriter demo    [--out DIR]
+    rulewriter evaluate --model efficientnet-lite0 [--edit EDIT.safetensors] --data DIR --json
+    rulewriter add-class --image IMG --mask MASK.png --negatives DIR --name NAME --out CLASS.safetensors
+    rulewriter inverse-edit ... | rulewriter reconstruct ...
 
 Errors a user can cause print one line and exit with status 2; nothing is written in that case.
 """
