@@ -166,7 +166,7 @@ def _rule(clf, layer, view):
     return inverse_rule_from_images(clf, layer, _images(2), _images(2, seed=1), _masks(2), view=view)
 
 
-@pytest.mark.parametrize("layer", ["features.0", "features.6"])
+@pytest.mark.parametrize("layer", ["features.0", "features.6", "head"])
 @pytest.mark.parametrize("view", [3, 4])
 @pytest.mark.parametrize("solver", ["transpose", "pinv", "fourier"])
 def test_each_solver_saves_loads_applies_and_undoes_exactly(tiny, tmp_path, layer, view, solver):

@@ -69,7 +69,6 @@ import argparse
 import io
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -291,7 +290,6 @@ def inverse_rewrite(
     if fit not in ("mean", "pairs"):
         raise EditError(f"unknown fit {fit!r}; use 'mean' or 'pairs'")
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
-    t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if solver == "transpose":
         # Algorithm 1 is the forward closed form applied to M = Wᵀ; rewrite() already handles any view.
@@ -327,7 +325,6 @@ def inverse_rewrite(
         lam, d = factorize(delta, atol=atol)
         extra["dropped_residual"] = float((delta - lam @ d.T).norm())
         update = LayerUpdate(layer, view, lam, d)
-    seconds = time.perf_counter() - t0
     meta = {
         "created": timestamp(),
         "model": classifier.name,
@@ -342,7 +339,6 @@ def inverse_rewrite(
         "fit": fit,
         "n_pairs": int(sum(r.keys.shape[0] for r in rules)),
         "stats": getattr(stats, "count", None),
-        "solve_seconds": round(seconds, 4),
         "rules": [r.description for r in rules],
         **extra,
     }
@@ -1238,7 +1234,9 @@ def plot_reconstructions(path: str | Path, runs: Mapping[str, Reconstruction], t
     ax_d.set_ylabel(metric if len(metric) < 40 else metric[:37] + "...")
     ax_d.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     if len(metric) >= 40:
         fig.text(0.5, 0.005, metric, ha="center", fontsize=7)
     fig.tight_layout()
