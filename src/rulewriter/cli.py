@@ -164,9 +164,8 @@ def cmd_merge_stats(args) -> None:
     _emit({"out": args.out, "count": s.count, "parts": len(args.parts)}, args.json, f"merged {len(args.parts)} files → {args.out}")
 
 
-def cmd_edit(args) -> None:
-    from .rules import rewrite, rule_from_features, rule_from_images
-
+def check_rule_args(args) -> Path:
+    """Validate the exemplar options shared by ``edit`` and ``inverse-edit`` before any work; returns --out."""
     n = len(args.original)
     if not n:
         raise RulewriterError("give at least one --original IMG with its --mask MASK")
@@ -181,6 +180,13 @@ def cmd_edit(args) -> None:
     out = Path(args.out)
     if not out.parent.exists():
         raise RulewriterError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def cmd_edit(args) -> None:
+    from .rules import rewrite, rule_from_features, rule_from_images
+
+    out = check_rule_args(args)
     clf = _load(args)
     layer = _layer(args, clf)
     if args.manipulated:

@@ -1269,22 +1269,9 @@ def _stats_for(args, clf, layer: str):
 
 
 def cmd_inverse_edit(args) -> None:
-    from .cli import _emit, _layer, _load
+    from .cli import _emit, _layer, _load, check_rule_args
 
-    n = len(args.original)
-    if not n:
-        raise EditError("give at least one --original IMG with its --mask MASK")
-    if len(args.mask) != n:
-        raise EditError(f"got {n} --original and {len(args.mask)} --mask; give one mask per original")
-    if args.manipulated and len(args.manipulated) != n:
-        raise EditError(f"got {n} --original and {len(args.manipulated)} --manipulated; they pair up in order")
-    if not args.manipulated and not args.texture:
-        raise EditError("give --manipulated images, or a --texture to paste into the masks")
-    if not args.stats and not args.stats_data:
-        raise StatsError("give --stats-data DIR (images to collect statistics from) or --stats FILE")
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise EditError(f"output folder {out.parent} does not exist")
+    out = check_rule_args(args)
     clf = _load(args)
     layer = _layer(args, clf)
     originals, manipulated = _pasted_pairs(args)
