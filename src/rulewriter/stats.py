@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .atomic import atomic_bytes
@@ -154,21 +153,23 @@ def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torc
     path = Path(path).expanduser()
     if not path.is_file():
         raise error(f"no such file: {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return load_file(str(path)), header
+    except Exception as e:  # safetensors raises its own error types, and others on truncated files
+        reason = e
+    # Only a file that safetensors cannot parse is sniffed: a valid header's length may start with any byte.
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = fh.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
         raise error(
             f"{path} is a pickle or a torch.save zip archive, not safetensors; rulewriter never unpickles "
             "files (they can run arbitrary code). Re-save it with safetensors."
         )
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        return load_file(str(path)), header
-    except (SafetensorError, OSError, ValueError) as e:
-        raise error(f"{path} is not a valid safetensors file: {e}") from None
+    raise error(f"{path} is not a valid safetensors file: {reason}") from None
 
 
 def stats_cache_key(parts: dict) -> str:
