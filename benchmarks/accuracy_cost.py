@@ -31,6 +31,7 @@ Run: ``python benchmarks/accuracy_cost.py [--quick] [--layers L1,L2,...]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Iterator
@@ -223,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", "data/textures/snow_texture.jpg")
-    try:
-        import skimage.data  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:
         print("SKIPPED: scikit-image is needed for the gravel/brick/grass/coffee photos "
               "(pip install 'rulewriter[demo]').")
         return 0

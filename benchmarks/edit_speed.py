@@ -21,6 +21,7 @@ Run: ``python benchmarks/edit_speed.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     shared = C.require_shared("data/imagenet-samples")
-    try:
-        import skimage.data  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:
         print("SKIPPED: scikit-image is needed for the coffee photo and gravel (pip install 'rulewriter[demo]').")
         return 0
     C.setup_torch()
