@@ -42,10 +42,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .atomic import atomic_bytes
 from .errors import EditError, StatsError
 from .memory import LayerMemory
-from .stats import atomic_save, read_safetensors
+from .stats import read_safetensors, save_described
 
 __all__ = [
     "DEFAULT_RIDGE",
@@ -56,6 +55,7 @@ __all__ = [
     "LayerUpdate",
     "Edit",
     "AppliedEdit",
+    "Reversible",
 ]
 
 FORMAT = "rulewriter.edit/1"
@@ -147,10 +147,11 @@ def solve_lambda(
     return torch.linalg.solve(gram, (r @ a.T).T).T
 
 
-def _projector(direction: torch.Tensor) -> torch.Tensor:
-    """``P = D (DᵀD)⁻¹ Dᵀ``: rows of ΔW P lie in span(Dᵀ)."""
+def _projector(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``X ↦ X D (DᵀD)⁻¹ Dᵀ``: rows of the result lie in span(Dᵀ). Factored, so it costs O(f·d·r), not O(f·d²)."""
     d = direction.double().reshape(direction.shape[0], -1)
-    return d @ torch.linalg.solve(d.T @ d, d.T)
+    back = torch.linalg.solve(d.T @ d, d.T)  # (r, d)
+    return lambda x: (x @ d) @ back
 
 
 def projected_gd(
@@ -198,7 +199,7 @@ def projected_gd(
         losses.append(float(loss.detach()))
         if tol and losses[-1] <= tol:
             break
-        g = grad @ p
+        g = p(grad)
         gg = float((g * g).sum())
         if gg == 0.0:
             break
@@ -208,7 +209,7 @@ def projected_gd(
                 eta *= 0.5
             if eta <= 1e-30:
                 break
-            delta = (delta - eta * g) @ p  # the projection onto W0 + Λ Dᵀ
+            delta = p(delta - eta * g)  # the projection onto W0 + Λ Dᵀ
     lam = torch.linalg.solve(d.T @ d, (delta @ d).T).T
     return lam, losses
 
@@ -242,8 +243,30 @@ class LayerUpdate:
         return self.lam.double() @ self.direction.double().T
 
 
+class Reversible:
+    """A change whose ``apply(model)`` returns a handle with ``undo()``; adds the two ways to use it briefly."""
+
+    def apply(self, model: nn.Module):  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Apply inside a ``with`` block; the original weights come back on exit, bit for bit."""
+        handle = self.apply(model)
+        try:
+            yield model
+        finally:
+            handle.undo()
+
+    def applied_copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with the change applied; ``model`` itself is not touched."""
+        clone = copy.deepcopy(model)
+        self.apply(clone)
+        return clone
+
+
 @dataclass
-class Edit:
+class Edit(Reversible):
     """Rank-r updates of one or more layers, with a JSON description of the rules behind them.
 
     Example:
@@ -289,21 +312,6 @@ class Edit:
             raise
         return AppliedEdit(model, backup)
 
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Apply inside a ``with`` block; the original weights come back on exit, bit for bit."""
-        handle = self.apply(model)
-        try:
-            yield model
-        finally:
-            handle.undo()
-
-    def applied_copy(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` with the edit applied; ``model`` itself is not touched."""
-        clone = copy.deepcopy(model)
-        self.apply(clone)
-        return clone
-
     # -------------------------------------------------------------- compose
     def __add__(self, other: "Edit") -> "Edit":
         return self.compose(other)
@@ -344,17 +352,11 @@ class Edit:
 
         Both writes are atomic.
         """
-        path = Path(path)
         tensors = {}
         for i, u in enumerate(self.updates):
             tensors[f"updates.{i}.lam"] = u.lam.double()
             tensors[f"updates.{i}.direction"] = u.direction.double()
-        desc = self.describe()
-        text = json.dumps(desc, indent=2, sort_keys=True, default=str)
-        atomic_save(tensors, path, {"format": FORMAT, "rulewriter": text})
-        if sidecar:
-            atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
-        return path
+        return save_described(path, tensors, FORMAT, self.describe(), sidecar=sidecar)
 
     @classmethod
     def load(cls, path: str | Path) -> "Edit":

@@ -24,7 +24,6 @@ edit::
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .atomic import atomic_bytes
 from .errors import EditError, LayerError, RulewriterError
-from .stats import atomic_save, read_safetensors
+from .edit import Reversible
+from .stats import read_safetensors, save_described
 
 __all__ = ["FORMAT", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear", "retrain_last_layer"]
 
@@ -46,7 +45,7 @@ FORMAT = "rulewriter.weight_delta/1"
 
 # ------------------------------------------------------------------------------------------ the data
 @dataclass
-class WeightDelta:
+class WeightDelta(Reversible):
     """Additive changes to named parameters (``"_fc.weight"``, ``"_fc.bias"``), kept in float64.
 
     float64 holds the exact difference of two float32 tensors, so applying a delta found by training
@@ -111,21 +110,6 @@ class WeightDelta:
             raise
         return handle
 
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Apply inside a ``with`` block; the original parameters come back on exit, bit for bit."""
-        handle = self.apply(model)
-        try:
-            yield model
-        finally:
-            handle.undo()
-
-    def applied_copy(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` with the delta applied; ``model`` itself is not touched."""
-        clone = copy.deepcopy(model)
-        self.apply(clone)
-        return clone
-
     def describe(self) -> dict[str, Any]:
         """The JSON description: the parameters, their shapes, and ``meta``."""
         return {"format": FORMAT,
@@ -134,12 +118,7 @@ class WeightDelta:
 
     def save(self, path: str | Path, *, sidecar: bool = True) -> Path:
         """Write ``path`` (safetensors, JSON description in the header) and ``path.json`` beside it, atomically."""
-        path = Path(path)
-        text = json.dumps(self.describe(), indent=2, sort_keys=True, default=str)
-        atomic_save(dict(self.deltas), path, {"format": FORMAT, "rulewriter": text})
-        if sidecar:
-            atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
-        return path
+        return save_described(path, dict(self.deltas), FORMAT, self.describe(), sidecar=sidecar)
 
     @classmethod
     def load(cls, path: str | Path) -> "WeightDelta":

@@ -82,7 +82,7 @@ from .atomic import atomic_bytes
 from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, solve_lambda, timestamp, update_direction
 from .errors import EditError, LayerError, MaskError, RulewriterError, StatsError
 from .memory import LayerMemory
-from .rules import Rule, _describe_sources, _load_image, _pairs, layer_io, prepare_mask, rewrite
+from .rules import Rule, _describe_sources, _pairs, layer_io, load_exemplars, prepare_mask, rewrite
 from .stats import atomic_save, read_safetensors, stats_cache_key
 from .trace import Trace, get_module
 
@@ -150,18 +150,8 @@ def inverse_rule_from_images(
         (320, 1152)
     """
     _check_view(view)
-    if not (len(originals) == len(manipulated) == len(masks)) or not originals:
-        raise EditError(
-            f"need one manipulated image and one mask per original; got {len(originals)} originals, "
-            f"{len(manipulated)} manipulated, {len(masks)} masks"
-        )
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
-    orig = [_load_image(o) for o in originals]
-    man = [_load_image(m) for m in manipulated]
-    for o, m, src in zip(orig, man, manipulated):
-        if o.size != m.size:
-            raise EditError(f"manipulated image {src} is {m.size}, its original is {o.size}; they must align")
-    masks_s = torch.stack([prepare_mask(classifier, m, o) for m, o in zip(masks, orig)])
+    orig, man, masks_s = load_exemplars(classifier, originals, manipulated, masks)
     pre = classifier.preprocess
     x_o, y_o = layer_io(classifier, layer, pre.batch(orig))
     x_m, _ = layer_io(classifier, layer, pre.batch(man))

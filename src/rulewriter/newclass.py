@@ -80,10 +80,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .atomic import atomic_bytes
 from .errors import EditError, ImageLoadError, LayerError, MaskError, RulewriterError
 from .memory import LayerMemory
-from .stats import atomic_save, read_safetensors
+from .stats import read_safetensors, save_described
 from .trace import Trace, get_module
 
 __all__ = [
@@ -761,14 +760,9 @@ class NewClass:
             >>> car.save("car.safetensors")                       # doctest: +SKIP
             PosixPath('car.safetensors')
         """
-        path = Path(path)
-        text = json.dumps(self.describe(), indent=2, sort_keys=True, default=str)
         tensors = {"weight": self.weight.double(), "bias": self.bias.double(),
                    "calibration": torch.tensor([self.scale, self.shift], dtype=torch.float64)}
-        atomic_save(tensors, path, {"format": FORMAT, "rulewriter": text})
-        if sidecar:
-            atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
-        return path
+        return save_described(path, tensors, FORMAT, self.describe(), sidecar=sidecar)
 
     @classmethod
     def load(cls, path: str | Path) -> "NewClass":

@@ -29,7 +29,7 @@ from .errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Rule", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask"]
+__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask"]
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | np.ndarray | Image.Image | torch.Tensor
@@ -127,6 +127,23 @@ def _describe_sources(items: Sequence) -> list[str]:
     return [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__}>" for i in items]
 
 
+def load_exemplars(
+    classifier, originals: Sequence[ImageLike], manipulated: Sequence[ImageLike], masks: Sequence[MaskLike]
+) -> tuple[list[Image.Image], list[Image.Image], torch.Tensor]:
+    """Load aligned (original, manipulated) pairs and their masks on the model's input grid (N, S, S)."""
+    if not (len(originals) == len(manipulated) == len(masks)) or not originals:
+        raise EditError(
+            f"need one manipulated image and one mask per original; got {len(originals)} originals, "
+            f"{len(manipulated)} manipulated, {len(masks)} masks"
+        )
+    orig = [_load_image(o) for o in originals]
+    man = [_load_image(m) for m in manipulated]
+    for o, m, src in zip(orig, man, manipulated):
+        if o.size != m.size:
+            raise EditError(f"manipulated image {src} is {m.size}, its original is {o.size}; they must align")
+    return orig, man, torch.stack([prepare_mask(classifier, m, o) for m, o in zip(masks, orig)])
+
+
 def rule_from_images(
     classifier,
     layer: str,
@@ -149,23 +166,12 @@ def rule_from_images(
     Example:
         >>> rule = rule_from_images(clf, "_blocks.10._project_conv", ["car.jpg"], ["wood.jpg"], ["wheels.png"])  # doctest: +SKIP
     """
-    if not (len(originals) == len(manipulated) == len(masks)) or not originals:
-        raise EditError(
-            f"need one manipulated image and one mask per original; got {len(originals)} originals, "
-            f"{len(manipulated)} manipulated, {len(masks)} masks"
-        )
     if view not in (1, 2):
         raise EditError("rules from images are forward-direction edits: use view 1 or 2")
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
-    pre = classifier.preprocess
-    orig = [_load_image(o) for o in originals]
-    man = [_load_image(m) for m in manipulated]
-    for o, m, src in zip(orig, man, manipulated):
-        if o.size != m.size:
-            raise EditError(f"manipulated image {src} is {m.size}, its original is {o.size}; they must align")
-    masks_s = torch.stack([prepare_mask(classifier, m, o) for m, o in zip(masks, orig)])
-    x_o, _ = layer_io(classifier, layer, pre.batch(orig))
-    x_m, _ = layer_io(classifier, layer, pre.batch(man))
+    orig, man, masks_s = load_exemplars(classifier, originals, manipulated, masks)
+    x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
+    x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
     keys, values = mem.keys(x_m), mem.values(x_o)
     k, v, w = _pairs(mem, keys, values, masks_s)
     desc = {"method": "images", "originals": _describe_sources(originals),

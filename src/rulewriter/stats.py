@@ -148,6 +148,20 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, 
     return atomic_bytes(path, data)
 
 
+def save_described(path: str | Path, tensors: dict[str, torch.Tensor], fmt: str, description: dict,
+                   *, sidecar: bool = True) -> Path:
+    """Save an artefact: safetensors with its JSON ``description`` in the header, and ``path.json`` beside it.
+
+    Both writes are atomic. Edits, weight deltas and added classes all use this layout.
+    """
+    path = Path(path)
+    text = json.dumps(description, indent=2, sort_keys=True, default=str)
+    atomic_save(tensors, path, {"format": fmt, "rulewriter": text})
+    if sidecar:
+        atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
+    return path
+
+
 def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file, refusing pickles with a clear message. Never unpickles anything."""
     path = Path(path).expanduser()
