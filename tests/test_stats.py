@@ -1,11 +1,14 @@
 """Second-moment statistics: exact accumulation, exact merging, safe files, cache keys."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rulewriter.errors import StatsError
-from rulewriter.stats import SecondMoment, merge_files
+from rulewriter.models import Preprocess, load_classifier
+from rulewriter.stats import SecondMoment, _round_mantissa, default_precision, key_products, merge_files
 
 
 def _keys(n=500, d=7, seed=0):
@@ -76,3 +79,58 @@ def test_bad_keys_are_refused_and_change_nothing():
         SecondMoment().moment()
     with pytest.raises(StatsError, match="precision"):
         SecondMoment("fp8")
+
+
+# ------------------------------------------------------------------------------------------ precision modes
+@pytest.mark.parametrize("precision,tol", [("fp64", 1e-15), ("fp32", 1e-6), ("tf32x2", 1e-6), ("tf32", 1e-3),
+                                           ("bf16", 1e-2)])
+def test_key_products_in_each_precision(precision, tol):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(4000, 64, generator=g) * 3 + 1
+    ref = k.double().T @ k.double()
+    got = key_products(k, precision)
+    assert got.dtype == torch.float64
+    err = float((got - ref).norm() / ref.norm())
+    assert err < tol
+    if precision in ("tf32", "bf16"):
+        assert err > 1e-7  # the rounding is really applied, not silently fp32
+
+
+def test_mantissa_rounding_keeps_the_asked_bits():
+    x = torch.randn(1000)
+    for bits in (10, 7):
+        r = _round_mantissa(x, bits)
+        low = r.view(torch.int32) & ((1 << (23 - bits)) - 1)
+        assert int(low.abs().sum()) == 0
+        assert float(((r - x).abs() / x.abs()).max()) <= 2.0 ** -(bits + 1) * (1 + 1e-6)
+
+
+def test_default_precision_is_within_tolerance_and_device_aware():
+    assert default_precision("cpu") == "fp32" and default_precision("cuda") == "tf32x2"
+    with pytest.raises(StatsError, match="precision"):
+        key_products(torch.ones(2, 2), "fp8")
+
+
+def test_bf16_autocast_and_channels_last_forward(tmp_path):
+    from rulewriter.stats import collect_second_moment
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3, padding=1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    clf = load_classifier(net, preprocess=Preprocess(16, 16, (0.5,) * 3, (0.5,) * 3))
+    rng = np.random.default_rng(0)
+    imgs = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
+        imgs.append(p)
+    kw = dict(view=2, precision="fp64", progress=False)
+    ref = collect_second_moment(clf, "2", imgs, **kw).moment()
+    cl = collect_second_moment(clf, "2", imgs, channels_last=True, **kw).moment()
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-6)
+    assert net[0].weight.is_contiguous()  # the model's memory format is restored
+    bf = collect_second_moment(clf, "2", imgs, amp="bf16", **kw).moment()
+    err = float((bf - ref).norm() / ref.norm())
+    assert 1e-6 < err < 3e-2  # bf16 activations really change the keys, a little
+    with pytest.raises(StatsError, match="amp"):
+        collect_second_moment(clf, "2", imgs, amp="fp16", **kw)

@@ -30,7 +30,7 @@ from typing import Sequence
 from .errors import RulewriterError
 
 #: Modules that contribute subcommands through ``add_cli(subparsers)``.
-_EXTENSIONS = ("evaluate", "inverse", "newclass")
+_EXTENSIONS = ("evaluate", "inverse", "newclass", "segment", "spurious", "app")
 
 DEFAULT_CACHE = Path(os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")).expanduser()
 
@@ -38,7 +38,8 @@ DEFAULT_CACHE = Path(os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")).
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `rulewriter models`)")
     p.add_argument("--weights", default=None, help="local weights file (safetensors or a torch state_dict)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available), cpu, cuda, cuda:1 (under torchrun: each rank's own GPU)")
 
 
 def _load(args):
@@ -140,15 +141,23 @@ def _stats(args, clf, layer: str, data: str, samples: int | None):
         return s
     return collect_second_moment(
         clf, layer, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, amp=args.amp, num_workers=args.workers,
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
 
 
 def cmd_stats(args) -> None:
+    from . import distributed
+
+    if args.out and not Path(args.out).expanduser().parent.is_dir():
+        raise RulewriterError(f"output folder {Path(args.out).parent} does not exist")
     clf = _load(args)
     layer = _layer(args, clf)
     s = _stats(args, clf, layer, args.data, args.samples)
-    info = {"layer": layer, "view": args.view, "key_dim": s.dim, "count": s.count}
+    info = {"layer": layer, "view": args.view, "key_dim": s.dim, "count": s.count, "precision": s.precision,
+            "processes": distributed.world_size()}
+    if not distributed.is_main():
+        return  # every rank holds the same merged result; one writes and prints it
     if args.out:
         s.save(args.out, {"model": clf.name, "weights": clf.weights_id, "layer": layer, "view": args.view,
                           "key_dim": s.dim, "preprocess": clf.preprocess.describe(), "data": str(args.data)})
@@ -272,6 +281,10 @@ def _common_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view", type=int, default=2, choices=[1, 2, 3, 4], help="memory view (thesis Fig. 2-3)")
     p.add_argument("--stats", default=None, help="precomputed statistics file (from `rulewriter stats --out`)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp64", "fp32", "tf32x2", "tf32", "bf16"],
+                   help="how key products are formed; sums are float64 (auto: tf32x2 on CUDA, fp32 on CPU)")
+    p.add_argument("--amp", default=None, choices=["bf16"], help="run the statistics forward pass under bf16 autocast")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for the statistics pass")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -367,16 +380,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
     if getattr(args, "ridge", "unset") is None:
         from .edit import DEFAULT_RIDGE
 
         args.ridge = DEFAULT_RIDGE
+    if getattr(args, "device", None) == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Under torchrun every rank runs this same command on its shard; outside it this does nothing.
+    joined = distributed.init_from_env(getattr(args, "device", "cpu"))
+    if joined and hasattr(args, "device"):
+        args.device = str(distributed.local_device(args.device))
     try:
         args.func(args)
     except RulewriterError as e:
-        print(f"rulewriter: error: {e}", file=sys.stderr)
+        print(f"rulewriter: error: {e}" + (f" (rank {distributed.rank()})" if joined else ""), file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            distributed.close()
     return 0
 
 

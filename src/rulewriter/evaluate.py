@@ -552,25 +552,36 @@ def predict(
         raise ImageLoadError("no images to evaluate")
     if batch_size < 1:
         raise RulewriterError(f"batch size must be at least 1, got {batch_size}")
+    from . import distributed as D
+
     variants = dict(variants) if variants is not None else {"before": None}
     sets = as_label_sets(labels)
     model = classifier.model
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(SourceDataset(images, classifier.preprocess), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
+    mine = D.shard_indices(len(images))  # all of them outside torchrun
+    cuda = classifier.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(SourceDataset([images[i] for i in mine], classifier.preprocess),
+                                         batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                         pin_memory=cuda)
     parts: dict[str, list[Predictions]] = {name: [] for name in variants}
     try:
-        for x, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            x = x.to(classifier.device, classifier.dtype)
-            lab = [sets[int(i)] for i in idx]
+        for x, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress or not D.is_main()):
+            x = x.to(classifier.device, classifier.dtype, non_blocking=cuda)
+            lab = [sets[mine[int(i)]] for i in idx]
             for name, change in variants.items():
                 with _change_context(change, model):
                     logits = model(x)
                 parts[name].append(Predictions.from_logits(logits, lab, target))
     finally:
         model.train(was_training)
-    return {name: Predictions.concat(p) for name, p in parts.items()}
+    out = {name: Predictions.concat(p) for name, p in parts.items()}
+    if D.is_distributed():
+        # Every rank gets every prediction, back in the order of ``images``.
+        gathered = D.all_gather_objects((mine, out))
+        order = np.argsort(np.concatenate([np.asarray(m, dtype=np.int64) for m, _ in gathered]), kind="stable")
+        out = {name: Predictions.concat([o[name] for _, o in gathered]).subset(order) for name in variants}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ test sets
@@ -1321,6 +1332,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             pass
     ev = evaluate_edit(clf, testset, change, target=target or None, batch_size=args.batch_size,
                        num_workers=args.workers, progress=not args.quiet)
+    from .distributed import is_main
+
+    if not is_main():
+        return  # under torchrun every rank holds every prediction; rank 0 alone writes and prints
     paths = write_report(out, clf, ev, change_path=args.edit)
     summary = ev.summary()
     summary.update({"model": clf.name, "data": str(data), "edit": args.edit, "out": str(paths["json"]),

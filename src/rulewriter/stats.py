@@ -15,6 +15,7 @@ bar, and caches the result as safetensors under a key derived from everything th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -28,14 +29,94 @@ from .errors import StatsError
 from .memory import LayerMemory
 from .trace import Trace
 
-__all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "PRECISIONS"]
+__all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "key_products",
+           "default_precision", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
-#: How key products are formed. Every mode accumulates across batches in float64.
+#: How key products are formed within a batch. Every mode accumulates across batches in float64.
+#: Relative errors of C measured against fp64 on EfficientNet-Lite0 keys (``benchmarks/throughput.py``).
 PRECISIONS = {
     "fp64": "keys cast to float64 before the product (exact to float64 rounding)",
-    "fp32": "products in float32 within a batch, accumulated in float64 across batches",
+    "fp32": "products in float32 (TF32 disabled), ~3e-7 relative error",
+    "tf32x2": "split TF32: k = hi + lo, hiᵀhi + hiᵀlo + (hiᵀlo)ᵀ; two TF32 GEMMs, fp32-level error (~4e-7)",
+    "tf32": "one TF32 GEMM (10-bit mantissa inputs, fp32 sums), ~1e-4 relative error",
+    "bf16": "bf16 inputs, fp32 sums, ~1e-3 relative error",
 }
+#: The largest relative error of C a default may have.
+DEFAULT_TOLERANCE = 1e-4
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The fastest product mode whose relative error of ``C`` stays within :data:`DEFAULT_TOLERANCE`.
+
+    On CUDA this is ``tf32x2``: plain ``tf32`` measured 1.4e-4 on a 1152-d layer (over the tolerance) and
+    ``bf16`` 1.2e-3, while two TF32 GEMMs cost less than one fp32 or fp64 GEMM on tensor-core GPUs. On
+    CPUs, which have no TF32, it is ``fp32`` (half the bytes of fp64 at an error of ~3e-7).
+    """
+    return "tf32x2" if torch.device(device).type == "cuda" else "fp32"
+
+
+def _round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round float32 values to ``bits`` explicit mantissa bits (round to nearest), as TF32/bf16 inputs are."""
+    drop = 23 - bits
+    i = t.float().contiguous().view(torch.int32)
+    i = (i + (1 << (drop - 1))) & ~((1 << drop) - 1)
+    return i.view(torch.float32)
+
+
+def _gemm_tf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with TF32 inputs: tensor cores on CUDA, the same rounding emulated elsewhere."""
+    if a.is_cuda:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return _round_mantissa(a, 10) @ _round_mantissa(b, 10)
+
+
+def _gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_cuda:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return a @ b
+
+
+def key_products(k: torch.Tensor, precision: str) -> torch.Tensor:
+    """``kᵀk`` of a batch of keys ``(n, d)`` formed in ``precision`` (see :data:`PRECISIONS`), as float64.
+
+    Example:
+        >>> k = torch.randn(50, 4)
+        >>> bool(torch.allclose(key_products(k, "tf32x2"), k.double().T @ k.double(), rtol=1e-5, atol=1e-4))
+        True
+    """
+    if precision == "fp64":
+        k = k.double()
+        return k.T @ k
+    k = k.float()
+    if precision == "fp32":
+        return _gemm_fp32(k.T, k).double()
+    if precision == "tf32":
+        return _gemm_tf32(k.T, k).double()
+    if precision == "tf32x2":
+        # k = hi + lo with hi exactly representable in TF32, so hiᵀhi is exact in fp32 sums and hiᵀlo carries
+        # the rounding; loᵀlo is below fp32 resolution. The cross term appears twice as a transpose pair.
+        hi = _round_mantissa(k, 10)
+        lo = k - hi
+        cross = _gemm_tf32(hi.T, lo).double()
+        return _gemm_tf32(hi.T, hi).double() + cross + cross.T
+    if precision == "bf16":
+        if k.is_cuda:
+            kb = k.bfloat16()
+            return torch.mm(kb.T, kb, out_dtype=torch.float32).double()
+        kb = _round_mantissa(k, 7)
+        return (kb.T @ kb).double()
+    raise StatsError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
 
 
 class SecondMoment:
@@ -55,6 +136,25 @@ class SecondMoment:
         self.count = 0
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
+
+    @classmethod
+    def zeros(cls, dim: int, precision: str = "fp64", device: str | torch.device = "cpu") -> "SecondMoment":
+        """Empty statistics of a known dimension (a rank whose shard is empty still takes part in a sum)."""
+        s = cls(precision)
+        s.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        s.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        return s
+
+    def all_reduce(self) -> "SecondMoment":
+        """Sum the partial statistics of every rank of the process group, in float64, in place."""
+        from .distributed import all_reduce_sum
+
+        if self.sum is None:
+            raise StatsError("all_reduce needs initialised statistics (use SecondMoment.zeros for an empty shard)")
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
+        count, self.sum, self.outer = all_reduce_sum([count, self.sum, self.outer])
+        self.count = int(round(float(count[0])))
+        return self
 
     @property
     def dim(self) -> int | None:
@@ -77,8 +177,7 @@ class SecondMoment:
             k = k.double()
             self.outer.addmm_(k.T, k)
         else:
-            k = k.float()
-            self.outer += (k.T @ k).double()
+            self.outer += key_products(k, self.precision)
         self.sum += k.double().sum(0)
         self.count += keys.shape[0]
 
@@ -216,6 +315,18 @@ def _fingerprint(ds) -> str:
     return f"{type(ds).__name__}:{len(ds)}"
 
 
+def _resolve_device(device: str | torch.device | None, classifier) -> torch.device:
+    if device is None:
+        return classifier.device
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _partial_path(cache: Path, rank: int, world: int) -> Path:
+    return cache.with_name(f"{cache.stem}.partial-{rank}of{world}.safetensors")
+
+
 def collect_second_moment(
     classifier,
     layer: str,
@@ -224,26 +335,42 @@ def collect_second_moment(
     view: int = 2,
     samples: int | None = None,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    precision: str = "fp64",
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    amp: str | None = None,
+    channels_last: bool | None = None,
     cache_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
     num_workers: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> SecondMoment:
     """Stream images through ``classifier`` up to ``layer`` and collect the second moment of its keys.
 
+    Under ``torchrun`` (an initialised process group) every rank reads its own shard of the images
+    (``rank::world_size``), the partial sums are added with ``all_reduce`` in float64, every rank returns the
+    same result, and only rank 0 writes the cache.
+
     Args:
         classifier: a :class:`~rulewriter.models.Classifier`.
         layer: dotted layer name.
-        data: an image folder, a list of image paths, or a Dataset yielding ``(image_tensor, label)``.
+        data: an image folder (ImageNet-style class folders are searched recursively), a list of image
+            paths, or a Dataset yielding ``(image_tensor, label)``.
         view: memory view (1–4) whose keys to collect.
         samples: use this many images (a deterministic random subset), or all when ``None``.
-        batch_size, device, num_workers: the usual knobs; lower ``batch_size`` when memory is short.
-        precision: how products are formed (see :data:`PRECISIONS`); sums are always float64.
+        batch_size, num_workers: DataLoader knobs; memory pinned on CUDA. Lower ``batch_size`` when memory
+            is short: only one batch of keys is ever held.
+        device: ``None`` keeps the model where it is, ``"auto"`` picks CUDA when available.
+        precision: how products are formed (see :data:`PRECISIONS`); ``"auto"`` is
+            :func:`default_precision` for the device. Sums across batches are always float64.
+        amp: ``"bf16"`` runs the forward pass under bf16 autocast (faster on GPUs; keys then differ from the
+            float32 model's by ~4e-3 relative, see the README); ``None`` keeps the model's own dtype.
+        channels_last: NHWC memory format for the forward pass (default: on CUDA only).
         cache_dir: when given, load the result from / save it to a safetensors file there, named by a key
-            over the model, its weights, the layer, the view, the data, the sample count and preprocessing.
-        progress: show a tqdm progress bar.
+            over the model, its weights, the layer, the view, the data, the sample count, preprocessing and
+            precision. A partial result is saved there every ``checkpoint_every`` batches and an interrupted
+            run resumes from it.
+        progress: show a tqdm progress bar (rank 0 only).
 
     Example:
         >>> clf = load_classifier("efficientnet-lite0")                                 # doctest: +SKIP
@@ -251,6 +378,19 @@ def collect_second_moment(
     """
     from tqdm.auto import tqdm
 
+    from . import distributed as D
+
+    dev = D.local_device(_resolve_device(device, classifier))
+    if precision == "auto":
+        precision = default_precision(dev)
+    if precision not in PRECISIONS:
+        raise StatsError(f"precision must be one of {sorted(PRECISIONS)} or 'auto', got {precision!r}")
+    if amp not in (None, "bf16"):
+        raise StatsError(f"amp must be None or 'bf16', got {amp!r}")
+    if batch_size < 1:
+        raise StatsError(f"batch size must be at least 1, got {batch_size}")
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
     model = classifier.model
     mem = LayerMemory(_module(model, layer), view, name=layer)
     ds = _dataset(classifier, data, samples, seed)
@@ -268,33 +408,71 @@ def collect_second_moment(
         "preprocess": classifier.preprocess.describe(),
         "precision": precision,
     }
-    cache = None
+    if amp:
+        meta["amp"] = amp  # only when set, so float32 runs keep their earlier cache keys
+    key = stats_cache_key(meta)
+    cache = partial = None
+    rank, world = D.rank(), D.world_size()
     if cache_dir is not None:
-        key = stats_cache_key(meta)
         safe_layer = layer.replace("/", "_")
         cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
         if cache.is_file():
             stats, saved = SecondMoment.load(cache)
             if saved.get("key") == key:
                 return stats
+        partial = _partial_path(cache, rank, world)
 
+    mine = D.shard_indices(len(ds), rank_=rank, world=world)
+    stats, done = SecondMoment.zeros(mem.key_dim, precision, dev), 0
+    if partial is not None and partial.is_file():
+        try:
+            saved_stats, saved = SecondMoment.load(partial)
+        except StatsError:
+            saved_stats, saved = None, {}  # a damaged partial file is only a lost head start
+        if saved_stats is not None and saved.get("key") == key and saved_stats.dim == mem.key_dim:
+            stats = SecondMoment.zeros(mem.key_dim, precision, dev).merge(saved_stats)
+            done = int(saved.get("images_done", 0))
+    todo = mine[done:]
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
+        torch.utils.data.Subset(ds, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False,
     )
-    stats = SecondMoment(precision)
     was_training = model.training
-    model.eval().to(device)
+    model.eval().to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext())
+    bar = tqdm(total=len(mine), initial=done, desc=f"stats {layer}", disable=not progress or rank != 0,
+               unit="img")
     try:
         with torch.no_grad(), Trace(model, layer, retain_output=not mem.forward_direction, stop=True) as tr:
-            for batch in tqdm(loader, desc=f"stats {layer}", disable=not progress, unit="batch"):
+            for i, batch in enumerate(loader, 1):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                tr(x.to(device, non_blocking=True))
-                stats.add(mem.flat_keys(tr.input, tr.output))
+                x = x.to(dev, classifier.dtype, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    tr(x)
+                keys = mem.flat_keys(tr.input.float(), None if tr.output is None else tr.output.float())
+                stats.add(keys)
+                done += x.shape[0]
+                bar.update(x.shape[0])
+                if partial is not None and checkpoint_every and i % checkpoint_every == 0 and done < len(mine):
+                    stats.save(partial, {**meta, "key": key, "images_done": done, "rank": rank, "world": world})
     finally:
+        bar.close()
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
+    stats.all_reduce()
+    if stats.count == 0:
+        raise StatsError("no keys were collected")
     if cache is not None:
-        stats.save(cache, {**meta, "key": stats_cache_key(meta), "count": stats.count})
+        if rank == 0:
+            stats.save(cache, {**meta, "key": key, "count": stats.count})
+        D.barrier()  # nobody removes its partial file before the merged result is safely on disk
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return stats
 
 

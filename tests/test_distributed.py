@@ -1,0 +1,194 @@
+"""Sharding, all_reduce and gathering across processes (gloo on CPU), and resuming a statistics run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rulewriter import distributed as D
+from rulewriter.evaluate import predict
+from rulewriter.models import Preprocess, load_classifier
+from rulewriter.stats import SecondMoment, collect_second_moment
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x))))).flatten(1))
+
+
+def tiny_classifier():
+    # float64, so that keys do not depend on how images are batched and sums can be compared to 1e-12
+    torch.manual_seed(0)
+    return load_classifier(Tiny().double(), labels=["a", "b", "c", "d"], preprocess=Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3))
+
+
+def write_images(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shards_cover_everything_once_and_unshard_restores_order():
+    n, w = 11, 3
+    parts = [D.shard_indices(n, rank_=r, world=w) for r in range(w)]
+    assert sorted(i for p in parts for i in p) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert D.unshard(parts, n) == list(range(n))
+
+
+def test_single_process_defaults():
+    assert (D.rank(), D.world_size(), D.is_main(), D.is_distributed()) == (0, 1, True, False)
+    assert D.shard("abc") == ["a", "b", "c"]
+    t = torch.ones(2, dtype=torch.float64)
+    assert D.all_reduce_sum([t])[0] is t
+    assert D.all_gather_objects(3) == [3]
+    assert D.init_from_env() is False  # WORLD_SIZE unset: nothing to join
+
+
+def _worker(rank: int, world: int, port: int, folder: str, cache: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        clf = tiny_classifier()
+        paths = sorted(Path(folder).glob("*.png"))
+        s = collect_second_moment(clf, "conv2", paths, view=2, precision="fp64", batch_size=2, cache_dir=cache,
+                                  progress=False)
+        preds = predict(clf, paths, [i % 4 for i in range(len(paths))], progress=False, batch_size=2)["before"]
+        save_file({"C": s.moment(), "mean": s.mean(), "count": torch.tensor(s.count),
+                   "top1": torch.as_tensor(preds.top1.copy()), "label_prob": torch.as_tensor(preds.label_prob.copy())},
+                  f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    # 7 images over 2 ranks: uneven shards, and batches that do not divide them.
+    paths = write_images(tmp_path / "imgs", 7)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path / "imgs"), str(cache), str(out)), nprocs=2,
+                       join=True, start_method="spawn")
+    clf = tiny_classifier()
+    single = collect_second_moment(clf, "conv2", paths, view=2, precision="fp64", batch_size=3, progress=False)
+    preds = predict(clf, paths, [i % 4 for i in range(7)], progress=False)["before"]
+    for r in range(2):
+        res = load_file(out / f"rank{r}.safetensors")
+        assert int(res["count"]) == single.count
+        torch.testing.assert_close(res["C"], single.moment(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res["mean"], single.mean(), rtol=1e-12, atol=1e-12)
+        assert res["top1"].tolist() == preds.top1.tolist()  # gathered back in the original order
+        np.testing.assert_allclose(res["label_prob"].numpy(), preds.label_prob, rtol=1e-6)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and "partial" not in files[0]  # rank 0 wrote the one cache file; partials removed
+    cached, meta = SecondMoment.load(cache / files[0])
+    torch.testing.assert_close(cached.moment(), single.moment(), rtol=1e-12, atol=1e-12)
+
+
+class Flaky(torch.utils.data.Dataset):
+    """Images that can be told to fail at one index, as a crash or an interruption would."""
+
+    def __init__(self, clf, paths, fail_at: int | None) -> None:
+        self.clf, self.paths, self.fail_at, self.seen = clf, paths, fail_at, []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError("interrupted")
+        self.seen.append(i)
+        return self.clf.preprocess.image(Image.open(self.paths[i]).convert("RGB")), 0
+
+
+def test_an_interrupted_run_resumes_from_its_partial_file(tmp_path):
+    clf = tiny_classifier()
+    paths = write_images(tmp_path / "imgs", 9)
+    cache = tmp_path / "cache"
+    kw = dict(view=2, precision="fp64", batch_size=2, cache_dir=cache, checkpoint_every=1, progress=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        collect_second_moment(clf, "conv2", Flaky(clf, paths, fail_at=5), **kw)
+    partial = [p for p in cache.iterdir() if "partial" in p.name]
+    assert len(partial) == 1
+    _, meta = SecondMoment.load(partial[0])
+    assert json.loads(json.dumps(meta))["images_done"] == 4  # two whole batches were checkpointed
+
+    again = Flaky(clf, paths, fail_at=None)
+    resumed = collect_second_moment(clf, "conv2", again, **kw)
+    assert sorted(again.seen) == [4, 5, 6, 7, 8]  # only the rest was read
+    full = collect_second_moment(clf, "conv2", paths, view=2, precision="fp64", progress=False)
+    assert resumed.count == full.count
+    torch.testing.assert_close(resumed.moment(), full.moment(), rtol=1e-12, atol=1e-12)
+    assert not [p for p in cache.iterdir() if "partial" in p.name]
+
+
+def test_a_damaged_partial_file_is_ignored(tmp_path):
+    clf = tiny_classifier()
+    paths = write_images(tmp_path / "imgs", 4)
+    cache = tmp_path / "cache"
+    kw = dict(view=2, precision="fp64", batch_size=2, cache_dir=cache, checkpoint_every=1, progress=False)
+    with pytest.raises(RuntimeError):
+        collect_second_moment(clf, "conv2", Flaky(clf, paths, fail_at=3), **kw)
+    partial = next(p for p in cache.iterdir() if "partial" in p.name)
+    partial.write_bytes(b"\x00garbage")
+    s = collect_second_moment(clf, "conv2", Flaky(clf, paths, fail_at=None), **kw)
+    full = collect_second_moment(clf, "conv2", paths, view=2, precision="fp64", progress=False)
+    torch.testing.assert_close(s.moment(), full.moment(), rtol=1e-12, atol=1e-12)
+
+
+def test_torchrun_stats_command_equals_single_process(tmp_path, shared_dir):
+    """The real command line under torchrun, 2 gloo processes, on EfficientNet-Lite0."""
+    src = sorted((shared_dir / "data" / "imagenet-samples").glob("*.jpg"))[:5]
+    if len(src) < 5:
+        pytest.skip("imagenet-samples has fewer than 5 photos")
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in src:
+        shutil.copy(p, data / p.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RULEWRITER_CACHE": str(tmp_path / "cache")}
+    common = ["stats", "--model", "efficientnet-lite0", "--layer", "_blocks.15._project_conv", "--data", str(data),
+              "--precision", "fp64", "--batch-size", "2", "--no-cache", "--quiet", "--json", "--device", "cpu"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "rulewriter", *common, "--out", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    info = json.loads(two.stdout[two.stdout.index("{"):])
+    assert info["processes"] == 2 and info["count"] == 5 * 49
+    one = subprocess.run([sys.executable, "-m", "rulewriter", *common, "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, _ = SecondMoment.load(tmp_path / "two.safetensors")
+    b, _ = SecondMoment.load(tmp_path / "one.safetensors")
+    assert a.count == b.count
+    torch.testing.assert_close(a.moment(), b.moment(), rtol=1e-10, atol=1e-12)
