@@ -192,3 +192,53 @@ def test_torchrun_stats_command_equals_single_process(tmp_path, shared_dir):
     b, _ = SecondMoment.load(tmp_path / "one.safetensors")
     assert a.count == b.count
     torch.testing.assert_close(a.moment(), b.moment(), rtol=1e-10, atol=1e-12)
+
+
+def test_shards_from_separate_machines_merge_to_the_whole(tmp_path):
+    from rulewriter.errors import StatsError
+    from rulewriter.stats import merge_files
+
+    clf = tiny_classifier()
+    paths = write_images(tmp_path / "imgs", 7)
+    kw = dict(view=2, precision="fp64", progress=False)
+    parts = []
+    for i in range(3):
+        s = collect_second_moment(clf, "conv2", paths, shard=f"{i}/3", **kw)
+        parts.append(s.save(tmp_path / f"part{i}.safetensors", s.meta))
+    merged, meta = merge_files(parts)
+    full = collect_second_moment(clf, "conv2", paths, **kw)
+    assert merged.count == full.count and meta["missing_shards"] == []
+    torch.testing.assert_close(merged.moment(), full.moment(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(StatsError, match="already in the sum"):
+        merge_files([parts[0], parts[1], parts[0]])
+    assert merge_files(parts[:2])[1]["missing_shards"] == ["2/3"]
+    for bad in ("3/3", "x", "1/2/3"):
+        with pytest.raises(StatsError, match="shard"):
+            collect_second_moment(clf, "conv2", paths, shard=bad, **kw)
+
+
+def test_torchrun_evaluate_command_equals_single_process(tmp_path, shared_dir):
+    src = sorted((shared_dir / "data" / "imagenet-samples").glob("*.jpg"))[:5]
+    if len(src) < 5:
+        pytest.skip("imagenet-samples has fewer than 5 photos")
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in src:
+        shutil.copy(p, data / p.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["evaluate", "--model", "efficientnet-lite0", "--data", str(data), "--batch-size", "2", "--quiet",
+              "--json", "--device", "cpu"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"eval{n}"
+        cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}"]
+               if n > 1 else [sys.executable])
+        r = subprocess.run([*cmd, "-m", "rulewriter", *common, "--out", str(out)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count('"n_images"') == 1  # only rank 0 prints
+        runs[n] = json.loads((out / "evaluation.json").read_text())
+    assert runs[1]["normal"]["n_images"] == runs[2]["normal"]["n_images"] == 5
+    assert runs[1]["images"] == runs[2]["images"]  # same predictions, in the same order
+    assert runs[1]["normal"]["top1"] == runs[2]["normal"]["top1"]
+    assert runs[1]["normal"]["confidence"] == pytest.approx(runs[2]["normal"]["confidence"], rel=1e-5)

@@ -141,7 +141,7 @@ def _stats(args, clf, layer: str, data: str, samples: int | None):
         return s
     return collect_second_moment(
         clf, layer, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, amp=args.amp, num_workers=args.workers,
+        precision=args.precision, amp=args.amp, num_workers=args.workers, shard=getattr(args, "shard", None),
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
 
@@ -158,9 +158,12 @@ def cmd_stats(args) -> None:
             "processes": distributed.world_size()}
     if not distributed.is_main():
         return  # every rank holds the same merged result; one writes and prints it
+    if args.shard:
+        info["shard"] = args.shard
     if args.out:
-        s.save(args.out, {"model": clf.name, "weights": clf.weights_id, "layer": layer, "view": args.view,
-                          "key_dim": s.dim, "preprocess": clf.preprocess.describe(), "data": str(args.data)})
+        meta = s.meta or {"model": clf.name, "weights": clf.weights_id, "layer": layer,
+                                            "view": args.view, "key_dim": s.dim, "preprocess": clf.preprocess.describe()}
+        s.save(args.out, {**meta, "data_path": str(args.data)})
         info["out"] = str(args.out)
     _emit(info, args.json, " ".join(f"{k}={v}" for k, v in info.items()))
 
@@ -170,7 +173,12 @@ def cmd_merge_stats(args) -> None:
 
     s, meta = merge_files(args.parts)
     s.save(args.out, meta)
-    _emit({"out": args.out, "count": s.count, "parts": len(args.parts)}, args.json, f"merged {len(args.parts)} files → {args.out}")
+    info = {"out": args.out, "count": s.count, "parts": len(args.parts)}
+    text = f"merged {len(args.parts)} files → {args.out}"
+    if meta.get("missing_shards"):
+        info["missing_shards"] = meta["missing_shards"]
+        text += f" (missing shards: {', '.join(meta['missing_shards'])})"
+    _emit(info, args.json, text)
 
 
 def check_rule_args(args) -> Path:
@@ -318,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--samples", type=int, default=None, help="number of images (default: all)")
     p.add_argument("--out", default=None, help="also save the statistics to this safetensors file")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only the I-th of N shards of the images (for machines without a shared process group; "
+                        "add the parts with merge-stats)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 

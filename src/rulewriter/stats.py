@@ -136,6 +136,7 @@ class SecondMoment:
         self.count = 0
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
+        self.meta: dict = {}  # what collect_second_moment computed these from (model, layer, data, ...)
 
     @classmethod
     def zeros(cls, dim: int, precision: str = "fp64", device: str | torch.device = "cpu") -> "SecondMoment":
@@ -341,6 +342,7 @@ def collect_second_moment(
     channels_last: bool | None = None,
     cache_dir: str | Path | None = None,
     checkpoint_every: int = 50,
+    shard: str | tuple[int, int] | None = None,
     num_workers: int = 0,
     seed: int = 0,
     progress: bool = True,
@@ -370,6 +372,9 @@ def collect_second_moment(
             over the model, its weights, the layer, the view, the data, the sample count, preprocessing and
             precision. A partial result is saved there every ``checkpoint_every`` batches and an interrupted
             run resumes from it.
+        shard: ``"i/N"`` or ``(i, N)``: only the i-th of N strided shards of the images, for machines that
+            share no process group; save each part and add them with :func:`merge_files`
+            (``rulewriter merge-stats``), which refuses a shard twice and reports missing ones.
         progress: show a tqdm progress bar (rank 0 only).
 
     Example:
@@ -396,6 +401,7 @@ def collect_second_moment(
     ds = _dataset(classifier, data, samples, seed)
     if len(ds) == 0:
         raise StatsError("no images to collect statistics from")
+    part = _parse_shard(shard)
     meta = {
         "model": classifier.name,
         "weights": classifier.weights_id,
@@ -410,6 +416,9 @@ def collect_second_moment(
     }
     if amp:
         meta["amp"] = amp  # only when set, so float32 runs keep their earlier cache keys
+    if part is not None:
+        meta["shard"] = f"{part[0]}/{part[1]}"
+        ds = torch.utils.data.Subset(ds, D.shard_indices(len(ds), rank_=part[0], world=part[1]))
     key = stats_cache_key(meta)
     cache = partial = None
     rank, world = D.rank(), D.world_size()
@@ -419,6 +428,7 @@ def collect_second_moment(
         if cache.is_file():
             stats, saved = SecondMoment.load(cache)
             if saved.get("key") == key:
+                stats.meta = saved
                 return stats
         partial = _partial_path(cache, rank, world)
 
@@ -467,13 +477,26 @@ def collect_second_moment(
     stats.all_reduce()
     if stats.count == 0:
         raise StatsError("no keys were collected")
+    stats.meta = {**meta, "key": key, "count": stats.count}
     if cache is not None:
         if rank == 0:
-            stats.save(cache, {**meta, "key": key, "count": stats.count})
+            stats.save(cache, stats.meta)
         D.barrier()  # nobody removes its partial file before the merged result is safely on disk
         if partial is not None:
             partial.unlink(missing_ok=True)
     return stats
+
+
+def _parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    try:
+        i, n = (int(v) for v in (shard.split("/") if isinstance(shard, str) else shard))
+    except (ValueError, TypeError):
+        raise StatsError(f"shard must look like 'i/N', e.g. '0/4'; got {shard!r}") from None
+    if not 0 <= i < n:
+        raise StatsError(f"shard {i}/{n}: need 0 <= i < N")
+    return i, n
 
 
 def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
@@ -489,9 +512,16 @@ def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
     """
     merged: SecondMoment | None = None
     first: dict = {}
+    shards: dict[tuple[str, str], set[int]] = {}  # (data fingerprint, N) -> shard indices seen
     for p in paths:
         s, meta = SecondMoment.load(p)
         check = {k: meta.get(k) for k in ("model", "weights", "layer", "view", "key_dim", "preprocess")}
+        if "shard" in meta:
+            i, n = _parse_shard(meta["shard"])
+            seen = shards.setdefault((str(meta.get("data")), str(n)), set())
+            if i in seen:
+                raise StatsError(f"cannot merge {p}: shard {i}/{n} of these images is already in the sum")
+            seen.add(i)
         if merged is None:
             merged, first, ref = s, meta, check
         else:
@@ -501,4 +531,10 @@ def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
             merged.merge(s)
     if merged is None:
         raise StatsError("no statistics files to merge")
-    return merged, {**first, "count": merged.count, "merged": True}
+    out = {k: v for k, v in first.items() if k not in ("shard", "key")}
+    out.update(count=merged.count, merged=True)
+    if shards:
+        out["shards"] = {f"{data[:16]}…/{n}": sorted(seen) for (data, n), seen in shards.items()}
+        out["missing_shards"] = sorted(f"{i}/{n}" for (_, n), seen in shards.items()
+                                       for i in range(int(n)) if i not in seen)
+    return merged, out
