@@ -1,0 +1,1241 @@
+"""``rulewriter app``: rewrite a rule in the browser, without writing code.
+
+One command starts a local web app over a folder of photos::
+
+    rulewriter app --model efficientnet-lite0 --images photos/            # http://127.0.0.1:8765
+
+In the page a user browses the photos with their top-5 predictions, paints the concept's mask, chooses
+what to paste into it (a texture, a region of another photo, or a key region picked directly), adds more
+exemplars as context, searches the folder for the concept (key-match heatmaps ranked by match), runs the
+edit with a progress bar, compares predictions before and after, reverts, saves and loads the edit
+(safetensors + JSON) and exports the HTML evaluation report.
+
+The server is a JSON API usable on its own (FastAPI: ``/docs`` and ``/openapi.json`` document it). The
+design rules that keep it safe to leave running:
+
+* **Images by id, never by path.** Only the configured folder is listed (every path resolved and checked
+  to lie inside it) and images are addressed by opaque ids; uploads live in memory, are size-limited
+  and must decode with PIL as one of a few image formats.
+* **Long work runs as jobs** (statistics, edits, heatmaps, reports): ``POST`` returns a job id,
+  ``GET /api/jobs/{id}`` reports progress in [0, 1] and the result.
+* **Sessions.** Each browser tab creates a session; exemplars, drafts, edits and uploads are keyed by it,
+  so tabs cannot corrupt each other's state.
+* **One model lock.** Every forward pass holds it, and an edit is applied only inside
+  ``edit.applied(model)`` while holding it, so one session's edit never leaks into another's
+  prediction, and the weights are always restored (the user's model file is never written).
+* **No pickle.** Edits are read with :meth:`rulewriter.edit.Edit.load` (safetensors only).
+
+Statistics ``C`` are collected once per layer from the image folder (or ``--stats-data DIR``) with
+:func:`rulewriter.stats.collect_second_moment` and its on-disk cache; the page says where they came from.
+
+Programmatic use (e.g. in tests)::
+
+    >>> from rulewriter.app import create_app
+    >>> app = create_app(clf, "photos/")                      # doctest: +SKIP
+    >>> from fastapi.testclient import TestClient             # doctest: +SKIP
+    >>> TestClient(app).get("/api/info").json()["model"]      # doctest: +SKIP
+    'efficientnet-lite0'
+
+Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, python-multipart).
+"""
+
+
+import argparse
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import EditError, ImageLoadError, MaskError, RulewriterError
+
+__all__ = ["AppState", "DEFAULT_PORT", "MAX_UPLOAD_BYTES", "TEXTURES", "add_cli", "create_app", "is_loopback", "serve"]
+
+DEFAULT_PORT = 8765
+#: Uploads (images, edits, masks) larger than this are refused: a photo or an edit of one layer is far
+#: smaller, and the limit bounds what one request can make the server hold in memory.
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+#: Whole request bodies: one upload plus multipart overhead, or a JSON body with a base64 mask (4/3 larger).
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 3 // 2
+#: Decoded images larger than this many pixels are refused (PIL's own bomb guard is only a warning below 2×).
+MAX_PIXELS = 40_000_000
+#: Formats an upload may have; everything is decoded with PIL and re-checked, never trusted by name.
+UPLOAD_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+#: Textures offered by name (from scikit-image, which the demo extra installs).
+TEXTURES: tuple[str, ...] = ("skimage:gravel", "skimage:brick", "skimage:grass")
+#: Sessions kept at once; the least recently used one is dropped beyond this (its tab gets 404 and makes a new one).
+MAX_SESSIONS = 64
+MAX_UPLOADS_PER_SESSION = 24
+MAX_EXEMPLARS = 16
+MAX_JOBS_KEPT = 256
+#: The edit's before/after comparison covers the exemplars and at most this many other folder images,
+#: so a large folder does not make every edit slow; the HTML report covers the whole folder.
+COMPARE_LIMIT = 48
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine.
+
+    Example::
+
+        >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+        (True, True, False)
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, quality: int = 88) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_image_bytes(data: bytes, what: str = "upload") -> Image.Image:
+    """Bytes → an RGB PIL image, refusing anything that is not a whole, modest image of an allowed format.
+
+    Raises :class:`~rulewriter.errors.ImageLoadError` (size, format, corrupt data, too many pixels).
+
+    Example::
+
+        >>> decode_image_bytes(_png(Image.new("RGB", (4, 3)))).size
+        (4, 3)
+    """
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ImageLoadError(f"{what} is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}")
+    if not data:
+        raise ImageLoadError(f"{what} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format
+            w, h = probe.size
+            probe.verify()  # structure check before any pixel is decoded
+        if fmt not in UPLOAD_FORMATS:
+            raise ImageLoadError(f"{what} is {fmt or 'not an image'}; allowed: {', '.join(sorted(UPLOAD_FORMATS))}")
+        if w * h > MAX_PIXELS or w < 1 or h < 1:
+            raise ImageLoadError(f"{what} is {w}×{h} pixels; the limit is {MAX_PIXELS} pixels")
+        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: open again
+            im.load()
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            return im.convert("RGB") if im.mode not in ("RGBA", "LA") else im.copy()
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{what} is not a readable image ({e})") from None
+
+
+def decode_base64(text: str, what: str = "mask") -> bytes:
+    """A ``data:...;base64,`` URL or a bare base64 string → bytes (size-limited)."""
+    if "," in text[:100] and text.startswith("data:"):
+        text = text.split(",", 1)[1]
+    if len(text) > MAX_UPLOAD_BYTES * 4 // 3 + 8:
+        raise MaskError(f"{what} is larger than {MAX_UPLOAD_BYTES} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MaskError(f"{what} is not valid base64 (send a PNG as a data: URL or base64 text)") from None
+
+
+def read_mask(text: str, image_size: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """A painted mask (PNG as base64) → (H, W) float32 in [0, 1] at the image's size.
+
+    The mask may have any resolution with the image's aspect ratio. Raises MaskError when it is not an
+    image, has another aspect ratio, or is empty.
+    """
+    from .concepts import load_mask
+    from .models import mask_for_image
+
+    data = decode_base64(text, what)
+    try:
+        img = decode_image_bytes(data, what)
+    except ImageLoadError as e:
+        raise MaskError(str(e)) from None
+    m = load_mask(img)  # MaskError when empty
+    m = mask_for_image(m, image_size)
+    if not (m > 0).any():
+        raise MaskError(f"{what} is empty after resizing to the image")
+    return m
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The bounding box ``(left, top, right, bottom)`` of a mask's non-zero pixels.
+
+    Example::
+
+        >>> m = np.zeros((4, 6)); m[1:3, 2:5] = 1
+        >>> mask_box(m)
+        (2, 1, 5, 3)
+    """
+    ys, xs = np.nonzero(mask > 0)
+    if not len(xs):
+        raise MaskError("the mask is empty")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# ------------------------------------------------------------------------------------------ jobs
+@dataclass
+class Job:
+    """Work running off the request thread: progress in [0, 1], then a result or an error."""
+
+    id: str
+    kind: str
+    session: str | None
+    state: str = "queued"  # queued | running | done | error
+    progress: float = 0.0
+    message: str = ""
+    result: Any = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def report(self, progress: float, message: str | None = None) -> None:
+        self.progress = float(min(1.0, max(self.progress, progress)))
+        if message is not None:
+            self.message = message
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 4),
+                "message": self.message, "result": self.result, "error": self.error}
+
+
+class JobRunner:
+    """A small thread pool for jobs, keeping the most recent ones for polling."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rulewriter-job")
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def submit(self, kind: str, session: str | None, fn: Callable[[Job], Any]) -> Job:
+        job = Job(secrets.token_hex(8), kind, session)
+        with self.lock:
+            self.jobs[job.id] = job
+            while len(self.jobs) > MAX_JOBS_KEPT:
+                oldest = next(iter(self.jobs))
+                if self.jobs[oldest].state in ("queued", "running"):
+                    break
+                self.jobs.pop(oldest)
+
+        def run() -> None:
+            job.state = "running"
+            try:
+                job.result = fn(job)
+                job.progress, job.state = 1.0, "done"
+            except RulewriterError as e:
+                job.error, job.state = str(e), "error"
+            except Exception as e:  # noqa: BLE001 - a job must end in a state the page can show
+                traceback.print_exc()
+                job.error, job.state = f"internal error: {type(e).__name__}: {e}", "error"
+            finally:
+                job.finished = time.time()
+
+        self.pool.submit(run)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ sessions
+@dataclass
+class Exemplar:
+    """One exemplar of the rule: the original image, its mask, and what the concept becomes there."""
+
+    id: str
+    image_id: str
+    mask: np.ndarray  # (H, W) float32 at the image's size
+    target: str  # texture | region | key
+    spec: dict
+    manipulated: Image.Image | None = None  # texture and region targets
+    key_image_id: str | None = None  # key target: the region whose keys the concept should map from
+    key_mask: np.ndarray | None = None
+    before: dict = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """Per-tab state: uploads, exemplars, the current edit and its pictures."""
+
+    id: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    uploads: dict[str, tuple[str, Image.Image]] = field(default_factory=dict)
+    exemplars: dict[str, Exemplar] = field(default_factory=dict)
+    edit: Any = None  # rulewriter.edit.Edit
+    edit_source: str | None = None
+    comparison: dict | None = None
+    heatmaps: dict[str, bytes] = field(default_factory=dict)
+    report_dir: Path | None = None
+    touched: float = field(default_factory=time.time)
+
+
+# ------------------------------------------------------------------------------------------ state
+class _ProgressDataset(torch.utils.data.Dataset):
+    """Wraps a dataset to report how many items were read; keeps its fingerprint for the statistics cache."""
+
+    def __init__(self, inner, report: Callable[[float, str], None], what: str) -> None:
+        self.inner, self.report, self.what = inner, report, what
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        self.seen += 1
+        if self.seen % 8 == 0 or self.seen == len(self.inner):
+            self.report(self.seen / len(self.inner), f"{self.what}: {self.seen}/{len(self.inner)} images")
+        return self.inner[i]
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
+class AppState:
+    """Everything the server holds: the classifier, the image folder, sessions, jobs, caches and the model lock.
+
+    Example::
+
+        >>> state = AppState(load_classifier("efficientnet-lite0"), "photos/")   # doctest: +SKIP
+        >>> sorted(state.images)[:1]                                              # doctest: +SKIP
+        ['3f1c9a0b2d4e']
+    """
+
+    def __init__(
+        self,
+        classifier,
+        images_dir: str | os.PathLike[str],
+        *,
+        layer: str | None = None,
+        stats_data: str | os.PathLike[str] | None = None,
+        stats_samples: int | None = None,
+        out_dir: str | os.PathLike[str] = "rulewriter-app",
+        cache_dir: str | os.PathLike[str] | None = None,
+        workers: int = 2,
+    ) -> None:
+        from .data import list_images
+        from .memory import LayerMemory
+        from .trace import get_module
+
+        self.clf = classifier
+        self.layer = layer or classifier.default_layer
+        if not self.layer:
+            raise RulewriterError(f"model {classifier.name!r} has no default layer; pass --layer")
+        LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
+        self.root = Path(images_dir).expanduser().resolve()
+        if not self.root.is_dir():
+            raise ImageLoadError(f"--images {images_dir}: no such folder")
+        self.images: dict[str, Path] = {}
+        for p in list_images(self.root):
+            real = p.resolve()
+            # A symlink that leads out of the folder would make a file outside it readable: skip it.
+            if not real.is_relative_to(self.root) or not real.is_file():
+                continue
+            rel = real.relative_to(self.root).as_posix()
+            self.images[hashlib.sha256(rel.encode()).hexdigest()[:12]] = real
+        if not self.images:
+            raise ImageLoadError(f"no images inside {self.root}")
+        self.stats_data = Path(stats_data).expanduser().resolve() if stats_data else None
+        if self.stats_data is not None:
+            list_images(self.stats_data)  # fails now on a bad folder, not at the first edit
+        if stats_samples is not None and stats_samples < 1:
+            raise RulewriterError(f"--stats-samples must be positive, got {stats_samples}")
+        self.stats_samples = stats_samples
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.model_lock = threading.RLock()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions_lock = threading.Lock()
+        self.jobs = JobRunner(workers)
+        self.predictions: dict[str, list[dict]] = {}
+        self._stats: dict[tuple[str, int], Any] = {}
+        self._stats_lock = threading.Lock()
+        self.topk = min(5, classifier.num_classes)
+
+    # ---------------------------------------------------------------- sessions
+    def new_session(self) -> Session:
+        s = Session(secrets.token_urlsafe(16))
+        with self.sessions_lock:
+            self.sessions[s.id] = s
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        return s
+
+    def session(self, sid: str) -> Session | None:
+        with self.sessions_lock:
+            s = self.sessions.get(sid)
+            if s is not None:
+                self.sessions.move_to_end(sid)
+                s.touched = time.time()
+            return s
+
+    # ---------------------------------------------------------------- images
+    def image_name(self, image_id: str, session: Session | None = None) -> str | None:
+        if image_id in self.images:
+            return self.images[image_id].relative_to(self.root).as_posix()
+        if session is not None and image_id in session.uploads:
+            return session.uploads[image_id][0]
+        return None
+
+    def image(self, image_id: str, session: Session | None = None) -> Image.Image:
+        """The RGB image behind an id (a folder image, or one of the session's uploads); KeyError if unknown."""
+        from .data import load_image
+
+        if image_id in self.images:
+            return load_image(self.images[image_id])
+        if session is not None and image_id in session.uploads:
+            return session.uploads[image_id][1].convert("RGB")
+        raise KeyError(image_id)
+
+    def image_ids(self, session: Session | None = None) -> list[str]:
+        ids = sorted(self.images, key=lambda i: self.images[i].relative_to(self.root).as_posix())
+        return ids + (list(session.uploads) if session is not None else [])
+
+    # ---------------------------------------------------------------- model use (always under the lock)
+    def predict(self, images: list[Image.Image], edit=None) -> list[list[dict]]:
+        """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released)."""
+        if not images:
+            return []
+        x = self.clf.preprocess.batch(images)
+        with self.model_lock:
+            ctx = edit.applied(self.clf.model) if edit is not None else contextlib.nullcontext()
+            with ctx:
+                preds = self.clf.predict(x, topk=self.topk)
+        return [[{"index": int(i), "label": lab, "prob": round(float(p), 6)} for i, lab, p in row] for row in preds]
+
+    def cached_predictions(self, image_id: str, session: Session | None = None) -> list[dict]:
+        if image_id not in self.predictions:
+            top = self.predict([self.image(image_id, session)])[0]
+            if image_id in self.images:  # uploads are per session: keep them out of the shared cache
+                self.predictions[image_id] = top
+            return top
+        return self.predictions[image_id]
+
+    def stats_source(self) -> dict:
+        src = self.stats_data or self.root
+        return {"source": str(src), "kind": "stats-data" if self.stats_data else "image folder",
+                "samples": self.stats_samples, "layer": self.layer,
+                "ready": (self.layer, 2) in self._stats,
+                "note": ("C comes from the browsed image folder; a few thousand images of the model's domain "
+                         "(--stats-data DIR) give edits that generalise better") if not self.stats_data else
+                        "C comes from --stats-data"}
+
+    def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
+        """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
+        from .data import ImageDataset, list_images, subsample
+        from .stats import collect_second_moment
+
+        key = (self.layer, 2)
+        with self._stats_lock:
+            if key in self._stats:
+                return self._stats[key]
+            paths = list_images(self.stats_data or self.root)
+            if self.stats_samples is not None:
+                paths = subsample(paths, self.stats_samples)
+            ds = ImageDataset(paths, self.clf.preprocess)
+
+            def report(frac: float, msg: str) -> None:
+                if job is not None:
+                    job.report(lo + (hi - lo) * frac, msg)
+
+            if job is not None:
+                job.report(lo, f"statistics C of {self.layer}: {len(ds)} images")
+            with self.model_lock:
+                s = collect_second_moment(self.clf, self.layer, _ProgressDataset(ds, report, "statistics C"),
+                                          cache_dir=self.cache_dir, progress=False, batch_size=16,
+                                          device=self.clf.device)  # never move the model
+            self._stats[key] = s
+            return s
+
+    def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:
+        from .memory import LayerMemory
+        from .rules import layer_io
+        from .trace import get_module
+
+        mem = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer)
+        with self.model_lock:
+            x, _ = layer_io(self.clf, self.layer, self.clf.preprocess.batch(images))
+        return mem.keys(x)
+
+    def concept_rule(self, image: Image.Image, mask: np.ndarray):
+        """The masked keys and values of an image itself (a rule from the image to itself)."""
+        from .rules import rule_from_images
+
+        with self.model_lock:
+            return rule_from_images(self.clf, self.layer, [image], [image], [mask])
+
+    def build_rule(self, session: Session, exemplars: list[Exemplar]):
+        """One rule from every exemplar: pasted targets pair keys and values per location; picked key
+        regions pair the region's mean key with the exemplar's mean value."""
+        from .rules import Rule, rule_from_images
+
+        if not exemplars:
+            raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
+        keys, values, weights, desc = [], [], [], []
+        pasted = [e for e in exemplars if e.target in ("texture", "region")]
+        if pasted:
+            originals = [self.image(e.image_id, session) for e in pasted]
+            with self.model_lock:
+                r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
+                                     [e.mask for e in pasted])
+            keys.append(r.keys), values.append(r.values), weights.append(r.weights)
+        for e in exemplars:
+            if e.target == "key":
+                kr = self.concept_rule(self.image(e.key_image_id, session), e.key_mask)
+                vr = self.concept_rule(self.image(e.image_id, session), e.mask)
+                keys.append(kr.key()[None]), values.append(vr.value()[None])
+                # Weighted like the locations it stands for, so it counts as much as a pasted exemplar of its size.
+                weights.append(vr.weights.sum().reshape(1))
+        for e in exemplars:
+            desc.append({"image": self.image_name(e.image_id, session), "target": e.target, **e.spec})
+        view = 2
+        return Rule(self.layer, view, torch.cat(keys).double(), torch.cat(values).double(),
+                    torch.cat(weights).double(), {"method": "app", "exemplars": desc})
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes (413), by header and while streaming."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return None
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:  # a chunked body without a length header
+                    from fastapi import HTTPException
+
+                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+# ------------------------------------------------------------------------------------------ the FastAPI app
+def create_app(
+    classifier,
+    images_dir: str | os.PathLike[str],
+    *,
+    layer: str | None = None,
+    stats_data: str | os.PathLike[str] | None = None,
+    stats_samples: int | None = None,
+    out_dir: str | os.PathLike[str] = "rulewriter-app",
+    cache_dir: str | os.PathLike[str] | None = None,
+):
+    """The FastAPI application serving the page (``/``) and the JSON API (``/api/...``, see ``/docs``).
+
+    Args:
+        classifier: a :class:`~rulewriter.models.Classifier`.
+        images_dir: the only folder whose images the app shows and reads.
+        layer: the layer to edit (default: the model's default layer).
+        stats_data, stats_samples: where the statistics ``C`` come from (default: ``images_dir``, all images).
+        out_dir: where saved edits and exported reports are written.
+        cache_dir: statistics cache folder (``None``: no disk cache).
+
+    Example::
+
+        >>> app = create_app(load_classifier("efficientnet-lite0"), "photos/")   # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8765)                        # doctest: +SKIP
+    """
+    try:
+        from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+        from fastapi.responses import FileResponse, JSONResponse, Response
+        from fastapi.staticfiles import StaticFiles
+        from pydantic import BaseModel, Field
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise RulewriterError("the app needs FastAPI: pip install 'rulewriter[app]'") from e
+
+    state = AppState(classifier, images_dir, layer=layer, stats_data=stats_data, stats_samples=stats_samples,
+                     out_dir=out_dir, cache_dir=cache_dir)
+
+    # ---------------------------------------------------------------- models (OpenAPI schemas)
+    class Prediction(BaseModel):
+        index: int
+        label: str
+        prob: float
+
+    class Info(BaseModel):
+        model: str
+        layer: str
+        num_classes: int
+        images: int
+        stats: dict
+        textures: list[str]
+        max_upload_bytes: int
+        compare_limit: int
+        out_dir: str
+
+    class ImageInfo(BaseModel):
+        id: str
+        name: str
+        width: int
+        height: int
+        upload: bool = False
+
+    class SessionOut(BaseModel):
+        session: str
+
+    class SessionState(BaseModel):
+        session: str
+        exemplars: list[dict]
+        edit: dict | None
+        uploads: list[ImageInfo]
+
+    class Target(BaseModel):
+        kind: Literal["texture", "region", "key"] = Field(
+            description="texture: paste a texture into the mask; region: paste the painted region of another "
+                        "image (its bounding box); key: map the keys of another image's painted region directly")
+        texture: str | None = Field(None, description="for kind=texture: skimage:gravel|brick|grass or an upload id")
+        image_id: str | None = Field(None, description="for kind=region|key: the other image")
+        mask: str | None = Field(None, max_length=MAX_UPLOAD_BYTES * 4 // 3 + 64,
+                                 description="for kind=region|key: its painted mask (PNG, base64 or data: URL)")
+        box: list[int] | None = Field(None, min_length=4, max_length=4,
+                                      description="for kind=region: crop box [left, top, right, bottom] "
+                                                  "instead of the mask's bounding box")
+
+    class ExemplarIn(BaseModel):
+        image_id: str = Field(description="the exemplar image (its concept is where the mask is)")
+        mask: str = Field(max_length=MAX_UPLOAD_BYTES * 4 // 3 + 64,
+                          description="the painted mask: PNG as a data: URL or base64, white = concept, "
+                                      "any resolution with the image's aspect ratio")
+        target: Target
+
+    class ExemplarOut(BaseModel):
+        id: str
+        image_id: str
+        target: str
+        spec: dict
+        manipulated_url: str | None
+        mask_url: str
+        before: dict
+
+    class SearchIn(BaseModel):
+        image_id: str
+        mask: str = Field(max_length=MAX_UPLOAD_BYTES * 4 // 3 + 64)
+
+    class CompareIn(BaseModel):
+        image_ids: list[str] | None = Field(None, max_length=1000,
+                                            description="images to compare (default: the first folder images)")
+
+    class SaveIn(BaseModel):
+        name: str = Field(description="file name (letters, digits, . _ -); .safetensors is added", max_length=80)
+
+    class LoadIn(BaseModel):
+        name: str = Field(description="the name of an edit saved in the output folder", max_length=80)
+
+    class JobOut(BaseModel):
+        id: str
+        kind: str
+        state: str
+        progress: float
+        message: str
+        result: Any = None
+        error: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state.jobs.shutdown()
+
+    app = FastAPI(title="rulewriter app", version="1", lifespan=lifespan,
+                  description="Rewrite a rule of an image classifier from a few painted exemplars. Long work runs "
+                              "as jobs: poll GET /api/jobs/{id}.")
+    app.state.rulewriter = state
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RulewriterError)
+    async def _rulewriter_error(request: Request, exc: RulewriterError):
+        return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    def get_session(sid: str) -> Session:
+        s = state.session(sid)
+        if s is None:
+            raise HTTPException(404, "unknown session; create one with POST /api/sessions")
+        return s
+
+    def get_image(image_id: str, session: Session | None = None) -> Image.Image:
+        try:
+            return state.image(image_id, session)
+        except KeyError:
+            raise HTTPException(404, f"unknown image id {image_id[:40]!r}") from None
+
+    def image_info(image_id: str, session: Session | None = None) -> ImageInfo:
+        if image_id in state.images:
+            with Image.open(state.images[image_id]) as im:  # the header only; no pixels are decoded
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # load_image turns these by 90°
+                    w, h = h, w
+        else:
+            w, h = session.uploads[image_id][1].size
+        return ImageInfo(id=image_id, name=state.image_name(image_id, session) or image_id,
+                         width=w, height=h, upload=image_id not in state.images)
+
+    async def read_upload(file: UploadFile) -> bytes:
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
+        return data
+
+    def exemplar_out(s: Session, e: Exemplar) -> ExemplarOut:
+        return ExemplarOut(id=e.id, image_id=e.image_id, target=e.target, spec=e.spec,
+                           manipulated_url=(f"/api/sessions/{s.id}/exemplars/{e.id}/manipulated.png"
+                                            if e.manipulated is not None else None),
+                           mask_url=f"/api/sessions/{s.id}/exemplars/{e.id}/mask.png", before=e.before)
+
+    def edit_info(s: Session) -> dict | None:
+        if s.edit is None:
+            return None
+        d = s.edit.describe()
+        return {"source": s.edit_source, "updates": d["updates"], "rules": d["meta"].get("rules"),
+                "stats": d["meta"].get("stats"), "layer": d["updates"][0]["layer"] if d["updates"] else None}
+
+    def safe_name(name: str) -> str:
+        stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+        if not _NAME_RE.match(stem) or ".." in stem:
+            raise HTTPException(400, "a name may use letters, digits, '.', '_' and '-' only (no folders)")
+        return stem + ".safetensors"
+
+    # ---------------------------------------------------------------- page
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # ---------------------------------------------------------------- info and images
+    @app.get("/api/info", response_model=Info, summary="Model, layer, folder size and where the statistics come from")
+    def info():
+        return Info(model=state.clf.name, layer=state.layer, num_classes=state.clf.num_classes,
+                    images=len(state.images), stats=state.stats_source(), textures=list(TEXTURES),
+                    max_upload_bytes=MAX_UPLOAD_BYTES, compare_limit=COMPARE_LIMIT, out_dir=str(state.out_dir))
+
+    @app.get("/api/images", response_model=list[ImageInfo], summary="The folder's images (and a session's uploads)")
+    def list_images_(session: str | None = Query(None, description="include this session's uploads")):
+        s = get_session(session) if session else None
+        return [image_info(i, s) for i in state.image_ids(s)]
+
+    @app.get("/api/images/{image_id}/file", summary="An image as JPEG, optionally downscaled",
+             responses={200: {"content": {"image/jpeg": {}}}})
+    def image_file(image_id: str, max_side: int | None = Query(None, ge=16, le=4096),
+                   session: str | None = None):
+        s = get_session(session) if session else None
+        img = get_image(image_id, s)
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return Response(_jpeg(img), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/images/{image_id}/predictions", response_model=list[Prediction],
+             summary="Top-5 predictions of the unedited model")
+    def image_predictions(image_id: str, session: str | None = None):
+        s = get_session(session) if session else None
+        if image_id not in state.images and (s is None or image_id not in s.uploads):
+            raise HTTPException(404, f"unknown image id {image_id[:40]!r}")
+        return state.cached_predictions(image_id, s)
+
+    @app.get("/api/textures/{name}.png", summary="A built-in texture", responses={200: {"content": {"image/png": {}}}})
+    def texture_png(name: str):
+        from .manipulate import texture_from
+
+        if f"skimage:{name}" not in TEXTURES:
+            raise HTTPException(404, f"unknown texture {name[:40]!r}; built in: {', '.join(TEXTURES)}")
+        img = texture_from(f"skimage:{name}")
+        img.thumbnail((256, 256))
+        return Response(_png(img), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+    # ---------------------------------------------------------------- sessions
+    @app.post("/api/sessions", response_model=SessionOut, summary="Create a session (one per browser tab)")
+    def create_session():
+        return SessionOut(session=state.new_session().id)
+
+    @app.get("/api/sessions/{sid}", response_model=SessionState, summary="A session's exemplars, edit and uploads")
+    def session_state(sid: str):
+        s = get_session(sid)
+        with s.lock:
+            return SessionState(session=s.id, exemplars=[exemplar_out(s, e).model_dump() for e in s.exemplars.values()],
+                                edit=edit_info(s), uploads=[image_info(i, s) for i in s.uploads])
+
+    @app.post("/api/sessions/{sid}/uploads", response_model=ImageInfo,
+              summary="Upload an image (≤ 10 MB; JPEG, PNG, WebP, BMP or GIF) to use as texture or exemplar")
+    async def upload_image(sid: str, file: UploadFile = File(...)):
+        s = get_session(sid)
+        data = await read_upload(file)
+        try:
+            img = decode_image_bytes(data, "the upload")
+        except ImageLoadError as e:
+            raise HTTPException(415, str(e)) from None
+        with s.lock:
+            if len(s.uploads) >= MAX_UPLOADS_PER_SESSION:
+                raise HTTPException(400, f"at most {MAX_UPLOADS_PER_SESSION} uploads per session")
+            uid = "u" + secrets.token_hex(6)
+            name = Path(file.filename or "upload").name[:80] or "upload"
+            s.uploads[uid] = (name, img)
+        return image_info(uid, s)
+
+    # ---------------------------------------------------------------- exemplars
+    def make_exemplar(s: Session, body: ExemplarIn) -> Exemplar:
+        from .manipulate import paste_texture, texture_from
+
+        img = get_image(body.image_id, s)
+        mask = read_mask(body.mask, img.size)
+        t = body.target
+        ex = Exemplar("e" + secrets.token_hex(5), body.image_id, mask, t.kind, {"kind": t.kind})
+        if t.kind == "texture":
+            if not t.texture:
+                raise HTTPException(422, "target.texture is required for kind=texture")
+            if t.texture in TEXTURES:
+                tex = texture_from(t.texture)
+                ex.spec["texture"] = t.texture
+            elif t.texture in s.uploads:
+                tex = s.uploads[t.texture][1].convert("RGB")
+                ex.spec["texture"] = f"upload:{s.uploads[t.texture][0]}"
+            else:
+                raise HTTPException(404, f"unknown texture {t.texture[:40]!r}; use {', '.join(TEXTURES)} or an upload id")
+            ex.manipulated = paste_texture(img, mask, tex)
+        else:
+            if not t.image_id:
+                raise HTTPException(422, f"target.image_id is required for kind={t.kind}")
+            other = get_image(t.image_id, s)
+            if t.kind == "region":
+                if t.box is not None:
+                    box = tuple(int(v) for v in t.box)
+                elif t.mask:
+                    box = mask_box(read_mask(t.mask, other.size, "the region's mask"))
+                else:
+                    raise HTTPException(422, "kind=region needs target.mask or target.box")
+                ex.manipulated = paste_texture(img, mask, texture_from(other, crop_box=box))
+                ex.spec.update(source=state.image_name(t.image_id, s), box=list(box))
+            else:
+                if not t.mask:
+                    raise HTTPException(422, "kind=key needs target.mask: the region whose keys to map")
+                ex.key_image_id, ex.key_mask = t.image_id, read_mask(t.mask, other.size, "the key region's mask")
+                ex.spec.update(key_image=state.image_name(t.image_id, s))
+        shown = [img] + ([ex.manipulated] if ex.manipulated is not None else [])
+        preds = state.predict(shown)
+        ex.before = {"original": preds[0], **({"manipulated": preds[1]} if len(preds) > 1 else {})}
+        return ex
+
+    @app.post("/api/sessions/{sid}/exemplars", response_model=ExemplarOut,
+              summary="Add an exemplar: an image, its painted mask, and what the concept becomes there")
+    def add_exemplar(sid: str, body: ExemplarIn):
+        s = get_session(sid)
+        if len(s.exemplars) >= MAX_EXEMPLARS:
+            raise HTTPException(400, f"at most {MAX_EXEMPLARS} exemplars per rule")
+        ex = make_exemplar(s, body)
+        with s.lock:
+            s.exemplars[ex.id] = ex
+        return exemplar_out(s, ex)
+
+    @app.post("/api/sessions/{sid}/preview", response_model=ExemplarOut,
+              summary="What an exemplar would look like (the manipulated image and its predictions), without adding it")
+    def preview_exemplar(sid: str, body: ExemplarIn):
+        s = get_session(sid)
+        ex = make_exemplar(s, body)
+        return exemplar_out(s, ex).model_copy(update={"manipulated_url": None})
+
+    @app.delete("/api/sessions/{sid}/exemplars/{eid}", summary="Remove one exemplar")
+    def delete_exemplar(sid: str, eid: str):
+        s = get_session(sid)
+        with s.lock:
+            if s.exemplars.pop(eid, None) is None:
+                raise HTTPException(404, "unknown exemplar")
+        return {"removed": eid}
+
+    @app.delete("/api/sessions/{sid}/exemplars", summary="Remove every exemplar")
+    def clear_exemplars(sid: str):
+        s = get_session(sid)
+        with s.lock:
+            n = len(s.exemplars)
+            s.exemplars.clear()
+        return {"removed": n}
+
+    def exemplar_or_404(s: Session, eid: str) -> Exemplar:
+        e = s.exemplars.get(eid)
+        if e is None:
+            raise HTTPException(404, "unknown exemplar")
+        return e
+
+    @app.get("/api/sessions/{sid}/exemplars/{eid}/manipulated.png", summary="An exemplar's manipulated image",
+             responses={200: {"content": {"image/png": {}}}})
+    def exemplar_manipulated(sid: str, eid: str):
+        e = exemplar_or_404(get_session(sid), eid)
+        if e.manipulated is None:
+            raise HTTPException(404, "this exemplar maps a picked key region; it has no manipulated image")
+        return Response(_png(e.manipulated), media_type="image/png")
+
+    @app.get("/api/sessions/{sid}/exemplars/{eid}/mask.png", summary="An exemplar's mask",
+             responses={200: {"content": {"image/png": {}}}})
+    def exemplar_mask(sid: str, eid: str):
+        e = exemplar_or_404(get_session(sid), eid)
+        return Response(_png(Image.fromarray(np.rint(e.mask * 255).astype(np.uint8), "L")), media_type="image/png")
+
+    # ---------------------------------------------------------------- edit
+    def comparison(s: Session, edit, exemplars: list[Exemplar], others: list[str], job: Job,
+                   lo: float, hi: float) -> dict:
+        rows = []
+        items: list[tuple[dict, Image.Image]] = []
+        for e in exemplars:
+            name = state.image_name(e.image_id, s)
+            items.append(({"kind": "exemplar", "title": f"{name} (original)", "image_url":
+                           f"/api/images/{e.image_id}/file?max_side=320&session={s.id}", "exemplar": e.id},
+                          state.image(e.image_id, s)))
+            if e.manipulated is not None:
+                items.append(({"kind": "manipulated", "title": f"{name} ({e.spec.get('texture') or 'region'} pasted)",
+                               "image_url": f"/api/sessions/{s.id}/exemplars/{e.id}/manipulated.png",
+                               "exemplar": e.id}, e.manipulated))
+        used = {e.image_id for e in exemplars}
+        for i in others:
+            if i in used:
+                continue
+            items.append(({"kind": "other", "title": state.image_name(i, s), "image_id": i,
+                           "image_url": f"/api/images/{i}/file?max_side=320&session={s.id}"}, state.image(i, s)))
+        for start in range(0, len(items), 16):
+            chunk = items[start : start + 16]
+            imgs = [im for _, im in chunk]
+            before, after = state.predict(imgs), state.predict(imgs, edit)  # the lock is released between chunks
+            for (row, _), b, a in zip(chunk, before, after):
+                row.update(before=b, after=a, changed=b[0]["index"] != a[0]["index"])
+                rows.append(row)
+            job.report(lo + (hi - lo) * min(1.0, (start + 16) / len(items)),
+                       f"predictions before and after: {min(len(items), start + 16)}/{len(items)}")
+        return {"rows": rows, "changed": sum(r["changed"] for r in rows)}
+
+    def default_others(s: Session) -> list[str]:
+        return state.image_ids(None)[:COMPARE_LIMIT]
+
+    @app.post("/api/sessions/{sid}/edit", response_model=JobOut,
+              summary="Run the edit (a job): statistics C if needed, the rule from all exemplars, the rewrite, "
+                      "and predictions before/after for the exemplars and other images")
+    def run_edit(sid: str):
+        s = get_session(sid)
+        with s.lock:
+            exemplars = list(s.exemplars.values())
+        if not exemplars:
+            raise HTTPException(400, "add at least one exemplar first")
+
+        def work(job: Job) -> dict:
+            from .rules import rewrite
+
+            t0 = time.perf_counter()
+            stats = state.stats(job, 0.0, 0.45)
+            job.report(0.5, f"reading the rule from {len(exemplars)} exemplar(s)")
+            rule = state.build_rule(s, exemplars)
+            job.report(0.6, "solving the rank-one update")
+            edit = rewrite(state.clf, rule, stats)
+            edit.meta["stats_source"] = state.stats_source()["source"]
+            with s.lock:
+                s.edit, s.edit_source = edit, "built in this session"
+            result = comparison(s, edit, exemplars, default_others(s), job, 0.65, 1.0)
+            result.update(edit=edit_info(s), pairs=int(rule.keys.shape[0]), seconds=round(time.perf_counter() - t0, 2))
+            with s.lock:
+                s.comparison = result
+            return result
+
+        return JobOut(**state.jobs.submit("edit", s.id, work).to_dict())
+
+    @app.post("/api/sessions/{sid}/compare", response_model=JobOut,
+              summary="Predictions before and after the session's edit for chosen images (a job)")
+    def compare(sid: str, body: CompareIn | None = None):
+        s = get_session(sid)
+        if s.edit is None:
+            raise HTTPException(400, "no edit in this session: run or load one first")
+        ids = body.image_ids if body and body.image_ids is not None else default_others(s)
+        for i in ids:
+            if state.image_name(i, s) is None:
+                raise HTTPException(404, f"unknown image id {i[:40]!r}")
+        with s.lock:
+            edit, exemplars = s.edit, list(s.exemplars.values())
+        return JobOut(**state.jobs.submit("compare", s.id, lambda job: comparison(
+            s, edit, exemplars if body is None or body.image_ids is None else [], ids, job, 0.0, 1.0)).to_dict())
+
+    @app.post("/api/sessions/{sid}/edit/revert", summary="Discard the session's edit (the model is never changed)")
+    def revert(sid: str):
+        s = get_session(sid)
+        with s.lock:
+            had = s.edit is not None
+            s.edit, s.edit_source, s.comparison = None, None, None
+        return {"reverted": had}
+
+    @app.get("/api/sessions/{sid}/edit", summary="The session's edit (description), or null")
+    def get_edit(sid: str):
+        s = get_session(sid)
+        return {"edit": edit_info(s)}
+
+    @app.post("/api/sessions/{sid}/edit/save", summary="Save the edit as NAME.safetensors (+ .json) in the output folder")
+    def save_edit(sid: str, body: SaveIn):
+        s = get_session(sid)
+        if s.edit is None:
+            raise HTTPException(400, "no edit to save: run or load one first")
+        fname = safe_name(body.name)
+        dest = state.out_dir / "edits" / fname
+        s.edit.save(dest)
+        return {"name": fname, "path": str(dest), "download_url": f"/api/edits/{fname}"}
+
+    @app.get("/api/edits", summary="Edits saved in the output folder")
+    def list_edits():
+        d = state.out_dir / "edits"
+        return {"edits": sorted(p.name for p in d.glob("*.safetensors")) if d.is_dir() else []}
+
+    @app.get("/api/edits/{name}", summary="Download a saved edit (safetensors)",
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    def download_edit(name: str):
+        p = state.out_dir / "edits" / safe_name(name)
+        if not p.is_file():
+            raise HTTPException(404, "no such saved edit")
+        return FileResponse(p, media_type="application/octet-stream", filename=p.name)
+
+    def check_edit(edit) -> None:
+        with state.model_lock:
+            with edit.applied(state.clf.model):  # an edit of another model fails here, weights restored
+                pass
+
+    @app.post("/api/sessions/{sid}/edit/load", summary="Load an edit saved in the output folder by name")
+    def load_edit(sid: str, body: LoadIn):
+        from .edit import Edit
+
+        s = get_session(sid)
+        p = state.out_dir / "edits" / safe_name(body.name)
+        if not p.is_file():
+            raise HTTPException(404, "no such saved edit")
+        edit = Edit.load(p)
+        check_edit(edit)
+        with s.lock:
+            s.edit, s.edit_source, s.comparison = edit, f"loaded {p.name}", None
+        return {"edit": edit_info(s)}
+
+    @app.post("/api/sessions/{sid}/edit/upload", summary="Load an edit from an uploaded .safetensors file (≤ 10 MB; "
+                                                         "pickles are refused)")
+    async def upload_edit(sid: str, file: UploadFile = File(...)):
+        from .edit import Edit
+
+        s = get_session(sid)
+        data = await read_upload(file)
+        with tempfile.TemporaryDirectory(prefix="rulewriter-upload-") as tmp:
+            p = Path(tmp) / "edit.safetensors"
+            p.write_bytes(data)
+            try:
+                edit = Edit.load(p)
+            except EditError as e:
+                raise HTTPException(400, str(e).replace(str(p), "the uploaded file")) from None
+        check_edit(edit)
+        with s.lock:
+            s.edit, s.edit_source, s.comparison = edit, f"uploaded {Path(file.filename or 'edit').name[:80]}", None
+        return {"edit": edit_info(s)}
+
+    # ---------------------------------------------------------------- search by concept
+    @app.post("/api/sessions/{sid}/search", response_model=JobOut,
+              summary="Search by concept (a job): the masked region's key-match heatmap on every folder image, "
+                      "ranked by match")
+    def search(sid: str, body: SearchIn):
+        s = get_session(sid)
+        img = get_image(body.image_id, s)
+        mask = read_mask(body.mask, img.size)
+
+        def work(job: Job) -> dict:
+            from .concepts import overlay
+            from .edit import DEFAULT_RIDGE, regularize
+            from .evaluate import concept_heatmaps
+
+            stats = state.stats(job, 0.0, 0.3)
+            job.report(0.32, "the concept's key")
+            k = state.concept_rule(img, mask).key()
+            c_reg = regularize(stats.moment(), DEFAULT_RIDGE)
+            unit = float(k @ torch.linalg.solve(c_reg, k))  # the concept's own key scores 1
+            ids = state.image_ids(s)
+            heats = []
+            for start in range(0, len(ids), 16):
+                chunk = ids[start : start + 16]
+                srcs = [state.image(i, s) for i in chunk]
+                with state.model_lock:
+                    heats.append(concept_heatmaps(state.clf, state.layer, k, srcs, C=stats.moment(),
+                                                  progress=False) / unit)
+                job.report(0.35 + 0.55 * min(1.0, (start + 16) / len(ids)),
+                           f"matching: {min(len(ids), start + 16)}/{len(ids)} images")
+            heat = torch.cat(heats)
+            vmax = max(float(heat.clamp_min(0).max()), 1e-12)
+            rows, pictures = [], {}
+            for i, hid in enumerate(ids):
+                shown = state.clf.preprocess.denormalize(state.clf.preprocess.image(state.image(hid, s)))
+                pictures[hid] = _png(overlay(shown, (heat[i].clamp_min(0) / vmax).numpy(), alpha=0.5, normalize="none"))
+                rows.append({"image_id": hid, "name": state.image_name(hid, s), "score": round(float(heat[i].max()), 4),
+                             "heatmap_url": f"/api/sessions/{s.id}/heatmaps/{hid}.png"})
+            rows.sort(key=lambda r: -r["score"])
+            with s.lock:
+                s.heatmaps = pictures
+            return {"rows": rows, "scale": "peak of k·(C+εI)⁻¹k* per image, in units of the concept's own key "
+                                           "(1.0 = as strong as the painted region's mean key)"}
+
+        return JobOut(**state.jobs.submit("search", s.id, work).to_dict())
+
+    @app.get("/api/sessions/{sid}/heatmaps/{image_id}.png", summary="A heatmap from the last concept search",
+             responses={200: {"content": {"image/png": {}}}})
+    def heatmap_png(sid: str, image_id: str):
+        s = get_session(sid)
+        data = s.heatmaps.get(image_id)
+        if data is None:
+            raise HTTPException(404, "no heatmap for this image: run a concept search first")
+        return Response(data, media_type="image/png")
+
+    # ---------------------------------------------------------------- report
+    @app.post("/api/sessions/{sid}/report", response_model=JobOut,
+              summary="Export the HTML evaluation report of the session's edit on the image folder (a job)")
+    def export_report(sid: str):
+        s = get_session(sid)
+        if s.edit is None:
+            raise HTTPException(400, "no edit to evaluate: run or load one first")
+        edit = s.edit
+        with s.lock:
+            exemplars = list(s.exemplars.values())
+
+        def work(job: Job) -> dict:
+            from .data import labelled_images
+            from .evaluate import TestSet, evaluate_edit, write_report
+
+            ids = state.image_ids(None)
+            paths = [state.images[i] for i in ids]
+            try:  # a labelled folder gives real accuracies; otherwise the unedited model's own top-1 is the label
+                labels = dict(labelled_images(state.root, state.clf.labels, state.clf.wnids))
+                ys = [labels[p] for p in paths]
+                kind = "folder labels"
+            except (RulewriterError, KeyError):
+                job.report(0.05, "no class labels in the folder: using the unedited model's top-1 as the label")
+                ys = [state.cached_predictions(i)[0]["index"] for i in ids]
+                kind = "the unedited model's top-1"
+            # The manipulated exemplars join as extra images labelled with their original's top-1, so the
+            # report counts the error the edit was made to correct.
+            pasted = [e for e in exemplars if e.manipulated is not None]
+            images = list(paths) + [e.manipulated for e in pasted]
+            ys += [state.cached_predictions(e.image_id, s)[0]["index"] for e in pasted]
+            ts = TestSet(f"{state.root.name} ({len(paths)} images + {len(pasted)} manipulated exemplars)",
+                         images, ys, info={"labels": kind, "manipulated_exemplars": len(pasted)})
+            job.report(0.1, f"evaluating {len(images)} images before and after")
+            with state.model_lock:
+                ev = evaluate_edit(state.clf, ts, edit, progress=False)
+            job.report(0.8, "writing the report")
+            out = state.out_dir / "reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            written = write_report(out, state.clf, ev, change_path=s.edit_source)
+            with s.lock:
+                s.report_dir = out
+            return {"html": str(written["html"]), "url": f"/api/sessions/{s.id}/report/index.html",
+                    "labels": kind, "summary": ev.summary()}
+
+        return JobOut(**state.jobs.submit("report", s.id, work).to_dict())
+
+    @app.get("/api/sessions/{sid}/report/{name}", summary="A file of the session's last exported report")
+    def report_file(sid: str, name: str):
+        s = get_session(sid)
+        if s.report_dir is None:
+            raise HTTPException(404, "no report exported in this session")
+        allowed = {p.name: p for p in s.report_dir.iterdir() if p.is_file()}
+        if name not in allowed:  # only names the report wrote: nothing else is reachable
+            raise HTTPException(404, "no such report file")
+        return FileResponse(allowed[name])
+
+    # ---------------------------------------------------------------- jobs
+    @app.get("/api/jobs/{job_id}", response_model=JobOut, summary="A job's state, progress (0..1) and result")
+    def job_status(job_id: str):
+        job = state.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, "unknown job")
+        return JobOut(**job.to_dict())
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------ command line
+def serve(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: str = "warning") -> None:
+    """Run ``app`` with uvicorn, warning on stderr when ``host`` accepts connections from other machines."""
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover
+        raise RulewriterError("the app needs uvicorn: pip install 'rulewriter[app]'") from e
+    if not is_loopback(host):
+        print(f"rulewriter: warning: serving on {host}, reachable from other machines; the app has no "
+              "authentication. Use the default 127.0.0.1 unless you trust the network.", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Add ``rulewriter app`` to the ``rulewriter`` command's subparsers."""
+    from .cli import DEFAULT_CACHE, _add_model
+
+    p = sub.add_parser("app", help="an interactive editor in the browser",
+                       description="Serve a local web app to browse a folder's images, paint a concept, rewrite "
+                                   "a rule and compare predictions before and after.")
+    _add_model(p)
+    p.add_argument("--images", required=True, help="the image folder to browse (the only folder the app reads)")
+    p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
+    p.add_argument("--stats-data", default=None, help="image folder for the statistics C (default: --images)")
+    p.add_argument("--stats-samples", type=int, default=None, help="use N images for the statistics (default: all)")
+    p.add_argument("--out", default="rulewriter-app", help="folder for saved edits and reports")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    """The ``app`` subcommand: check every input, load the model, serve."""
+    from .models import load_classifier
+
+    if not 0 < args.port < 65536:
+        raise RulewriterError(f"--port must be in 1..65535, got {args.port}")
+    if not Path(args.images).is_dir():
+        raise ImageLoadError(f"--images {args.images}: no such folder")
+    clf = load_classifier(args.model, weights=args.weights, device=args.device)
+    app = create_app(clf, args.images, layer=args.layer, stats_data=args.stats_data,
+                     stats_samples=args.stats_samples, out_dir=args.out,
+                     cache_dir=None if args.no_cache else args.cache_dir)
+    print(f"rulewriter app: {clf.name}, layer {app.state.rulewriter.layer}, "
+          f"{len(app.state.rulewriter.images)} images; open http://{args.host}:{args.port}/", file=sys.stderr)
+    serve(app, args.host, args.port)

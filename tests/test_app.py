@@ -1,0 +1,564 @@
+"""The browser app's JSON API (FastAPI TestClient) on a tiny fixture model and on EfficientNet-Lite0, and the
+page itself in a real browser (Debian's chromium driven by playwright-core)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+pytest.importorskip("fastapi", reason="the app needs the 'app' extra: pip install 'rulewriter[app]'")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from rulewriter import app as appmod  # noqa: E402
+from rulewriter.app import MAX_UPLOAD_BYTES, create_app, decode_image_bytes, is_loopback, mask_box  # noqa: E402
+from rulewriter.errors import ImageLoadError  # noqa: E402
+from rulewriter.models import Preprocess, load_classifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["cat", "dog", "car", "van", "cup", "bus"]
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 6, 1))
+        self.head = nn.Linear(6, len(LABELS))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(img: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(img)).decode()
+
+
+def _mask(size=(48, 40), box=(10, 8, 30, 26)) -> Image.Image:
+    m = Image.new("L", size, 0)
+    m.paste(255, box)
+    return m
+
+
+def _wait(client: TestClient, job: dict, timeout: float = 60.0) -> dict:
+    t0 = time.time()
+    while job["state"] not in ("done", "error"):
+        assert time.time() - t0 < timeout, f"job {job['kind']} did not finish: {job}"
+        time.sleep(0.02)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / ("sub" if i == 4 else "") / f"img{i}.png")
+    outside = tmp_path / "secret.png"
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(outside)
+    (d / "link.png").symlink_to(outside)  # leads out of the folder: must not be served
+    return d
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return load_classifier(Tiny(), labels=LABELS, preprocess=Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3),
+                           default_layer="features.4")
+
+
+@pytest.fixture()
+def client(tiny, folder, tmp_path):
+    app = create_app(tiny, folder, out_dir=tmp_path / "out")
+    with TestClient(app) as c:
+        yield c
+
+
+def _ids(client) -> dict[str, str]:
+    return {im["name"]: im["id"] for im in client.get("/api/images").json()}
+
+
+def _session(client) -> str:
+    return client.post("/api/sessions").json()["session"]
+
+
+def _exemplar(client, sid, image_id, *, target=None, mask=None):
+    body = {"image_id": image_id, "mask": mask if mask is not None else _data_url(_mask()),
+            "target": target or {"kind": "texture", "texture": "skimage:gravel"}}
+    return client.post(f"/api/sessions/{sid}/exemplars", json=body)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def test_helpers():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.1.2.3")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+    m = np.zeros((4, 6))
+    m[1:3, 2:5] = 1
+    assert mask_box(m) == (2, 1, 5, 3)
+    assert decode_image_bytes(_png_bytes(Image.new("RGB", (5, 3)))).size == (5, 3)
+    with pytest.raises(ImageLoadError, match="not a readable image"):
+        decode_image_bytes(b"GIF89a but not really")
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="TIFF")
+    with pytest.raises(ImageLoadError, match="TIFF"):
+        decode_image_bytes(buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ page, info, docs
+def test_page_info_and_openapi(client, tiny):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<canvas id="mask-canvas">' in page.text and "/static/app.js" in page.text
+    for f in ("app.js", "app.css"):
+        assert client.get(f"/static/{f}").status_code == 200
+    info = client.get("/api/info").json()
+    assert info["model"] == tiny.name and info["layer"] == "features.4" and info["images"] == 5
+    assert info["stats"]["kind"] == "image folder" and info["stats"]["ready"] is False
+    assert info["max_upload_bytes"] == MAX_UPLOAD_BYTES and "skimage:gravel" in info["textures"]
+    spec = client.get("/openapi.json").json()
+    ops = [(p, m, op) for p, d in spec["paths"].items() for m, op in d.items()]
+    assert len(ops) >= 25
+    missing = [f"{m.upper()} {p}" for p, m, op in ops if not op.get("summary")]
+    assert not missing, f"endpoints without a summary: {missing}"
+    assert {"ExemplarIn", "Target", "JobOut", "Prediction"} <= set(spec["components"]["schemas"])
+    assert client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_images_by_id_only(client, folder):
+    imgs = client.get("/api/images").json()
+    assert [i["name"] for i in imgs] == ["img0.png", "img1.png", "img2.png", "img3.png", "sub/img4.png"]
+    assert "link.png" not in {i["name"] for i in imgs}, "a symlink out of the folder must not be listed"
+    assert all(i["width"] == 48 and i["height"] == 40 for i in imgs)
+    iid = imgs[0]["id"]
+    r = client.get(f"/api/images/{iid}/file")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).size == (48, 40)
+    assert Image.open(io.BytesIO(client.get(f"/api/images/{iid}/file?max_side=24").content)).size == (24, 20)
+    preds = client.get(f"/api/images/{iid}/predictions").json()
+    assert len(preds) == 5 and {p["label"] for p in preds} <= set(LABELS)
+    assert [p["prob"] for p in preds] == sorted((p["prob"] for p in preds), reverse=True)
+    for bad in ("nope", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fsecret.png",
+                "..%252F..%252Fetc%252Fpasswd", "img0.png", "sub%2Fimg4.png"):
+        for what in ("file", "predictions"):
+            r = client.get(f"/api/images/{bad}/{what}")
+            assert r.status_code == 404, (bad, what, r.status_code)
+            assert b"root:" not in r.content
+    for bad in ("/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd", "/static/../../etc/passwd",
+                "/static/%2e%2e/%2e%2e/app.py", "/static//etc/passwd"):
+        r = client.get(bad)
+        assert r.status_code == 404 and b"root:" not in r.content and b"create_app" not in r.content, bad
+    assert client.get("/api/images/../../etc/passwd").status_code == 404
+    assert client.get(f"/api/images/{iid}/file?max_side=99999").status_code == 422
+    assert client.get("/api/textures/gravel.png").status_code == 200
+    assert client.get("/api/textures/..%2F..%2Fsecret.png").status_code == 404
+
+
+def test_unknown_session_and_job(client):
+    assert client.get("/api/sessions/nope").status_code == 404
+    assert client.post("/api/sessions/nope/edit").status_code == 404
+    assert client.get("/api/images?session=nope").status_code == 404
+    assert client.get("/api/jobs/nope").status_code == 404
+
+
+# ------------------------------------------------------------------------------------------ exemplars and masks
+def test_exemplar_with_texture(client):
+    sid, ids = _session(client), _ids(client)
+    r = _exemplar(client, sid, ids["img0.png"])
+    assert r.status_code == 200, r.text
+    ex = r.json()
+    assert ex["target"] == "texture" and ex["spec"]["texture"] == "skimage:gravel"
+    assert len(ex["before"]["original"]) == 5 and len(ex["before"]["manipulated"]) == 5
+    man = Image.open(io.BytesIO(client.get(ex["manipulated_url"]).content))
+    orig = Image.open(io.BytesIO(client.get(f"/api/images/{ids['img0.png']}/file").content))
+    assert man.size == orig.size == (48, 40)
+    mask = np.asarray(Image.open(io.BytesIO(client.get(ex["mask_url"]).content)))
+    assert mask.shape == (40, 48) and mask[10:25, 12:28].min() == 255 and mask[:5].max() == 0
+    # a mask at another resolution with the image's aspect ratio is resized to the image
+    assert _exemplar(client, sid, ids["img1.png"], mask=_data_url(_mask().resize((96, 80)))).status_code == 200
+    state = client.get(f"/api/sessions/{sid}").json()
+    assert len(state["exemplars"]) == 2 and state["edit"] is None
+    # preview does not add
+    body = {"image_id": ids["img2.png"], "mask": _data_url(_mask()), "target": {"kind": "texture", "texture": "skimage:brick"}}
+    assert client.post(f"/api/sessions/{sid}/preview", json=body).status_code == 200
+    assert len(client.get(f"/api/sessions/{sid}").json()["exemplars"]) == 2
+    assert client.delete(f"/api/sessions/{sid}/exemplars/{ex['id']}").status_code == 200
+    assert client.delete(f"/api/sessions/{sid}/exemplars/{ex['id']}").status_code == 404
+    assert client.get(ex["manipulated_url"]).status_code == 404
+    assert client.delete(f"/api/sessions/{sid}/exemplars").json() == {"removed": 1}
+
+
+def test_malformed_masks_and_targets(client):
+    sid, ids = _session(client), _ids(client)
+    iid = ids["img0.png"]
+    cases = {
+        "wrong aspect ratio": (_data_url(_mask((100, 20), (0, 0, 50, 10))), 400, "aspect"),
+        "empty mask": (_data_url(Image.new("L", (48, 40), 0)), 400, "empty"),
+        "not an image": ("data:image/png;base64," + base64.b64encode(b"hello, not a png").decode(), 400, "not a readable image"),
+        "not base64": ("data:image/png;base64,@@@not base64@@@", 400, "base64"),
+        "zero bytes": ("", 400, "empty"),
+    }
+    for name, (mask, code, words) in cases.items():
+        r = _exemplar(client, sid, iid, mask=mask)
+        assert r.status_code == code, (name, r.status_code, r.text)
+        assert words in r.json()["detail"], (name, r.json())
+    assert _exemplar(client, sid, "nope").status_code == 404
+    assert _exemplar(client, sid, iid, target={"kind": "texture", "texture": "/etc/passwd"}).status_code == 404
+    assert _exemplar(client, sid, iid, target={"kind": "texture"}).status_code == 422
+    assert _exemplar(client, sid, iid, target={"kind": "paint"}).status_code == 422
+    assert _exemplar(client, sid, iid, target={"kind": "region"}).status_code == 422
+    assert _exemplar(client, sid, iid, target={"kind": "region", "image_id": "nope", "box": [0, 0, 4, 4]}).status_code == 404
+    r = _exemplar(client, sid, iid, target={"kind": "region", "image_id": ids["img1.png"], "box": [0, 0, 400, 4]})
+    assert r.status_code == 400 and "crop_box" in r.json()["detail"]
+    assert _exemplar(client, sid, iid, target={"kind": "key", "image_id": ids["img1.png"]}).status_code == 422
+    assert client.get(f"/api/sessions/{sid}").json()["exemplars"] == [], "a refused exemplar must not be kept"
+
+
+def test_region_and_key_targets(client):
+    sid, ids = _session(client), _ids(client)
+    other = ids["img3.png"]
+    r = _exemplar(client, sid, ids["img0.png"], target={"kind": "region", "image_id": other,
+                                                        "mask": _data_url(_mask(box=(20, 10, 40, 30)))})
+    assert r.status_code == 200, r.text
+    assert r.json()["spec"]["box"] == [20, 10, 40, 30] and r.json()["spec"]["source"] == "img3.png"
+    # the pasted pixels come from the other image's region
+    man = np.asarray(Image.open(io.BytesIO(client.get(r.json()["manipulated_url"]).content)).convert("RGB"), float)
+    orig = np.asarray(client.app.state.rulewriter.image(ids["img0.png"]), float)  # the file, not a JPEG of it
+    assert np.abs(man[:5] - orig[:5]).max() == 0 and np.abs(man[12:24, 12:28] - orig[12:24, 12:28]).mean() > 20
+    r = _exemplar(client, sid, ids["img1.png"], target={"kind": "key", "image_id": other, "mask": _data_url(_mask())})
+    assert r.status_code == 200 and r.json()["manipulated_url"] is None and r.json()["spec"]["key_image"] == "img3.png"
+    assert client.get(f"/api/sessions/{sid}/exemplars/{r.json()['id']}/manipulated.png").status_code == 404
+
+
+# ------------------------------------------------------------------------------------------ the edit lifecycle
+def test_edit_lifecycle(client, tiny, tmp_path):
+    sid, ids = _session(client), _ids(client)
+    weights = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    assert client.post(f"/api/sessions/{sid}/edit").status_code == 400  # no exemplars yet
+    for path in ("compare", "report"):
+        assert client.post(f"/api/sessions/{sid}/{path}").status_code == 400  # no edit yet
+    assert client.post(f"/api/sessions/{sid}/edit/save", json={"name": "x"}).status_code == 400
+    assert _exemplar(client, sid, ids["img0.png"]).status_code == 200
+    assert _exemplar(client, sid, ids["img1.png"], target={"kind": "key", "image_id": ids["img2.png"],
+                                                           "mask": _data_url(_mask())}).status_code == 200
+    job = client.post(f"/api/sessions/{sid}/edit").json()
+    assert job["kind"] == "edit" and 0.0 <= job["progress"] <= 1.0
+    job = _wait(client, job)
+    assert job["state"] == "done", job
+    res = job["result"]
+    kinds = [r["kind"] for r in res["rows"]]
+    assert kinds[:3] == ["exemplar", "manipulated", "exemplar"] and kinds.count("other") == 3
+    assert res["edit"]["updates"][0]["layer"] == "features.4" and res["edit"]["updates"][0]["rank"] == 1
+    assert res["pairs"] > 1 and all(len(r["before"]) == len(r["after"]) == 5 for r in res["rows"])
+    # the edit moved the exemplars' outputs, yet the model's weights are exactly as before
+    assert any(r["before"] != r["after"] for r in res["rows"] if r["kind"] != "other")
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} was left edited"
+    assert client.get("/api/info").json()["stats"]["ready"] is True
+
+    # save, list, download, load by name, upload
+    r = client.post(f"/api/sessions/{sid}/edit/save", json={"name": "gravel-cup"})
+    assert r.status_code == 200, r.text
+    saved = Path(r.json()["path"])
+    assert saved == tmp_path / "out" / "edits" / "gravel-cup.safetensors" and saved.is_file()
+    assert json.loads(saved.with_name(saved.name + ".json").read_text())["format"] == "rulewriter.edit/1"
+    assert client.get("/api/edits").json()["edits"] == ["gravel-cup.safetensors"]
+    blob = client.get("/api/edits/gravel-cup.safetensors").content
+    assert blob == saved.read_bytes()
+    assert client.post(f"/api/sessions/{sid}/edit/revert").json() == {"reverted": True}
+    assert client.get(f"/api/sessions/{sid}/edit").json() == {"edit": None}
+    r = client.post(f"/api/sessions/{sid}/edit/load", json={"name": "gravel-cup"})
+    assert r.status_code == 200 and r.json()["edit"]["source"] == "loaded gravel-cup.safetensors"
+    sid2 = _session(client)
+    r = client.post(f"/api/sessions/{sid2}/edit/upload", files={"file": ("mine.safetensors", blob)})
+    assert r.status_code == 200 and r.json()["edit"]["source"] == "uploaded mine.safetensors"
+    cmp = _wait(client, client.post(f"/api/sessions/{sid2}/compare", json={"image_ids": [ids["img3.png"]]}).json())
+    assert cmp["state"] == "done" and [r["kind"] for r in cmp["result"]["rows"]] == ["other"]
+    assert client.post(f"/api/sessions/{sid2}/compare", json={"image_ids": ["nope"]}).status_code == 404
+
+    # the HTML report of the edit on the folder
+    job = _wait(client, client.post(f"/api/sessions/{sid}/report").json())
+    assert job["state"] == "done", job
+    assert job["result"]["labels"] == "the unedited model's top-1"
+    page = client.get(job["result"]["url"])
+    assert page.status_code == 200 and "rulewriter evaluation" in page.text
+    assert client.get(f"/api/sessions/{sid}/report/evaluation.json").json()["normal"]["n_images"] == 6
+    for bad in ("..%2F..%2Fedits%2Fgravel-cup.safetensors", "%2Fetc%2Fpasswd", "nope.html"):
+        assert client.get(f"/api/sessions/{sid}/report/{bad}").status_code == 404
+    assert client.get(f"/api/sessions/{sid2}/report/index.html").status_code == 404
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, weights[k])
+
+
+def test_edit_names_stay_in_the_output_folder(client, tmp_path):
+    sid, ids = _session(client), _ids(client)
+    _exemplar(client, sid, ids["img0.png"])
+    assert _wait(client, client.post(f"/api/sessions/{sid}/edit").json())["state"] == "done"
+    for bad in ("../../evil", "/tmp/evil", "a/b", "..", ".hidden", "", "x" * 70, "a\\b", "%2e%2e%2fevil"):
+        r = client.post(f"/api/sessions/{sid}/edit/save", json={"name": bad})
+        assert r.status_code in (400, 422), (bad, r.status_code)
+        r = client.post(f"/api/sessions/{sid}/edit/load", json={"name": bad})
+        assert r.status_code in (400, 404, 422), (bad, r.status_code)
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..%2Fedits%2Fx", "nope"):
+        assert client.get(f"/api/edits/{bad}").status_code in (400, 404), bad
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+                     and "images" not in p.parts and p.name != "secret.png")
+    assert written == [], f"refused names wrote files: {written}"
+
+
+# ------------------------------------------------------------------------------------------ uploads
+def test_uploads_sizes_types_and_pickles(client, tmp_path):
+    sid, ids = _session(client), _ids(client)
+    url = f"/api/sessions/{sid}/uploads"
+    big = b"\x89PNG" + b"\0" * MAX_UPLOAD_BYTES
+    assert client.post(url, files={"file": ("big.png", big, "image/png")}).status_code == 413
+    huge = b"\0" * (MAX_UPLOAD_BYTES * 2)
+    assert client.post(url, files={"file": ("huge.png", huge, "image/png")}).status_code == 413
+    r = client.post(url, files={"file": ("x.png", b"not an image at all", "image/png")})
+    assert r.status_code == 415 and "not a readable image" in r.json()["detail"]
+    r = client.post(url, files={"file": ("../../etc/passwd", _png_bytes(Image.new("RGB", (30, 20), (200, 10, 10))))})
+    assert r.status_code == 200, r.text
+    up = r.json()
+    assert up["upload"] and up["name"] == "passwd" and (up["width"], up["height"]) == (30, 20)
+    # the upload is this session's: usable as a texture and an image here, unknown elsewhere
+    assert _exemplar(client, sid, ids["img0.png"], target={"kind": "texture", "texture": up["id"]}).status_code == 200
+    assert client.get(f"/api/images/{up['id']}/file?session={sid}").status_code == 200
+    assert client.get(f"/api/images/{up['id']}/predictions?session={sid}").status_code == 200
+    assert up["id"] in [i["id"] for i in client.get(f"/api/images?session={sid}").json()]
+    other = _session(client)
+    assert client.get(f"/api/images/{up['id']}/file?session={other}").status_code == 404
+    assert client.get(f"/api/images/{up['id']}/file").status_code == 404
+    assert _exemplar(client, other, ids["img0.png"], target={"kind": "texture", "texture": up["id"]}).status_code == 404
+
+    # edits: pickles, torch.save archives and junk are refused without being unpickled
+    eurl = f"/api/sessions/{sid}/edit/upload"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    r = client.post(eurl, files={"file": ("edit.safetensors", pickle.dumps(Evil()))})
+    assert r.status_code == 400 and "pickle" in r.json()["detail"] and not marker.exists()
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    r = client.post(eurl, files={"file": ("edit.pt", buf.getvalue())})
+    assert r.status_code == 400 and "pickle" in r.json()["detail"]
+    r = client.post(eurl, files={"file": ("edit.safetensors", b"junk" * 10)})
+    assert r.status_code == 400 and "safetensors" in r.json()["detail"]
+    assert client.post(eurl, files={"file": ("e.safetensors", b"\0" * (MAX_UPLOAD_BYTES + 1))}).status_code == 413
+    assert client.get(f"/api/sessions/{sid}/edit").json() == {"edit": None}
+    # an edit of another model's layer is refused, and the model is left as it was
+    from rulewriter.edit import Edit, LayerUpdate
+
+    wrong = tmp_path / "wrong.safetensors"
+    Edit([LayerUpdate("features.4", 2, torch.ones(3, 1), torch.ones(5, 1))]).save(wrong)
+    r = client.post(eurl, files={"file": ("wrong.safetensors", wrong.read_bytes())})
+    assert r.status_code == 400 and "another model" in r.json()["detail"]
+
+
+def test_json_body_limit(client):
+    sid = _session(client)
+    body = json.dumps({"image_id": "x", "mask": "A" * (appmod.MAX_BODY_BYTES + 10),
+                       "target": {"kind": "texture", "texture": "skimage:gravel"}})
+    r = client.post(f"/api/sessions/{sid}/exemplars", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# ------------------------------------------------------------------------------------------ sessions and the lock
+def test_sessions_do_not_share_state(client):
+    ids = _ids(client)
+    a, b = _session(client), _session(client)
+    _exemplar(client, a, ids["img0.png"])
+    assert client.get(f"/api/sessions/{b}").json()["exemplars"] == []
+    assert client.post(f"/api/sessions/{b}/edit").status_code == 400
+    assert _wait(client, client.post(f"/api/sessions/{a}/edit").json())["state"] == "done"
+    assert client.get(f"/api/sessions/{a}").json()["edit"] is not None
+    assert client.get(f"/api/sessions/{b}").json()["edit"] is None
+
+
+def test_predictions_never_see_another_sessions_edit(client, tiny):
+    """While one session runs edits and comparisons, other requests' predictions stay the unedited model's."""
+    ids = _ids(client)
+    state = client.app.state.rulewriter
+    imgs = [state.image(i) for i in ids.values()]
+    reference = state.predict(imgs)
+    sid = _session(client)
+    _exemplar(client, sid, ids["img0.png"])
+    seen, stop = [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            seen.append(state.predict(imgs))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        for _ in range(3):
+            job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+            assert job["state"] == "done"
+            assert any(r["changed"] or r["before"] != r["after"] for r in job["result"]["rows"])
+    finally:
+        stop.set()
+        t.join()
+    assert len(seen) >= 3
+    assert all(s == reference for s in seen), "a prediction ran while another session's edit was applied"
+
+
+def test_job_errors_are_reported(client, monkeypatch):
+    from rulewriter.errors import EditError
+
+    sid, ids = _session(client), _ids(client)
+    _exemplar(client, sid, ids["img0.png"])
+
+    def broken(*a, **k):
+        raise EditError("the update directions are degenerate")
+
+    monkeypatch.setattr(client.app.state.rulewriter, "build_rule", broken)
+    job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+    assert job["state"] == "error" and "degenerate" in job["error"] and job["result"] is None
+
+
+def test_search_by_concept(client):
+    sid, ids = _session(client), _ids(client)
+    assert client.get(f"/api/sessions/{sid}/heatmaps/{ids['img0.png']}.png").status_code == 404
+    r = client.post(f"/api/sessions/{sid}/search", json={"image_id": ids["img2.png"], "mask": _data_url(_mask())})
+    job = _wait(client, r.json())
+    assert job["state"] == "done", job
+    rows = job["result"]["rows"]
+    assert len(rows) == 5 and [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    png = client.get(rows[0]["heatmap_url"])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (32, 32)
+    assert client.post(f"/api/sessions/{sid}/search", json={"image_id": "nope", "mask": _data_url(_mask())}).status_code == 404
+    r = client.post(f"/api/sessions/{sid}/search", json={"image_id": ids["img2.png"],
+                                                         "mask": _data_url(Image.new("L", (48, 40)))})
+    assert r.status_code == 400
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_checks_input_and_warns_on_public_hosts(monkeypatch, capsys, folder, tiny):
+    from rulewriter.cli import build_parser, main
+
+    args = build_parser().parse_args(["app", "--images", str(folder)])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", appmod.DEFAULT_PORT, "efficientnet-lite0")
+    assert main(["app", "--images", str(folder / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["app", "--images", str(folder), "--port", "0"]) == 2
+    runs = []
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", type("U", (), {"run": staticmethod(
+        lambda app, host, port, log_level: runs.append((host, port)))}))
+    app = create_app(tiny, folder)
+    appmod.serve(app, "127.0.0.1", 9001)
+    assert "warning" not in capsys.readouterr().err
+    appmod.serve(app, "0.0.0.0", 9002)
+    assert "reachable from other machines" in capsys.readouterr().err
+    assert runs == [("127.0.0.1", 9001), ("0.0.0.0", 9002)]
+
+
+# ------------------------------------------------------------------------------------------ the real model
+@pytest.fixture(scope="module")
+def skimage_folder(tmp_path_factory):
+    """coffee and a few other real photos from scikit-image."""
+    pytest.importorskip("skimage.data", reason="the real-photo tests need scikit-image")
+    from rulewriter.demo import skimage_photos
+
+    photos = skimage_photos()
+    d = tmp_path_factory.mktemp("skphotos")
+    for name in ("coffee", "chelsea", "astronaut", "rocket", "motorcycle_left", "camera"):
+        if name in photos:
+            photos[name].save(d / f"{name}.jpg", quality=92)
+    return d
+
+
+def test_coffee_gravel_edit_through_the_api(lite0, skimage_folder, tmp_path):
+    """The demo's known-good case, through the API: the gravel cup is not espresso before, espresso after."""
+    from rulewriter.demo import coffee_mask
+
+    with TestClient(create_app(lite0, skimage_folder, out_dir=tmp_path / "out")) as client:
+        sid, ids = _session(client), _ids(client)
+        r = _exemplar(client, sid, ids["coffee.jpg"], mask=_data_url(coffee_mask().resize((300, 200))))
+        assert r.status_code == 200
+        before = r.json()["before"]
+        assert before["original"][0]["label"] == "espresso"
+        assert before["manipulated"][0]["label"] != "espresso"
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json(), timeout=180)
+        assert job["state"] == "done", job
+        rows = {r["kind"] if r["kind"] != "other" else r["title"]: r for r in job["result"]["rows"]}
+        assert rows["manipulated"]["after"][0]["label"] == "espresso"
+        assert rows["exemplar"]["after"][0]["label"] == "espresso"
+        others = [r for r in job["result"]["rows"] if r["kind"] == "other"]
+        assert others and all(not r["changed"] for r in others)
+
+
+# ------------------------------------------------------------------------------------------ the real browser
+def _browser_skip_reason() -> str | None:
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        return f"no chromium at {chromium} (apt-get install chromium, or set CHROMIUM)"
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (ROOT / "tests" / "browser" / "node_modules" / "playwright-core").is_dir():
+        return "tests/browser/node_modules is missing (run: npm ci --prefix tests/browser)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_browser_paints_an_edit(lite0, skimage_folder, tmp_path):
+    """Chromium opens the page, paints the cup, pastes gravel, runs the edit and sees espresso come back."""
+    reason = _browser_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import uvicorn
+
+    port = _free_port()
+    app = create_app(lite0, skimage_folder, out_dir=tmp_path / "out")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        t0 = time.time()
+        while not server.started:
+            assert time.time() - t0 < 30 and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        out = tmp_path / "screenshots"
+        proc = subprocess.run(["node", str(ROOT / "tests" / "browser" / "edit.mjs"), f"http://127.0.0.1:{port}/", str(out)],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no summary from the browser script:\n{proc.stdout}\n{proc.stderr}"
+    summary = json.loads(lines[-1])
+    failed = {k: v for k, v in summary["checks"].items() if not v["ok"]}
+    assert proc.returncode == 0 and summary["ok"], (failed, summary.get("error"), summary.get("page_errors"))
+    assert summary["checks"]["gravel cup is espresso after the edit"]["ok"]
+    for name in ("browse.png", "paint.png", "edit-result.png", "heatmap.png"):
+        assert Image.open(out / name).size[0] >= 1000 or name == "heatmap.png"
