@@ -13,7 +13,6 @@ Run: ``python benchmarks/scaling.py [--quick] [--images 192]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess

@@ -17,7 +17,7 @@ Precision: the relative error ‖C_mode − C_fp64‖/‖C_fp64‖ over all the 
 against the fp64 edit, and the edited model's espresso probability on the gravel cup.
 
 Memory: peak resident memory (CPU) or peak allocated memory (CUDA) of a statistics run and of an
-evaluation run, each in a fresh subprocess; evaluation over 4× more images must not need more memory.
+evaluation run, each in a fresh subprocess (VmHWM); 4× more images must not need more memory.
 
 Models: EfficientNet-Lite0 at its default layer (1152-d keys) and VGG16 conv5_3 (``features.28``) in the
 unfolded 3×3 view (4608-d keys, random weights: the cost does not depend on the values).
@@ -123,6 +123,15 @@ def coffee_edit_effect(clf: Any, layer: str, stats: dict[str, Any]) -> dict[str,
     return out
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes. Not ``ru_maxrss``: Linux carries that over from the
+    parent across fork and exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def probe(kind: str, model: str, layer: str, n: int, batch: int, device: str) -> None:
     """Run in a subprocess: one statistics or evaluation run, then print its peak memory as JSON."""
     from rulewriter.evaluate import predict
@@ -144,8 +153,7 @@ def probe(kind: str, model: str, layer: str, n: int, batch: int, device: str) ->
     else:
         preds = predict(clf, paths, labels, batch_size=batch, progress=False)["before"]
         extra = {"predictions": len(preds)}
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     print(json.dumps({"kind": kind, "model": model, "images": n, "batch": batch, "seconds": time.perf_counter() - t0,
                       "peak_bytes": peak, "memory": "cuda allocated" if dev.type == "cuda" else "max RSS", **extra}))
 
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         for kind, model_name, layer, n, batch in [
             ("stats", "vgg16", "features.28", 16, 8), ("stats", "vgg16", "features.28", 64, 8),
-            ("evaluate", "efficientnet-lite0", "", 500, 32), ("evaluate", "efficientnet-lite0", "", 2000, 32),
+            ("evaluate", "efficientnet-lite0", "", 250, 32), ("evaluate", "efficientnet-lite0", "", 1000, 32),
         ]:
             memory.append(run_probe(kind, model_name, layer, n, batch, str(device)))
             print(f"  memory {memory[-1]}")
