@@ -292,7 +292,8 @@ def _common_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp64", "fp32", "tf32x2", "tf32", "bf16"],
                    help="how key products are formed; sums are float64 (auto: tf32x2 on CUDA, fp32 on CPU)")
     p.add_argument("--amp", default=None, choices=["bf16"], help="run the statistics forward pass under bf16 autocast")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for the statistics pass")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes for the statistics pass (default: up to 8 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -54,6 +55,19 @@ def default_precision(device: str | torch.device) -> str:
     CPUs, which have no TF32, it is ``fp32`` (half the bytes of fp64 at an error of ~3e-7).
     """
     return "tf32x2" if torch.device(device).type == "cuda" else "fp32"
+
+
+def default_workers(device: str | torch.device) -> int:
+    """DataLoader workers: on CUDA enough to keep the GPU fed (up to 8, one core left for the main process);
+    on a CPU none, since decoding in workers takes cores from the forward pass it should overlap with."""
+    if torch.device(device).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, _local_world()) - 1))
+
+
+def _local_world() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -343,7 +357,7 @@ def collect_second_moment(
     cache_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     shard: str | tuple[int, int] | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> SecondMoment:
@@ -360,7 +374,8 @@ def collect_second_moment(
             paths, or a Dataset yielding ``(image_tensor, label)``.
         view: memory view (1–4) whose keys to collect.
         samples: use this many images (a deterministic random subset), or all when ``None``.
-        batch_size, num_workers: DataLoader knobs; memory pinned on CUDA. Lower ``batch_size`` when memory
+        batch_size, num_workers: DataLoader knobs (``num_workers=None``: :func:`default_workers`); memory
+            pinned on CUDA. Lower ``batch_size`` when memory
             is short: only one batch of keys is ever held.
         device: ``None`` keeps the model where it is, ``"auto"`` picks CUDA when available.
         precision: how products are formed (see :data:`PRECISIONS`); ``"auto"`` is
@@ -444,7 +459,8 @@ def collect_second_moment(
             done = int(saved.get("images_done", 0))
     todo = mine[done:]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        torch.utils.data.Subset(ds, todo), batch_size=batch_size, shuffle=False,
+        num_workers=default_workers(dev) if num_workers is None else num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
     was_training = model.training
