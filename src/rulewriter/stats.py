@@ -479,8 +479,10 @@ def collect_second_moment(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     tr(x)
-                keys = mem.flat_keys(tr.input.float(), None if tr.output is None else tr.output.float())
-                stats.add(keys)
+                k_in, k_out = tr.input, tr.output
+                if amp:  # bf16 activations; products are formed in the chosen precision from float32 keys
+                    k_in, k_out = k_in.float(), None if k_out is None else k_out.float()
+                stats.add(mem.flat_keys(k_in, k_out))
                 done += x.shape[0]
                 bar.update(x.shape[0])
                 if partial is not None and checkpoint_every and i % checkpoint_every == 0 and done < len(mine):
