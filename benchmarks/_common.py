@@ -298,3 +298,39 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     return paths
+
+
+# ------------------------------------------------------------------------------------------ cached masks
+def cached_segmenter(seg: Any, folder: Path | None = None) -> Any:
+    """``seg`` whose masks of image *files* are kept under ``.cache/masks/`` (uint8 PNG), keyed by content.
+
+    The key is the segmenter's name with the file's name, size and modification time, so a changed photo
+    or another segmenter is recomputed. In-memory images (no ``source``) are not cached.
+    """
+    import hashlib
+
+    from rulewriter.segment import Segmenter
+
+    root = folder or CACHE_DIR / "masks"
+
+    class Cached(Segmenter):
+        name = seg.name
+
+        def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
+            if source is None:
+                return seg(image)
+            st = Path(source).stat()
+            key = hashlib.sha256(f"{seg.name}|{Path(source).name}|{st.st_size}|{st.st_mtime_ns}|{image.size}"
+                                 .encode()).hexdigest()[:24]
+            path = root / f"{key}.png"
+            if path.is_file():
+                with Image.open(path) as im:
+                    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            m = seg(image, source)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(np.clip(np.rint(m * 255), 0, 255).astype(np.uint8), "L").save(tmp, format="PNG")
+            os.replace(tmp, path)
+            return m
+
+    return Cached()
