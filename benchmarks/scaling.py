@@ -8,7 +8,7 @@ and subtracted, so the rates are the steady-state images per second; the end-to-
 too. The single-process command without torchrun is the reference. Results must agree: the statistics of
 every configuration are compared with the reference's to fp64 tolerance.
 
-Run: ``python benchmarks/scaling.py [--quick] [--images 192]``.
+Run: ``python benchmarks/scaling.py [--quick] [--images 640]``.
 """
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ def run(procs: int | None, args: list[str], threads: int) -> tuple[float, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 photos")
-    ap.add_argument("--images", type=int, default=None, help="photos (full 192, quick 16)")
+    ap.add_argument("--images", type=int, default=None, help="photos (full 640, quick 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads shared by the processes")
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples")
     data = shared / "data" / "imagenet-samples"
-    n = args.images or (16 if args.quick else 192)
+    n = args.images or (16 if args.quick else 640)
     configs: list[tuple[str, int | None]] = [("1 process, no torchrun", None), ("torchrun, 1 process", 1),
                                              ("torchrun, 2 processes", 2)]
     t_start = time.perf_counter()

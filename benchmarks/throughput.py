@@ -44,6 +44,7 @@ import _common as C  # noqa: E402
 
 NAME = "throughput"
 MODES = ("fp64", "fp32", "tf32x2", "tf32", "bf16")
+BF16_FORWARD = ("forward bf16", "+ default, bf16 fwd")  # the variants run under bf16 autocast
 TOLERANCE = 1e-4
 
 
@@ -79,7 +80,7 @@ def timed_variants(clf: Any, layer: str, x: torch.Tensor, batch: int, repeats: i
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 k = (r + b) % len(variants)
                 for v in variants[k:] + variants[:k]:
-                    amp = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16 f" in v else nullcontext()
+                    amp = torch.autocast(device.type, dtype=torch.bfloat16) if v in BF16_FORWARD else nullcontext()
                     sync(device)
                     t0 = time.perf_counter()
                     with amp:
