@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +240,7 @@ def test_mitigate_groups_target_and_other_and_checks_inputs(clf, scenes, tmp_pat
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture()
 def cli_env(clf, scenes, monkeypatch, tmp_path):
-    """The CLI with the colour model and a fake rulewriter.segment whose specs name mask folders."""
+    """The CLI with the colour model, and masks:DIR specs naming the scenes' mask folder."""
     import rulewriter.cli as cli
 
     pairs, seg = scenes
@@ -250,16 +248,7 @@ def cli_env(clf, scenes, monkeypatch, tmp_path):
     for p, y in pairs:  # class-name subfolders, as labelled_images reads them
         (data / clf.labels[y]).mkdir(parents=True, exist_ok=True)
         Image.open(p).save(data / clf.labels[y] / p.name)
-    fake = types.ModuleType("rulewriter.segment")
-
-    def load_segmenter(spec):
-        if not spec.startswith("masks:"):
-            raise RulewriterError(f"unknown segmenter {spec!r}")
-        return MaskFolder(Path(spec[len("masks:"):]))
-
-    fake.load_segmenter = load_segmenter
-    fake.add_cli = lambda sub: None  # cli.py asks every extension module for its subcommands
-    monkeypatch.setitem(sys.modules, "rulewriter.segment", fake)
+    # The real masks:DIR segmenter: one blue photo has no mask file, which a probe reads as "absent".
     monkeypatch.setattr(cli, "_load", lambda args: clf)
     tex = tmp_path / "blue.png"
     _blue().save(tex)
@@ -275,6 +264,7 @@ def test_cli_probe_then_mitigate(cli_env, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_probed"] == 11 and summary["classes"][0]["class"] == "red"
     assert summary["filtered"]["n"] == 10 and (out / "filtered" / "manifest.json").is_file()
+    assert json.loads((out / "probe.json").read_text())["meta"]["n_without_mask_file"] == 1
     mit = tmp_path / "mit"
     rc = cli.main(["mitigate", "--probe", str(out), "--exemplars", "3", "--stats-data", str(data),
                    "--cache-dir", str(tmp_path / "cache"), "--methods", "features,images,last-layer",

@@ -69,6 +69,7 @@ from PIL import Image
 from .errors import EditError, ImageLoadError, MaskError, ModelError, RulewriterError, StatsError
 
 __all__ = [
+    "MissingMaskError",
     "SPEC_FORMS",
     "VOC_CLASSES",
     "Below",
@@ -124,6 +125,11 @@ _OPERATOR = re.compile(r"\s+([|&-])\s+")
 
 class SpecError(RulewriterError, ValueError):
     """A segmenter spec string cannot be parsed; the message lists the spec forms."""
+
+
+class MissingMaskError(MaskError):
+    """A mask folder has no file for an image. A probe over a data set reads this as "concept absent"
+    (people mask only the images that show it); a single edit treats it as the error it is."""
 
 
 def _spec_error(msg: str) -> SpecError:
@@ -364,7 +370,7 @@ class MaskFolderSegmenter(Segmenter):
         for p in tried:
             if p.is_file():
                 return p
-        raise MaskError(f"no mask for {Path(source).name} in {self.folder}: expected {tried[0].name} or "
+        raise MissingMaskError(f"no mask for {Path(source).name} in {self.folder}: expected {tried[0].name} or "
                         f"{tried[1].name} (or {stem} with one of {', '.join(_IMAGE_EXTS[1:])})")
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:

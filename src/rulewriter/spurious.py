@@ -469,11 +469,18 @@ def probe(
     pairs = _pairs(images)
     seg_name = str(getattr(segmenter, "name", type(segmenter).__name__))
     sty_name = str(getattr(stylizer, "name", type(stylizer).__name__))
+    from .segment import MissingMaskError
+
     originals, stylized, masks, kept = [], [], [], []
+    no_mask_file = 0
     t0 = time.perf_counter()
     for src, lab in tqdm(pairs, desc="segment + stylize", unit="img", disable=not progress):
         img = load_source(src)
-        m = _segment(segmenter, img, src)
+        try:
+            m = _segment(segmenter, img, src)
+        except MissingMaskError:
+            no_mask_file += 1  # a user's mask folder covers only the images that show the concept
+            continue
         area = float(m.mean())
         if area < min_area or not (m > 0).any():
             continue
@@ -520,7 +527,7 @@ def probe(
     # Rewriting with features needs the texture itself; a stylizer that names one by path says so.
     texture = getattr(stylizer, "texture_spec", None)
     meta = {"model": classifier.name, "weights": classifier.weights_id, "segmenter": seg_name, "stylizer": sty_name,
-            "texture": texture, "min_area": min_area, "n_images": len(pairs), "n_probed": n,
+            "texture": texture, "min_area": min_area, "n_images": len(pairs), "n_probed": n, "n_without_mask_file": no_mask_file,
             "n_without_concept": len(pairs) - n, "error_before": float(1 - ok_b.mean()),
             "error_after": float(1 - ok_a.mean()), "flipped": int((ok_b & ~ok_a).sum()),
             "seconds_stylizing": round(t_style, 3)}
