@@ -64,19 +64,10 @@ log = S.log
 def augment_triplet(orig: Image.Image, sty: Image.Image, mask: np.ndarray, seed: int, i: int
                     ) -> tuple[Image.Image, Image.Image, np.ndarray]:
     """AugmentedPhotos' recipe (crop, flip, jitter) applied jointly; gravel only inside the moved mask."""
+    from rulewriter.demo import random_resized_box
+
     rng = np.random.default_rng([seed, i])
-    w, h = orig.size
-    for _ in range(10):  # torchvision's RandomResizedCrop recipe, as demo.AugmentedPhotos
-        area = w * h * rng.uniform(0.15, 1.0)
-        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-        cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:
-        cw = ch = min(w, h)
-        left, top = (w - cw) // 2, (h - ch) // 2
-    box = (left, top, left + cw, top + ch)
+    box = random_resized_box(orig.size, rng)
     size = (AUG_SIZE, AUG_SIZE)
     o = orig.resize(size, Image.Resampling.BILINEAR, box=box)
     s = sty.resize(size, Image.Resampling.BILINEAR, box=box)

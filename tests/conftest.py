@@ -70,3 +70,14 @@ def photo_dir(tmp_path_factory):
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         crop.resize((256, 256)).save(d / f"crop_{i:03d}.jpg", quality=92)
     return d
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models: one thread. On a busy machine, thread hand-offs make each small op 100× slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

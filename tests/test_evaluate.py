@@ -42,13 +42,7 @@ from rulewriter.finetune import WeightDelta
 from rulewriter.models import Preprocess, load_classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread. On a busy machine, thread hand-offs make each small op 100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _p(rows, labels, target=None) -> Predictions:

@@ -25,13 +25,7 @@ class Tiny(nn.Module):
         return self.fc(torch.relu(self.conv2(h)).mean((2, 3)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. On a busy machine, thread hand-offs make each small op 100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

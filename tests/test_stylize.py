@@ -32,12 +32,7 @@ class Strided(nn.Module):
         return self.fc(torch.relu(self.c4(x)).mean((2, 3)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

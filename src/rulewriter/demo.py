@@ -111,6 +111,22 @@ def skimage_photos() -> dict[str, Image.Image]:
     return out
 
 
+def random_resized_box(size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box: 15–100 % of the area, aspect 3/4–4/3, ten tries, else the centre
+    square. ``size`` is (width, height); returns (left, top, right, bottom)."""
+    w, h = size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.15, 1.0)
+        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    cw = ch = min(w, h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
 class AugmentedPhotos(torch.utils.data.Dataset):
     """``n`` deterministic augmentations of a few photos, preprocessed for a classifier; items are ``(x, -1)``.
 
@@ -146,18 +162,7 @@ class AugmentedPhotos(torch.utils.data.Dataset):
             raise IndexError(i)
         img = self.photos[i % len(self.photos)]
         rng = np.random.default_rng([self.seed, i])
-        w, h = img.size
-        for _ in range(10):  # torchvision's RandomResizedCrop recipe
-            area = w * h * rng.uniform(0.15, 1.0)
-            ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-            cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
-            if 0 < cw <= w and 0 < ch <= h:
-                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                break
-        else:
-            cw = ch = min(w, h)
-            left, top = (w - cw) // 2, (h - ch) // 2
-        out = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+        out = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=random_resized_box(img.size, rng))
         if rng.random() < 0.5:
             out = ImageOps.mirror(out)
         for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
