@@ -167,8 +167,9 @@ def test_a_damaged_partial_file_is_ignored(tmp_path):
     torch.testing.assert_close(s.moment(), full.moment(), rtol=1e-12, atol=1e-12)
 
 
-def test_torchrun_stats_command_equals_single_process(tmp_path, shared_dir):
-    """The real command line under torchrun, 2 gloo processes, on EfficientNet-Lite0."""
+@pytest.fixture()
+def five_photos(tmp_path, shared_dir) -> Path:
+    """A folder with the first 5 imagenet-samples photos."""
     src = sorted((shared_dir / "data" / "imagenet-samples").glob("*.jpg"))[:5]
     if len(src) < 5:
         pytest.skip("imagenet-samples has fewer than 5 photos")
@@ -176,8 +177,13 @@ def test_torchrun_stats_command_equals_single_process(tmp_path, shared_dir):
     data.mkdir()
     for p in src:
         shutil.copy(p, data / p.name)
+    return data
+
+
+def test_torchrun_stats_command_equals_single_process(tmp_path, five_photos):
+    """The real command line under torchrun, 2 gloo processes, on EfficientNet-Lite0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RULEWRITER_CACHE": str(tmp_path / "cache")}
-    common = ["stats", "--model", "efficientnet-lite0", "--layer", "_blocks.15._project_conv", "--data", str(data),
+    common = ["stats", "--model", "efficientnet-lite0", "--layer", "_blocks.15._project_conv", "--data", str(five_photos),
               "--precision", "fp64", "--batch-size", "2", "--no-cache", "--quiet", "--json", "--device", "cpu"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", "-m", "rulewriter", *common, "--out", str(tmp_path / "two.safetensors")],
@@ -217,16 +223,9 @@ def test_shards_from_separate_machines_merge_to_the_whole(tmp_path):
             collect_second_moment(clf, "conv2", paths, shard=bad, **kw)
 
 
-def test_torchrun_evaluate_command_equals_single_process(tmp_path, shared_dir):
-    src = sorted((shared_dir / "data" / "imagenet-samples").glob("*.jpg"))[:5]
-    if len(src) < 5:
-        pytest.skip("imagenet-samples has fewer than 5 photos")
-    data = tmp_path / "data"
-    data.mkdir()
-    for p in src:
-        shutil.copy(p, data / p.name)
+def test_torchrun_evaluate_command_equals_single_process(tmp_path, five_photos):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["evaluate", "--model", "efficientnet-lite0", "--data", str(data), "--batch-size", "2", "--quiet",
+    common = ["evaluate", "--model", "efficientnet-lite0", "--data", str(five_photos), "--batch-size", "2", "--quiet",
               "--json", "--device", "cpu"]
     runs = {}
     for n in (1, 2):

@@ -173,7 +173,7 @@ def _image_to_mask(img: Image.Image, what: str) -> np.ndarray:
     return _array_to_mask(arr, what, channels_first=False)
 
 
-def load_mask(source: MaskSource) -> np.ndarray:
+def load_mask(source: MaskSource, *, allow_empty: bool = False) -> np.ndarray:
     """Load a concept mask as an (H, W) float32 array in [0, 1] (1 = concept).
 
     Accepted sources and how they are read:
@@ -189,7 +189,8 @@ def load_mask(source: MaskSource) -> np.ndarray:
       (``(H, W, C)``), tensors channels-first first (``(C, H, W)``).
 
     Raises :class:`~rulewriter.errors.MaskError` for an unreadable file, a wrong number of dimensions,
-    NaN / infinite / negative values, or an empty (all-zero) mask.
+    NaN / infinite / negative values, or an empty (all-zero) mask unless ``allow_empty`` (where an empty
+    mask means "the concept is absent", e.g. a segmenter's mask folder).
 
     Example::
 
@@ -216,7 +217,7 @@ def load_mask(source: MaskSource) -> np.ndarray:
         out = _array_to_mask(source, what, channels_first=False)
     else:
         raise MaskError(f"cannot read a {what}; expected a path, PIL image, numpy array or torch tensor")
-    if out.size == 0 or not (out > 0).any():
+    if not allow_empty and (out.size == 0 or not (out > 0).any()):
         raise MaskError(f"{what} is empty (no non-zero pixel); draw the concept in white")
     return np.ascontiguousarray(out, dtype=np.float32)
 

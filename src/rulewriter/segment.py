@@ -371,25 +371,16 @@ class MaskFolderSegmenter(Segmenter):
             if p.is_file():
                 return p
         raise MissingMaskError(f"no mask for {Path(source).name} in {self.folder}: expected {tried[0].name} or "
-                        f"{tried[1].name} (or {stem} with one of {', '.join(_IMAGE_EXTS[1:])})")
+                               f"{tried[1].name} (or {stem} with one of {', '.join(_IMAGE_EXTS[1:])})")
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
-        from .concepts import _image_to_mask
+        from .concepts import load_mask
         from .models import mask_for_image
 
         if source is None:
             raise MaskError(f"{self.name}: mask files are found by the image's file name; pass source=<path>")
         path = self.mask_path(source)
-        what = f"mask file {str(path)!r}"
-        try:
-            with Image.open(path) as img:
-                img.load()
-                # load_mask's reading rules without its empty check: a black mask says "absent" here.
-                m = _image_to_mask(img, what)
-        except MaskError:
-            raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise MaskError(f"cannot read {what}: {exc}") from exc
+        m = load_mask(path, allow_empty=True)  # a black mask file says "absent" here
         try:
             return mask_for_image(m, image.size)
         except MaskError as exc:
