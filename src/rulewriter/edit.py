@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch import nn
 
 from .errors import EditError, StatsError
 from .memory import LayerMemory
-from .stats import read_safetensors, save_described
+from .stats import load_described, save_described
 
 __all__ = [
     "DEFAULT_RIDGE",
@@ -361,11 +360,8 @@ class Edit(Reversible):
     @classmethod
     def load(cls, path: str | Path) -> "Edit":
         """Read an edit saved by :meth:`save`. Pickles are refused; nothing is executed."""
-        tensors, header = read_safetensors(Path(path), EditError)
-        if header.get("format") != FORMAT or "rulewriter" not in header:
-            raise EditError(f"{path} is safetensors but not a rulewriter edit (format {header.get('format')!r})")
+        tensors, desc = load_described(path, FORMAT, "a rulewriter edit")
         try:
-            desc = json.loads(header["rulewriter"])
             updates = [
                 LayerUpdate(u["layer"], int(u["view"]), tensors[f"updates.{i}.lam"],
                             tensors[f"updates.{i}.direction"])

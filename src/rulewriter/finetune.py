@@ -24,7 +24,6 @@ edit::
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 
 from .errors import EditError, LayerError, RulewriterError
 from .edit import Reversible
-from .stats import read_safetensors, save_described
+from .stats import load_described, save_described
 
 __all__ = ["FORMAT", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear", "retrain_last_layer"]
 
@@ -123,11 +122,8 @@ class WeightDelta(Reversible):
     @classmethod
     def load(cls, path: str | Path) -> "WeightDelta":
         """Read a delta saved by :meth:`save`. Pickles are refused; nothing is executed."""
-        tensors, header = read_safetensors(Path(path), EditError)
-        if header.get("format") != FORMAT or "rulewriter" not in header:
-            raise EditError(f"{path} is safetensors but not a rulewriter weight delta (format {header.get('format')!r})")
+        tensors, desc = load_described(path, FORMAT, "a rulewriter weight delta")
         try:
-            desc = json.loads(header["rulewriter"])
             names = list(desc["parameters"])
             return cls({n: tensors[n] for n in names}, desc.get("meta", {}))
         except (KeyError, ValueError, TypeError) as e:

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +81,7 @@ from torch import nn
 
 from .errors import EditError, ImageLoadError, LayerError, MaskError, RulewriterError
 from .memory import LayerMemory
-from .stats import read_safetensors, save_described
+from .stats import load_described, save_described
 from .trace import Trace, get_module
 
 __all__ = [
@@ -773,11 +772,8 @@ class NewClass:
             >>> NewClass.load("car.safetensors").name             # doctest: +SKIP
             'car'
         """
-        tensors, header = read_safetensors(Path(path), EditError)
-        if header.get("format") != FORMAT or "rulewriter" not in header:
-            raise EditError(f"{path} is safetensors but not an added class (format {header.get('format')!r})")
+        tensors, d = load_described(path, FORMAT, "an added class")
         try:
-            d = json.loads(header["rulewriter"])
             cal = tensors["calibration"]
             return cls(d["name"], d["kind"], d["layer"], tensors["weight"], tensors["bias"], d["pool"],
                        float(cal[0]), float(cal[1]), d.get("meta", {}))

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .atomic import atomic_bytes
-from .errors import StatsError
+from .errors import EditError, StatsError
 from .memory import LayerMemory
 from .trace import Trace
 
@@ -78,27 +78,17 @@ def _round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
     return i.view(torch.float32)
 
 
-def _gemm_tf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with TF32 inputs: tensor cores on CUDA, the same rounding emulated elsewhere."""
+def _gemm(a: torch.Tensor, b: torch.Tensor, tf32: bool) -> torch.Tensor:
+    """``a @ b`` in float32 with or without TF32 inputs: cuBLAS's switch on CUDA (restored after), the same
+    input rounding emulated elsewhere (CPUs have no TF32)."""
     if a.is_cuda:
         prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             return a @ b
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-    return _round_mantissa(a, 10) @ _round_mantissa(b, 10)
-
-
-def _gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.is_cuda:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return a @ b
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    return a @ b
+    return _round_mantissa(a, 10) @ _round_mantissa(b, 10) if tf32 else a @ b
 
 
 #: From this key dimension on, ``kᵀk`` is formed one block row at a time, upper triangle only, and mirrored:
@@ -114,9 +104,9 @@ def _block_products(k: torch.Tensor, precision: str):
         return lambda I, J: k[:, I].T @ k[:, J]
     k = k.float()
     if precision == "fp32":
-        return lambda I, J: _gemm_fp32(k[:, I].T, k[:, J]).double()
+        return lambda I, J: _gemm(k[:, I].T, k[:, J], tf32=False).double()
     if precision == "tf32":
-        return lambda I, J: _gemm_tf32(k[:, I].T, k[:, J]).double()
+        return lambda I, J: _gemm(k[:, I].T, k[:, J], tf32=True).double()
     if precision == "tf32x2":
         # k = hi + lo with hi exactly representable in TF32, so hiᵀhi is exact in fp32 sums and the cross
         # terms carry the rounding; loᵀlo is below fp32 resolution.
@@ -124,8 +114,8 @@ def _block_products(k: torch.Tensor, precision: str):
         lo = k - hi
 
         def split(I, J):
-            main = _gemm_tf32(hi[:, I].T, hi[:, J]).double()
-            return main + _gemm_tf32(hi[:, I].T, lo[:, J]).double() + _gemm_tf32(lo[:, I].T, hi[:, J]).double()
+            parts = ((hi, hi), (hi, lo), (lo, hi))
+            return sum(_gemm(a[:, I].T, b[:, J], tf32=True).double() for a, b in parts)
         return split
     if precision == "bf16":
         if k.is_cuda:
@@ -302,6 +292,21 @@ def save_described(path: str | Path, tensors: dict[str, torch.Tensor], fmt: str,
     if sidecar:
         atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
     return path
+
+
+def load_described(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an artefact written by :func:`save_described`: its tensors and its JSON description.
+
+    ``what`` names the artefact in errors ("a rulewriter edit"); a pickle, another format or a broken
+    description is an :class:`~rulewriter.errors.EditError`.
+    """
+    tensors, header = read_safetensors(Path(path), EditError)
+    if header.get("format") != fmt or "rulewriter" not in header:
+        raise EditError(f"{path} is safetensors but not {what} (format {header.get('format')!r})")
+    try:
+        return tensors, json.loads(header["rulewriter"])
+    except ValueError as e:
+        raise EditError(f"{path}: malformed description of {what} ({e})") from None
 
 
 def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
