@@ -95,7 +95,7 @@ def stopwatch(out: list[float]) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ photos
 def imagenet_samples(shared: Path, clf: Any, limit: int | None = None) -> tuple[list[Path], list[int]]:
     """The imagenet-samples photos in sorted order with their class indices (first ``limit`` only)."""
-    from rulewriter.data import labelled_images
+    from rulewriter.models.data import labelled_images
 
     pairs = labelled_images(shared / "data" / "imagenet-samples", clf.labels, clf.wnids)
     pairs = pairs[:limit] if limit is not None else pairs
@@ -104,7 +104,7 @@ def imagenet_samples(shared: Path, clf: Any, limit: int | None = None) -> tuple[
 
 def load_tensors(paths: Sequence[Path], preprocess: Any) -> torch.Tensor:
     """Decode and preprocess photos into one (N, 3, S, S) float32 tensor."""
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     return preprocess.batch([load_image(p) for p in paths])
 
@@ -119,7 +119,7 @@ def car_photos(shared: Path, split: str) -> tuple[list[Path], Any]:
     "Sorted" is natural order of the file names (train1, train2, …, train10), so that the first N photos
     are the ones a person would call the first N.
     """
-    from rulewriter.concepts import coco_index
+    from rulewriter.concepts.masks import coco_index
 
     root = shared / "data" / "car-parts" / split
     index = coco_index(root / "annotations.json")
@@ -206,8 +206,8 @@ class TailEvaluator:
 
     def __init__(self, clf: Any, layers: Sequence[str], paths: Sequence[Path], batch_size: int = 50,
                  log: Callable[[str], None] = print) -> None:
-        from rulewriter.data import ImageDataset
-        from rulewriter.trace import Trace
+        from rulewriter.models.data import ImageDataset
+        from rulewriter.core.trace import Trace
 
         self.clf, self.paths, self.batch_size = clf, list(paths), batch_size
         model = clf.model
@@ -247,7 +247,7 @@ class TailEvaluator:
 
     @torch.no_grad()
     def _full_logits(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        from rulewriter.data import ImageDataset
+        from rulewriter.models.data import ImageDataset
 
         paths = self.paths if idx is None else [self.paths[i] for i in idx.tolist()]
         loader = torch.utils.data.DataLoader(ImageDataset(paths, self.clf.preprocess), batch_size=self.batch_size)
@@ -309,7 +309,7 @@ def cached_segmenter(seg: Any, folder: Path | None = None) -> Any:
     """
     import hashlib
 
-    from rulewriter.segment import Segmenter
+    from rulewriter.studies.segment import Segmenter
 
     root = folder or CACHE_DIR / "masks"
 

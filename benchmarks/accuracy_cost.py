@@ -77,7 +77,7 @@ class Case:
 
 
 def load_textures(shared: Path) -> dict[str, Image.Image]:
-    from rulewriter.manipulate import texture_from
+    from rulewriter.concepts.manipulate import texture_from
 
     spoon = C.find_one(shared / "data" / "imagenet-samples", "n04597913_*")
     return {
@@ -91,7 +91,7 @@ def load_textures(shared: Path) -> dict[str, Image.Image]:
 
 def candidate_objects(shared: Path) -> Iterator[tuple[str, str, Image.Image, np.ndarray]]:
     """(name, kind, photo, mask): the coffee photo, then car-parts training photos in natural order."""
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     img, mask = C.coffee_photo()
     yield "coffee", "coffee", img, mask
@@ -105,7 +105,7 @@ def candidate_objects(shared: Path) -> Iterator[tuple[str, str, Image.Image, np.
 def select_cases(clf: Any, shared: Path, textures: dict[str, Image.Image], want: int,
                  budget: int) -> tuple[list[Case], list[dict[str, str]]]:
     """Candidate k pairs object k with texture k mod 5, until ``want`` pastes flip the top-1 (or ``budget``)."""
-    from rulewriter.manipulate import paste_texture
+    from rulewriter.concepts.manipulate import paste_texture
 
     cases: list[Case] = []
     skipped: list[dict[str, str]] = []
@@ -138,8 +138,8 @@ class HeldOut:
 def held_out_sets(clf: Any, shared: Path, textures: dict[str, Image.Image], needed: set[str],
                   n: int) -> dict[str, HeldOut]:
     """For each texture, the first ``n`` test photos (natural order) whose top-1 the paste changes."""
-    from rulewriter.data import load_image
-    from rulewriter.manipulate import paste_texture
+    from rulewriter.models.data import load_image
+    from rulewriter.concepts.manipulate import paste_texture
 
     paths, index = C.car_photos(shared, "testset")
     photos: list[tuple[str, Image.Image, np.ndarray, int]] = []  # loaded lazily, shared by textures
@@ -174,7 +174,7 @@ def held_out_sets(clf: Any, shared: Path, textures: dict[str, Image.Image], need
 def evaluate_edit(clf: Any, layer: str, case: Case, rule: Any, stats: Any, ev: C.TailEvaluator,
                   labels: torch.Tensor, idx: torch.Tensor | None, held: HeldOut | None) -> dict[str, Any]:
     """Rewrite with ``stats``, then measure the exemplar, the accuracy on photos ``idx`` and held-out photos."""
-    from rulewriter.rules import rewrite
+    from rulewriter.core.rules import rewrite
 
     t0 = time.perf_counter()
     edit = rewrite(clf, rule, stats)
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install 'rulewriter[demo]').")
         return 0
     C.setup_torch()
-    from rulewriter.models import load_classifier
-    from rulewriter.rules import rule_from_images
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.core.rules import rule_from_images
+    from rulewriter.core.stats import collect_second_moment
 
     t_start = time.perf_counter()
     clf = load_classifier("efficientnet-lite0")

@@ -5,13 +5,13 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
 1. **Segment.** DeepLabV3-MobileNetV2 (``deeplab:bus``, the shared TFLite model) runs on all 1000
    imagenet-samples photos (masks cached under ``benchmarks/.cache/masks``). A photo takes part where the
    bus covers at least 1/49 of it (``spurious.DEFAULT_MIN_AREA``); the report lists which classes those are.
-2. **Stylize and probe** (:func:`rulewriter.spurious.probe`, true ImageNet labels): the bus is painted with
+2. **Stylize and probe** (:func:`rulewriter.studies.spurious.probe`, true ImageNet labels): the bus is painted with
    ``paste:skimage:gravel`` (:class:`TexturePaste`, keeps the shading); the same photos are also stylized
    with ``gram:skimage:gravel`` (:class:`GramStyle`, 100 steps) for a second probe. Figure
    ``bus_gravel_probe.png`` is Fig. 2-12 for the paste probe.
 3. **Mitigation sets, honestly built from few photos.** imagenet-samples has one photo per class, so the
    probe finds only a handful of bus photos. Each bus photo is turned into :data:`AUGMENTATIONS`
-   deterministic augmentations, the recipe of :class:`rulewriter.demo.AugmentedPhotos` (random resized crop
+   deterministic augmentations, the recipe of :class:`rulewriter.studies.demo.AugmentedPhotos` (random resized crop
    15–100% of the area, aspect 3/4–4/3, flip with probability 1/2, ±20% brightness/contrast/saturation,
    256×256) applied jointly to the photo, its gravel copy and its mask (the gravel copy is the jittered
    gravel inside the mask and the jittered photo outside it). **The split is by source photo**: the bus
@@ -20,7 +20,7 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
    folds swap (2-fold cross-validation; both directions are reported and summed).
 4. **Exemplars**: the first 5 augmentations (interleaved over the fold's photos, so they span photos) on
    which gravel changes the top-1 and whose bus shows in the centre crop: exemplars of the failure.
-5. **Mitigation** (:func:`rulewriter.spurious.mitigate`, default layer, view 2, rank 1; baselines stop
+5. **Mitigation** (:func:`rulewriter.studies.spurious.mitigate`, default layer, view 2, rank 1; baselines stop
    once the exemplars are right): rewriting with images, rewriting with features (the gravel texture's
    features pasted at the layer), fine-tuning the layer, retraining the last layer. ``C`` from the 1000
    photos (cached). **Gravel error**: the gravel copy's top-1 differs from the unedited model's top-1 on
@@ -64,7 +64,7 @@ log = S.log
 def augment_triplet(orig: Image.Image, sty: Image.Image, mask: np.ndarray, seed: int, i: int
                     ) -> tuple[Image.Image, Image.Image, np.ndarray]:
     """AugmentedPhotos' recipe (crop, flip, jitter) applied jointly; gravel only inside the moved mask."""
-    from rulewriter.demo import random_resized_box
+    from rulewriter.studies.demo import random_resized_box
 
     rng = np.random.default_rng([seed, i])
     box = random_resized_box(orig.size, rng)
@@ -85,7 +85,7 @@ def augment_triplet(orig: Image.Image, sty: Image.Image, mask: np.ndarray, seed:
 
 def fold_set(clf: Any, res: Any, train_src: Sequence[int], test_src: Sequence[int], n_aug: int) -> Any:
     """A fixed-split FilteredSet: exemplar candidates from ``train_src`` photos, test from ``test_src``."""
-    from rulewriter.spurious import FilteredSet
+    from rulewriter.studies.spurious import FilteredSet
 
     def augs(src: Sequence[int]) -> list[tuple[Image.Image, Image.Image, np.ndarray, int, str]]:
         out = []
@@ -97,7 +97,7 @@ def fold_set(clf: Any, res: Any, train_src: Sequence[int], test_src: Sequence[in
 
     train = augs(train_src)
     # Candidates: augmentations on which gravel changes the top-1 (one batch through the model).
-    from rulewriter.evaluate import predict
+    from rulewriter.studies.evaluate import predict
 
     p = predict(clf, [t[0] for t in train] + [t[1] for t in train], [t[3] for t in train] * 2,
                 progress=False)["before"].top1
@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "models/deeplabv3_mnv2_pascal_quant.tflite")
     C.setup_torch()
-    from rulewriter.data import subsample
-    from rulewriter.models import load_classifier
-    from rulewriter.report import save_figure
-    from rulewriter.segment import load_segmenter
-    from rulewriter.spurious import METHODS, mitigate, probe
-    from rulewriter.stats import collect_second_moment
-    from rulewriter.stylize import stylizer_from
+    from rulewriter.models.data import subsample
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.studies.report import save_figure
+    from rulewriter.studies.segment import load_segmenter
+    from rulewriter.studies.spurious import METHODS, mitigate, probe
+    from rulewriter.core.stats import collect_second_moment
+    from rulewriter.studies.stylize import stylizer_from
 
     t_start = time.perf_counter()
     times: dict[str, float] = {}

@@ -6,7 +6,7 @@ Both solvers minimise the same objective over updates ``W1 = W0 + Λ Dᵀ`` with
 
 * closed form: ``update_direction`` (Cholesky solve) + ``solve_lambda`` (a weighted least-squares solve);
 * projected GD (``projected_gd``, eq. 2.20): the same ``update_direction``, then gradient steps (as
-  ``rulewriter.edit.projected_gd`` takes them), each projected back onto ``W0 + span(Dᵀ)``, stopped as soon
+  ``rulewriter.core.edit.projected_gd`` takes them), each projected back onto ``W0 + span(Dᵀ)``, stopped as soon
   as its loss is within 1e-6 (relative) of the closed-form loss (``tol = L_cf · (1 + 1e-6)``).
   ``projected_gd`` records the loss of the current iterate before each step, so the index of the first
   loss under ``tol`` is the number of steps needed; its time is the whole call, setup included.
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIPPED: scikit-image is needed for the coffee photo and gravel (pip install 'rulewriter[demo]').")
         return 0
     C.setup_torch()
-    from rulewriter.edit import projected_gd, solve_lambda, update_direction
-    from rulewriter.manipulate import paste_texture, texture_from
-    from rulewriter.memory import LayerMemory
-    from rulewriter.models import get_module, load_classifier
-    from rulewriter.rules import rule_from_images
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.core.edit import projected_gd, solve_lambda, update_direction
+    from rulewriter.concepts.manipulate import paste_texture, texture_from
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.models.registry import get_module, load_classifier
+    from rulewriter.core.rules import rule_from_images
+    from rulewriter.core.stats import collect_second_moment
 
     t_start = time.perf_counter()
     clf = load_classifier("efficientnet-lite0")

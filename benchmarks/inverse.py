@@ -8,7 +8,7 @@ the bowl), pasted onto the wheels with ``paste_texture`` (shading kept). The for
 wooden wheels → the wheel's output. The inverse edits use the same pairs with Algorithm 1's swap
 (``inverse_rule_from_images``): the wheel's output is the key, the wooden wheel's input the value.
 
-Solvers (``rulewriter.inverse``): ``transpose`` (Section 3.1), ``pinv`` (3.2), ``fourier`` (3.3), each with
+Solvers (``rulewriter.extensions.inverse``): ``transpose`` (Section 3.1), ``pinv`` (3.2), ``fourier`` (3.3), each with
 ``fit="mean"`` (the thesis's single constraint) and the default ridge; statistics come from the
 imagenet-samples photos (the second moment of the view's keys, or the Fourier spectrum of the output maps).
 
@@ -27,7 +27,7 @@ Does the edit take hold? Checks, all on the rule's exemplars (cosines are per pi
   cosine over the wheel pixels; takes hold when closer to the wooden map.
 * **image** stage (eqs. 3.9–3.10, default layer only): reconstruct the image through the edited network
   (Adam, random start); the distance inside the wheel mask is the classifier-feature distance of
-  ``rulewriter.inverse.FeatureDistance`` (LPIPS form on EfficientNet-Lite0's own features, *not* LPIPS: the
+  ``rulewriter.extensions.inverse.FeatureDistance`` (LPIPS form on EfficientNet-Lite0's own features, *not* LPIPS: the
   ``lpips`` package and its AlexNet weights are not available offline); takes hold when closer to the
   wooden-wheel photo by more than the unedited margin changes between two random starts.
 
@@ -113,8 +113,8 @@ class Exemplars:
 
 
 def exemplars(shared: Path) -> tuple[Exemplars, Image.Image]:
-    from rulewriter.data import load_image
-    from rulewriter.manipulate import paste_texture, texture_from
+    from rulewriter.models.data import load_image
+    from rulewriter.concepts.manipulate import paste_texture, texture_from
 
     paths, index = C.car_photos(shared, "trainingset")
     wheel = set(index.images("wheel"))
@@ -136,10 +136,10 @@ def _png(img: Image.Image) -> bytes:
 # ------------------------------------------------------------------------------------------ statistics
 def project_stats(clf, cache: torch.Tensor, batch: int = 100):
     """Second moments (views 2 and 3) and the key spectrum of the default layer, from cached block inputs."""
-    from rulewriter.inverse import KeySpectrum
-    from rulewriter.memory import LayerMemory
-    from rulewriter.stats import SecondMoment
-    from rulewriter.trace import StopForward, Trace, get_module
+    from rulewriter.extensions.inverse import KeySpectrum
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.core.stats import SecondMoment
+    from rulewriter.core.trace import StopForward, Trace, get_module
 
     model = clf.model
     module = get_module(model, LAYER)
@@ -161,11 +161,11 @@ def project_stats(clf, cache: torch.Tensor, batch: int = 100):
 
 
 def stem_stats(clf, images: torch.Tensor, batch: int = 8):
-    from rulewriter.inverse import KeySpectrum
-    from rulewriter.memory import LayerMemory
-    from rulewriter.rules import layer_io
-    from rulewriter.stats import SecondMoment
-    from rulewriter.trace import get_module
+    from rulewriter.extensions.inverse import KeySpectrum
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.core.rules import layer_io
+    from rulewriter.core.stats import SecondMoment
+    from rulewriter.core.trace import get_module
 
     module = get_module(clf.model, STEM)
     mems = {v: LayerMemory(module, v) for v in (2, 3, 4)}
@@ -185,8 +185,8 @@ def stem_stats(clf, images: torch.Tensor, batch: int = 8):
 # ------------------------------------------------------------------------------------------ edits
 def build_edits(clf, layer: str, ex: Exemplars, stats: dict, variants: list[tuple[str, str, int]]):
     """``variants``: (state name, solver, view); solver "forward" is rules.rewrite on the view-2 rule."""
-    from rulewriter.inverse import inverse_rewrite, inverse_rule_from_images
-    from rulewriter.rules import rewrite, rule_from_images
+    from rulewriter.extensions.inverse import inverse_rewrite, inverse_rule_from_images
+    from rulewriter.core.rules import rewrite, rule_from_images
 
     rules: dict[int, Any] = {}
     edits: dict[str, Any] = {}
@@ -223,8 +223,8 @@ class LayerData:
 
 
 def layer_data(clf, layer: str, ex: Exemplars) -> LayerData:
-    from rulewriter.concepts import mask_to_grid
-    from rulewriter.rules import layer_io, prepare_mask
+    from rulewriter.concepts.masks import mask_to_grid
+    from rulewriter.core.rules import layer_io, prepare_mask
 
     pre = clf.preprocess
     xc, xw = pre.batch(ex.cars), pre.batch(ex.wooden)
@@ -239,7 +239,7 @@ def layer_data(clf, layer: str, ex: Exemplars) -> LayerData:
 def rule_errors(module, rule3, w0: torch.Tensor, c_in: torch.Tensor) -> dict[str, float]:
     """Forward rule error and inverse recall error in view-3 terms (see the module docstring), and how
     strongly typical inputs fire the edit: ``sqrt(E‖ΔW x‖²) / ‖ΔW v̄‖`` with ``E[x xᵀ] = c_in``."""
-    from rulewriter.memory import LayerMemory
+    from rulewriter.core.memory import LayerMemory
 
     w1 = LayerMemory(module, 2).matrix().double()
     k, v = rule3.key(), rule3.value()
@@ -256,8 +256,8 @@ def rule_errors(module, rule3, w0: torch.Tensor, c_in: torch.Tensor) -> dict[str
 
 
 def key_stage(module, d: LayerData, protocol: str, steps: int):
-    from rulewriter.inverse import reconstruct_key
-    from rulewriter.memory import LayerMemory
+    from rulewriter.extensions.inverse import reconstruct_key
+    from rulewriter.core.memory import LayerMemory
 
     mem2 = LayerMemory(module, 2)
     with torch.no_grad():
@@ -273,7 +273,7 @@ def key_stage(module, d: LayerData, protocol: str, steps: int):
 
 
 def feature_stage(module, d: LayerData, protocol: str, steps: int, exemplars: int | None = None):
-    from rulewriter.inverse import reconstruct_features
+    from rulewriter.extensions.inverse import reconstruct_features
 
     with torch.no_grad():
         y_now = module(d.x_car) if protocol == "thesis" else d.y_car
@@ -287,7 +287,7 @@ def feature_stage(module, d: LayerData, protocol: str, steps: int, exemplars: in
 
 
 def image_stage(clf, layer: str, module, d: LayerData, protocol: str, steps: int, distance, seed: int = 0):
-    from rulewriter.inverse import reconstruct_image
+    from rulewriter.extensions.inverse import reconstruct_image
 
     with torch.no_grad():
         y_now = module(d.x_car[:1]) if protocol == "thesis" else d.y_car[:1]
@@ -335,7 +335,7 @@ def summarize(recs, tol: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ figures
 def save_curves(stage: str, layer_tag: str, protocol: str, runs: dict, title: str) -> str:
-    from rulewriter.inverse import plot_reconstructions
+    from rulewriter.extensions.inverse import plot_reconstructions
 
     path = C.RESULTS_DIR / f"{NAME}.curves.{layer_tag}.{stage}.{protocol}.png"
     plot_reconstructions(path, runs, title=title)
@@ -350,8 +350,8 @@ def save_heatmaps(layer_tag: str, clf, d: LayerData, recs: dict, car: Image.Imag
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rulewriter.concepts import overlay
-    from rulewriter.inverse import dot_similarity
+    from rulewriter.concepts.masks import overlay
+    from rulewriter.extensions.inverse import dot_similarity
 
     shown = clf.preprocess.denormalize(clf.preprocess.image(car))
     heats = {(s, t): dot_similarity(r.result, tgt) for s, r in recs.items()
@@ -400,15 +400,15 @@ def save_image_grid(clf, d: LayerData, recs: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ one layer
 def run_layer(clf, layer: str, tag: str, ex: Exemplars, stats: dict, variants, evaluate, st: Settings,
               log, image_stage_on: bool) -> dict[str, Any]:
-    from rulewriter.inverse import perceptual_distance
-    from rulewriter.memory import LayerMemory
-    from rulewriter.trace import get_module
+    from rulewriter.extensions.inverse import perceptual_distance
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.core.trace import get_module
 
     module = get_module(clf.model, layer)
     rules, edits, solve_s = build_edits(clf, layer, ex, stats, variants)
     rule3 = rules.get(3)
     if rule3 is None:
-        from rulewriter.inverse import inverse_rule_from_images
+        from rulewriter.extensions.inverse import inverse_rule_from_images
 
         rule3 = inverse_rule_from_images(clf, layer, ex.cars, ex.wooden, ex.masks, view=3)
     d = layer_data(clf, layer, ex)
@@ -469,7 +469,7 @@ def run_layer(clf, layer: str, tag: str, ex: Exemplars, stats: dict, variants, e
                         row["image_held"]["seed1_margin_to_wood"] = other["margin_to_wood"]
                     curves.setdefault(("image", protocol), {})[name] = ir
                 if tag == "stem":  # the stem's input is the image: score its feature-map reconstruction so too
-                    from rulewriter.inverse import FeatureDistance
+                    from rulewriter.extensions.inverse import FeatureDistance
 
                     fd = FeatureDistance(clf, mask=d.masks_s[0])
                     rec = fr[0].result.float()
@@ -551,9 +551,9 @@ def main() -> None:
     t_start = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
 
-    from rulewriter.memory import LayerMemory
-    from rulewriter.models import load_classifier
-    from rulewriter.trace import get_module
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.core.trace import get_module
 
     clf = load_classifier("efficientnet-lite0")
     ex, wood = exemplars(shared)
@@ -585,7 +585,7 @@ def main() -> None:
                   ("pinv", "pinv", 3), ("fourier", "fourier", 3)]
     res_d = run_layer(clf, LAYER, "default", ex, stats_d, variants_d, evaluate_default, st, log, image_stage_on=True)
     # The 1×1 identities the report states, checked on the real layer.
-    from rulewriter.inverse import inverse_rewrite, inverse_rule_from_images
+    from rulewriter.extensions.inverse import inverse_rewrite, inverse_rule_from_images
 
     r3 = inverse_rule_from_images(clf, LAYER, ex.cars, ex.wooden, ex.masks, view=3)
     r4 = inverse_rule_from_images(clf, LAYER, ex.cars, ex.wooden, ex.masks, view=4)
@@ -623,7 +623,7 @@ def main() -> None:
                   ("pinv v3", "pinv", 3), ("pinv v4", "pinv", 4), ("fourier", "fourier", 4)]
     res_s = run_layer(clf, STEM, "stem", ex, stats_st, variants_s, evaluate_stem, st, log, image_stage_on=False)
     # The Fourier edit is one weight change; its rank depends on the layout it is written in.
-    from rulewriter.inverse import factorize
+    from rulewriter.extensions.inverse import factorize
 
     r4s = inverse_rule_from_images(clf, STEM, ex.cars, ex.wooden, ex.masks, view=4)
     f4 = inverse_rewrite(clf, r4s, stats_st["spectrum"], solver="fourier")

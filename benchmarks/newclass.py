@@ -115,8 +115,8 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
 
     When the features of ``superset`` (whose first photos are ``paths``) are cached, they are used instead.
     """
-    from rulewriter.newclass import Features, collect_features
-    from rulewriter.stats import read_safetensors
+    from rulewriter.extensions.newclass import Features, collect_features
+    from rulewriter.core.stats import read_safetensors
 
     names = [str(p) for p in paths]
     for cand in ([paths] + ([superset] if superset else [])):
@@ -125,7 +125,7 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
             t, _ = read_safetensors(f, RuntimeError)
             n = len(paths)
             return Features(layer, t["x"][:n], t["logits"][:n], t["head"][:n], names)
-    from rulewriter.stats import atomic_save
+    from rulewriter.core.stats import atomic_save
 
     f = _cache_file(clf, layer, paths, tag)
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
 
 def forget(clf: Any, drop: set[int]):
     """The classifier without the logits ``drop`` (a hook selects the others); returns (classifier, hook)."""
-    from rulewriter.models import Classifier
+    from rulewriter.models.registry import Classifier
 
     keep = [i for i in range(clf.num_classes) if i not in drop]
     idx = torch.tensor(keep)
@@ -169,14 +169,14 @@ class Case:
 
 # ------------------------------------------------------------------------------------------ one case
 def restrict(feats: Any, keep: list[int]):
-    from rulewriter.newclass import Features
+    from rulewriter.extensions.newclass import Features
 
     return Features(feats.layer, feats.x, feats.logits[:, keep], feats.head, feats.names)
 
 
 def metrics(pos_ext: torch.Tensor, neg_ext: torch.Tensor, groups: list[int], look: list[bool]) -> dict[str, Any]:
     """AUC (softmax and logit), TPR at 1 % FPR, TP/FP, and AUC against the look-alike classes only."""
-    from rulewriter.newclass import evaluate
+    from rulewriter.extensions.newclass import evaluate
 
     r = evaluate(pos_ext, neg_ext, neg_groups=groups)
     r["auc_logit"] = evaluate(pos_ext, neg_ext, neg_groups=groups, score="logit")["auc"]
@@ -194,7 +194,7 @@ def _line(label: str, r: dict[str, Any]) -> str:
 
 
 def run_case(clf: Any, case: Case, quick: bool, log=print) -> dict[str, Any]:
-    from rulewriter.newclass import add_class, class_feature_vector, compositional_vector, random_vector, vector_class
+    from rulewriter.extensions.newclass import add_class, class_feature_vector, compositional_vector, random_vector, vector_class
 
     fclf, hook, keep = forget(clf, case.drop)
     try:
@@ -284,7 +284,7 @@ def run_case(clf: Any, case: Case, quick: bool, log=print) -> dict[str, Any]:
 def _sweeps(clf, case, pool, ev, quick, log):
     fclf, hook, _ = forget(clf, case.drop)
     try:
-        from rulewriter.newclass import add_class
+        from rulewriter.extensions.newclass import add_class
 
         sweep = []
         for lam in (LAMBDAS if not quick else (0.0, None, 1.0)):
@@ -317,7 +317,7 @@ def _sweeps(clf, case, pool, ev, quick, log):
 
 def _end_to_end(clf, case, new, ev_pos, ev_neg, log) -> dict[str, Any]:
     """The saved class on the real network: original logits bit-identical, new logit equal to the cached path."""
-    from rulewriter.newclass import NewClass
+    from rulewriter.extensions.newclass import NewClass
 
     fclf, hook, _ = forget(clf, case.drop)
     try:
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = C.require_shared("data/imagenet-samples", "data/car-parts/testset")
     C.setup_torch(2)
     t_start = time.perf_counter()
-    from rulewriter.models import load_classifier
+    from rulewriter.models.registry import load_classifier
 
     clf = load_classifier("efficientnet-lite0")
     layer = clf.default_layer

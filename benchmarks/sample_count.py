@@ -6,8 +6,8 @@ The experiment, step by step (EfficientNet-Lite0, default layer, CPU):
    exemplars and held-out test images; its probe is cached under ``benchmarks/.cache``). One edit
    throughout: rewriting with images from the same 5 exemplars (``rule_from_images`` + ``rewrite`` with
    the package defaults); only ``C`` changes.
-2. **C from**: (a) 100 imagenet-samples photos (``rulewriter.data.subsample``, seed 0), (b) those 100 plus
-   900 deterministic augmentations of them (:class:`rulewriter.demo.AugmentedPhotos`: random resized crop,
+2. **C from**: (a) 100 imagenet-samples photos (``rulewriter.models.data.subsample``, seed 0), (b) those 100 plus
+   900 deterministic augmentations of them (:class:`rulewriter.studies.demo.AugmentedPhotos`: random resized crop,
    flip, colour jitter) = 1000 images from 100 photos, (c) all 1000 photos, (d) the 1000 photos plus 4000
    augmentations of them = 5000, and (e) the 500 even-indexed photos (for the disjoint check).
    ``C`` is the second moment of the layer's keys (49 locations per image), cached by content.
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", S.ADE_DIR, S.SNOW)
     C.setup_torch()
-    from rulewriter.data import load_image, subsample
-    from rulewriter.demo import AugmentedPhotos
-    from rulewriter.rules import rewrite, rule_from_images
-    from rulewriter.stats import SecondMoment, collect_second_moment
+    from rulewriter.models.data import load_image, subsample
+    from rulewriter.studies.demo import AugmentedPhotos
+    from rulewriter.core.rules import rewrite, rule_from_images
+    from rulewriter.core.stats import SecondMoment, collect_second_moment
 
     t_start = time.perf_counter()
     log("[1/3] the snow scenario (probe cached by snow.py)")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           C.markdown_table(head, rows), "",
           "The first four rows build `C` from the photos whose top-1 measures the cost (overlap); the last two "
           "use even-indexed photos only and measure top-1 on the odd-indexed ones. Augmentations: "
-          "`rulewriter.demo.AugmentedPhotos` (seed 0).\n"]
+          "`rulewriter.studies.demo.AugmentedPhotos` (seed 0).\n"]
     text = "\n".join(md)
     print(text)
     seconds = {"scenario": t_scenario, "stats": t_stats, "evaluate": t_eval, "total": time.perf_counter() - t_start}

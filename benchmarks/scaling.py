@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        from rulewriter.stats import SecondMoment
+        from rulewriter.core.stats import SecondMoment
 
         ref_stats = None
         for label, procs in configs:

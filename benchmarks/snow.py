@@ -17,7 +17,7 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
    An image takes part when the ground covers at least 1/49 of it (``spurious.DEFAULT_MIN_AREA``).
 2. **Snow.** ``data/textures/snow_texture.jpg`` pasted into the ground mask with :class:`TexturePaste`
    (keeps the ground's shading).
-3. **Probe** (:func:`rulewriter.spurious.probe`). Car-parts and ADE20K photos have no ImageNet label, so
+3. **Probe** (:func:`rulewriter.studies.spurious.probe`). Car-parts and ADE20K photos have no ImageNet label, so
    their label is the unedited model's top-1 on the original; imagenet-samples photos keep their true
    class. Reported: per class, the error change (figure ``snow_probe.png``) and, over all images, the
    wrong classes the snowy copies go to (``snow_destinations.png``).
@@ -34,7 +34,7 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
    photos are scanned in chunks of 40 until N are found (the probe reports how many were scanned).
    **Held-out test**: every car-parts *test* photo, the ImageNet vehicles and the ADE20K scenes (never
    used to build anything).
-6. **Mitigation** (:func:`rulewriter.spurious.mitigate`, package defaults: default layer, view 2, rank 1,
+6. **Mitigation** (:func:`rulewriter.studies.spurious.mitigate`, package defaults: default layer, view 2, rank 1,
    ridge; baselines stop once the exemplars are right): rewriting with images, rewriting with features
    (the snow texture's features pasted into the mask at the layer), fine-tuning the layer, retraining
    the last layer. ``C`` = second moment of the layer's keys over the 1000 imagenet-samples photos
@@ -113,7 +113,7 @@ def _ade_ground(json_path: Path) -> np.ndarray:
 
 def ground_segmenter(shared: Path) -> Any:
     """One segmenter for the three sources, dispatching on the image's path (see the module docstring)."""
-    from rulewriter.segment import Below, Segmenter, load_segmenter
+    from rulewriter.studies.segment import Below, Segmenter, load_segmenter
 
     indices = {split: C.car_photos(shared, split)[1] for split in ("trainingset", "testset")}
 
@@ -213,7 +213,7 @@ def fixed_split_set(fs_cls: Any) -> Any:
 
 def _probe_from_dict(d: dict[str, Any], names: list[str]) -> Any:
     """A ProbeResult (without images) back from :meth:`ProbeResult.to_dict`."""
-    from rulewriter.spurious import ClassRow, ProbeResult
+    from rulewriter.studies.spurious import ClassRow, ProbeResult
 
     derived = ("error_change", "top1_prob_change", "true_prob_change")
     rows = [ClassRow(**{**{k: v for k, v in c.items() if k not in derived},
@@ -241,11 +241,11 @@ def build_scenario(shared: Path, *, quick: bool = False, n_exemplars: int = DEFA
     under ``benchmarks/.cache/snow-<key>`` (a filtered set folder and JSON), keyed by content.
     """
     from rulewriter.atomic import atomic_bytes
-    from rulewriter.data import subsample
-    from rulewriter.evaluate import predict
-    from rulewriter.models import load_classifier
-    from rulewriter.spurious import FilteredSet, probe
-    from rulewriter.stylize import TexturePaste
+    from rulewriter.models.data import subsample
+    from rulewriter.studies.evaluate import predict
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.studies.spurious import FilteredSet, probe
+    from rulewriter.studies.stylize import TexturePaste
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -362,7 +362,7 @@ def evaluate_change(sc: Scenario, layer: str, change: Any | None, photo_idx: Seq
 
 
 def rewrite_images(sc: Scenario, n: int, layer: str, stats: Any, **options: Any) -> Any:
-    from rulewriter.rules import rewrite, rule_from_images
+    from rulewriter.core.rules import rewrite, rule_from_images
 
     o, s, m = sc.rule_inputs(n)
     return rewrite(sc.clf, rule_from_images(sc.clf, layer, o, s, m), stats, **options)
@@ -389,8 +389,8 @@ ROW_HEAD = ["method", "snow errors fixed (held-out)", "by source", "originals ch
 
 
 def destinations_figure(counts: Counter, names: Sequence[str], total: int, path: Path) -> Path:
-    from rulewriter.evaluate import _pyplot
-    from rulewriter.report import save_figure
+    from rulewriter.studies.evaluate import _pyplot
+    from rulewriter.studies.report import save_figure
 
     plt = _pyplot()
     top = counts.most_common(15)
@@ -410,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", ADE_DIR, SNOW)
     C.setup_torch()
-    from rulewriter.evaluate import _pyplot  # noqa: F401  (fail early without matplotlib)
-    from rulewriter.report import save_figure
-    from rulewriter.spurious import METHODS, mitigate
-    from rulewriter.evaluate import predict
-    from rulewriter.finetune import finetune_layer
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.studies.evaluate import _pyplot  # noqa: F401  (fail early without matplotlib)
+    from rulewriter.studies.report import save_figure
+    from rulewriter.studies.spurious import METHODS, mitigate
+    from rulewriter.studies.evaluate import predict
+    from rulewriter.studies.finetune import finetune_layer
+    from rulewriter.core.stats import collect_second_moment
 
     t_start = time.perf_counter()
     log("[1/5] probe: snow on the ground of every vehicle photo")

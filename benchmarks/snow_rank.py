@@ -32,9 +32,9 @@ RANKS = (4, 8, 16, 32, 64)
 def main() -> int:
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", snow.ADE_DIR, snow.SNOW)
     C.setup_torch()
-    from rulewriter.evaluate import predict
-    from rulewriter.rules import rewrite, rule_from_images
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.studies.evaluate import predict
+    from rulewriter.core.rules import rewrite, rule_from_images
+    from rulewriter.core.stats import collect_second_moment
 
     t_start = time.perf_counter()
     sc = snow.build_scenario(shared)

@@ -46,10 +46,10 @@ def paired_batches(clf: Any, layer: str, x: torch.Tensor, repeats: int) -> tuple
     """(a), (b), (c) back to back on every batch (order rotated), so that load from other processes hits
     all three alike. Returns per-batch times ``{"wall"|"cpu": {mode: [[seconds per batch] per repeat]}}``
     and the last repeat's statistics."""
-    from rulewriter.memory import LayerMemory
-    from rulewriter.models import get_module
-    from rulewriter.stats import SecondMoment
-    from rulewriter.trace import Trace
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.models.registry import get_module
+    from rulewriter.core.stats import SecondMoment
+    from rulewriter.core.trace import Trace
 
     mem = LayerMemory(get_module(clf.model, layer), 2, name=layer)
     out: dict[str, dict[str, list[list[float]]]] = {c: {m: [] for m in MODES} for c in ("wall", "cpu")}
@@ -85,8 +85,8 @@ def estimates(per_batch: list[list[float]]) -> tuple[float, float]:
 
 def loader_pass(clf: Any, layer: str, paths: list[Path]) -> None:
     """(d) baseline: decode with the same Dataset/DataLoader as collect_second_moment, forward to the layer."""
-    from rulewriter.data import ImageDataset
-    from rulewriter.trace import Trace
+    from rulewriter.models.data import ImageDataset
+    from rulewriter.core.trace import Trace
 
     loader = torch.utils.data.DataLoader(ImageDataset(paths, clf.preprocess), batch_size=BATCH, num_workers=0)
     with torch.no_grad(), Trace(clf.model, layer, retain_output=False, stop=True) as tr:
@@ -95,7 +95,7 @@ def loader_pass(clf: Any, layer: str, paths: list[Path]) -> None:
 
 
 def collect_pass(clf: Any, layer: str, paths: list[Path]) -> None:
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.core.stats import collect_second_moment
 
     collect_second_moment(clf, layer, paths, batch_size=BATCH, progress=False, cache_dir=None)
 
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shared = C.require_shared("data/imagenet-samples")
     C.setup_torch()
-    from rulewriter.data import subsample
-    from rulewriter.memory import LayerMemory
-    from rulewriter.models import get_module, load_classifier
+    from rulewriter.models.data import subsample
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.models.registry import get_module, load_classifier
 
     t_start = time.perf_counter()
     clf = load_classifier("efficientnet-lite0")

@@ -6,7 +6,7 @@ the variants rotated on every batch and medians over repeats:
 * ``forward``: the model up to the layer (``Trace(stop=True)``), in float32 — the 1.0× reference;
 * ``forward bf16``: the same under bf16 autocast (channels_last on CUDA);
 * ``+ <mode>``: the forward pass plus ``SecondMoment(<mode>).add(keys)`` for every product mode of
-  :data:`rulewriter.stats.PRECISIONS`. On a CPU, ``tf32``, ``tf32x2`` and ``bf16`` *emulate* the input
+  :data:`rulewriter.core.stats.PRECISIONS`. On a CPU, ``tf32``, ``tf32x2`` and ``bf16`` *emulate* the input
   rounding of those formats (their numerics, not their speed: CPUs have no TF32);
 * ``+ default, bf16 fwd``: bf16 autocast forward with the device's default product mode;
 * evaluation: ``evaluate.predict`` on the image files against a DataLoader + full forward on the same files
@@ -56,10 +56,10 @@ def sync(device: torch.device) -> None:
 def timed_variants(clf: Any, layer: str, x: torch.Tensor, batch: int, repeats: int, device: torch.device,
                    ) -> tuple[dict[str, float], dict[str, Any]]:
     """Seconds per image for every variant (median over repeats), and the statistics of the last repeat."""
-    from rulewriter.memory import LayerMemory
-    from rulewriter.models import get_module
-    from rulewriter.stats import SecondMoment, default_precision
-    from rulewriter.trace import Trace
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.models.registry import get_module
+    from rulewriter.core.stats import SecondMoment, default_precision
+    from rulewriter.core.trace import Trace
 
     mem = LayerMemory(get_module(clf.model, layer), 2, name=layer)
     default = default_precision(device)
@@ -99,8 +99,8 @@ def timed_variants(clf: Any, layer: str, x: torch.Tensor, batch: int, repeats: i
 
 def coffee_edit_effect(clf: Any, layer: str, stats: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Build the gravel-cup → espresso edit with C from each mode; compare with the fp64 edit."""
-    from rulewriter.manipulate import paste_texture
-    from rulewriter.rules import rewrite, rule_from_images
+    from rulewriter.concepts.manipulate import paste_texture
+    from rulewriter.core.rules import rewrite, rule_from_images
 
     photo, mask = C.coffee_photo()
     gravel = paste_texture(photo, mask, "skimage:gravel")
@@ -135,9 +135,9 @@ def peak_rss() -> int:
 
 def probe(kind: str, model: str, layer: str, n: int, batch: int, device: str) -> None:
     """Run in a subprocess: one statistics or evaluation run, then print its peak memory as JSON."""
-    from rulewriter.evaluate import predict
-    from rulewriter.models import load_classifier
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.studies.evaluate import predict
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.core.stats import collect_second_moment
 
     shared = C.shared_dir()
     clf = load_classifier(model, weights="none" if model == "vgg16" else None, device=device)
@@ -170,8 +170,8 @@ def run_probe(kind: str, model: str, layer: str, n: int, batch: int, device: str
 
 def eval_throughput(clf: Any, paths: list[Path], labels: list[int], batch: int, repeats: int) -> dict[str, float]:
     """Images per second: predict() on files against a DataLoader + full forward on the same files."""
-    from rulewriter.data import ImageDataset
-    from rulewriter.evaluate import predict
+    from rulewriter.models.data import ImageDataset
+    from rulewriter.studies.evaluate import predict
 
     def plain() -> None:
         loader = torch.utils.data.DataLoader(ImageDataset(paths, clf.preprocess), batch_size=batch)
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         probe(args.probe, args.probe_model, args.probe_layer, args.probe_images, args.batch, args.device)
         return 0
     C.setup_torch()
-    from rulewriter.data import subsample
-    from rulewriter.models import load_classifier
-    from rulewriter.stats import default_precision
+    from rulewriter.models.data import subsample
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.core.stats import default_precision
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"

@@ -118,8 +118,8 @@ class TailCache:
                  desc: str = "cache") -> None:
         from tqdm.auto import tqdm
 
-        from rulewriter.evaluate import Predictions, SourceDataset
-        from rulewriter.trace import Trace
+        from rulewriter.studies.evaluate import Predictions, SourceDataset
+        from rulewriter.core.trace import Trace
 
         self.clf, self.sources, self.labels, self.target = clf, list(sources), list(labels), target
         self.batch_size = batch_size
@@ -166,7 +166,7 @@ class TailCache:
 
     def predictions(self, layer: str, change: Any) -> Any:
         """Predictions of every image with ``change`` applied (a change of ``layer``)."""
-        from rulewriter.evaluate import Predictions, predict
+        from rulewriter.studies.evaluate import Predictions, predict
 
         start = self.start_for(layer)
         if start is None:
@@ -178,7 +178,7 @@ class TailCache:
 
 def replace_rows(base: Any, idx: Sequence[int], part: Any) -> Any:
     """``base`` predictions with rows ``idx`` taken from ``part`` (predictions of those rows only)."""
-    from rulewriter.evaluate import Predictions
+    from rulewriter.studies.evaluate import Predictions
 
     i = np.asarray(idx, dtype=np.int64)
     arrays = {f: getattr(base, f).copy() for f in ("topk", "topk_prob", "label_prob", "target_prob")}
@@ -189,7 +189,7 @@ def replace_rows(base: Any, idx: Sequence[int], part: Any) -> Any:
 
 
 def concat(*preds: Any) -> Any:
-    from rulewriter.evaluate import Predictions
+    from rulewriter.studies.evaluate import Predictions
 
     return Predictions.concat(list(preds))
 
@@ -213,9 +213,9 @@ class Photos:
 
 def car_photos_with_wheels(clf: Any, shared: Path, split: str, wood: Any, limit: int | None = None) -> Photos:
     """Car-parts photos of ``split`` in natural order with a wheel inside the model's crop, wood on the wheels."""
-    from rulewriter.data import load_image
-    from rulewriter.manipulate import paste_texture
-    from rulewriter.models import mask_for_image
+    from rulewriter.models.data import load_image
+    from rulewriter.concepts.manipulate import paste_texture
+    from rulewriter.models.registry import mask_for_image
 
     paths, index = C.car_photos(shared, split)
     wheel = set(index.images("wheel"))
@@ -269,7 +269,7 @@ def all_predictions(sets: Sets, layer: str, change: Any | None) -> dict[str, Any
 
 def measure(sets: Sets, pre: dict[str, Any], post: dict[str, Any], n_exemplars: int) -> dict[str, Any]:
     """The experiment's metrics for one change (see the module docstring)."""
-    from rulewriter.evaluate import accuracy, as_label_sets, errors_corrected, four_tests, roc
+    from rulewriter.studies.evaluate import accuracy, as_label_sets, errors_corrected, four_tests, roc
 
     car_labels = [sets.car_set] * sets.n_cars
     conf = np.asarray(sets.confusing)
@@ -314,9 +314,9 @@ def oracle(sets: Sets, layer: str, masks: Sequence[torch.Tensor]) -> dict[str, A
     corrects, and the share of the layer output's change (manipulated − original, squared) inside the cells.
     ``masks`` are the wheel masks on the network's input (S × S).
     """
-    from rulewriter.concepts import mask_to_grid
-    from rulewriter.evaluate import Predictions, errors_corrected
-    from rulewriter.trace import Trace
+    from rulewriter.concepts.masks import mask_to_grid
+    from rulewriter.studies.evaluate import Predictions, errors_corrected
+    from rulewriter.core.trace import Trace
 
     cache, n = sets.cars, sets.n_cars
     start = cache.start_for(layer)
@@ -344,8 +344,8 @@ def oracle(sets: Sets, layer: str, masks: Sequence[torch.Tensor]) -> dict[str, A
 
 def pair_fit(clf: Any, rule: Any, edit: Any) -> float:
     """Share of the rule's own residual ``Σ wᵢ ‖W kᵢ − vᵢ‖²`` over its (key, value) pairs that the edit removes."""
-    from rulewriter.memory import LayerMemory
-    from rulewriter.trace import get_module
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.core.trace import get_module
 
     mem = LayerMemory(get_module(clf.model, rule.layer), rule.view, name=rule.layer)
     w0 = mem.matrix().double()
@@ -434,8 +434,8 @@ def roc_figure(results: dict[str, dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rulewriter.evaluate import plot_roc
-    from rulewriter.report import save_figure
+    from rulewriter.studies.evaluate import plot_roc
+    from rulewriter.studies.report import save_figure
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 8.6), dpi=100)
     first = next(iter(results.values()))
@@ -449,8 +449,8 @@ def roc_figure(results: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def shifts_figure(shifts: Any, title: str, path: Path) -> Path:
-    from rulewriter.evaluate import plot_class_shifts
-    from rulewriter.report import save_figure
+    from rulewriter.studies.evaluate import plot_class_shifts
+    from rulewriter.studies.report import save_figure
 
     return save_figure(path, plot_class_shifts(shifts, title, top=20))
 
@@ -466,13 +466,13 @@ def main(argv: list[str] | None = None) -> int:
 
     shared = C.require_shared("data/imagenet-samples", "data/car-parts")
     C.setup_torch()
-    from rulewriter.evaluate import (MatchedPaste, accuracy, class_shifts, concept_matcher, concept_scores,
+    from rulewriter.studies.evaluate import (MatchedPaste, accuracy, class_shifts, concept_matcher, concept_scores,
                                      match_threshold, select_top)
-    from rulewriter.finetune import finetune_layer, retrain_last_layer
-    from rulewriter.manipulate import texture_from
-    from rulewriter.models import load_classifier
-    from rulewriter.rules import rewrite, rule_from_features, rule_from_images
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.studies.finetune import finetune_layer, retrain_last_layer
+    from rulewriter.concepts.manipulate import texture_from
+    from rulewriter.models.registry import load_classifier
+    from rulewriter.core.rules import rewrite, rule_from_features, rule_from_images
+    from rulewriter.core.stats import collect_second_moment
 
     t_start = time.perf_counter()
     times: dict[str, float] = {}
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     test = car_photos_with_wheels(clf, shared, "testset", wood, 20 if args.quick else None)
     paths, labels = C.imagenet_samples(shared, clf)
     if args.quick:  # a spread of classes, not the first 200 (which are all animals)
-        from rulewriter.data import subsample
+        from rulewriter.models.data import subsample
 
         keep = subsample(list(range(len(paths))), 200)
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]

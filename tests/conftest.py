@@ -25,7 +25,7 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The real pretrained EfficientNet-Lite0 (installed from PyPI with the package)."""
-    from rulewriter.models import load_classifier
+    from rulewriter.models.registry import load_classifier
 
     return load_classifier("efficientnet-lite0")
 
@@ -40,8 +40,8 @@ def coffee_case():
     import numpy as np
     from PIL import Image
 
-    from rulewriter.demo import coffee_mask
-    from rulewriter.manipulate import paste_texture, texture_from
+    from rulewriter.studies.demo import coffee_mask
+    from rulewriter.concepts.manipulate import paste_texture, texture_from
 
     img = Image.fromarray(skdata.coffee())
     mask = np.asarray(coffee_mask(img.size), np.float32) / 255

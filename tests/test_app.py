@@ -24,10 +24,10 @@ pytest.importorskip("fastapi", reason="the app needs the 'app' extra: pip instal
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rulewriter import app as appmod  # noqa: E402
-from rulewriter.app import MAX_UPLOAD_BYTES, create_app, decode_image_bytes, is_loopback, mask_box  # noqa: E402
+from rulewriter.app import server as appmod  # noqa: E402
+from rulewriter.app.server import MAX_UPLOAD_BYTES, create_app, decode_image_bytes, is_loopback, mask_box  # noqa: E402
 from rulewriter.errors import ImageLoadError  # noqa: E402
-from rulewriter.models import Preprocess, load_classifier  # noqa: E402
+from rulewriter.models.registry import Preprocess, load_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "car", "van", "cup", "bus"]
@@ -284,7 +284,7 @@ def test_edit_lifecycle(client, tiny, tmp_path):
     assert r.status_code == 200, r.text
     saved = Path(r.json()["path"])
     assert saved == tmp_path / "out" / "edits" / "gravel-cup.safetensors" and saved.is_file()
-    assert json.loads(saved.with_name(saved.name + ".json").read_text())["format"] == "rulewriter.edit/1"
+    assert json.loads(saved.with_name(saved.name + ".json").read_text())["format"] == "rulewriter.core.edit/1"
     assert client.get("/api/edits").json()["edits"] == ["gravel-cup.safetensors"]
     blob = client.get("/api/edits/gravel-cup.safetensors").content
     assert blob == saved.read_bytes()
@@ -372,7 +372,7 @@ def test_uploads_sizes_types_and_pickles(client, tmp_path):
     assert client.post(eurl, files={"file": ("e.safetensors", b"\0" * (MAX_UPLOAD_BYTES + 1))}).status_code == 413
     assert client.get(f"/api/sessions/{sid}/edit").json() == {"edit": None}
     # an edit of another model's layer is refused, and the model is left as it was
-    from rulewriter.edit import Edit, LayerUpdate
+    from rulewriter.core.edit import Edit, LayerUpdate
 
     wrong = tmp_path / "wrong.safetensors"
     Edit([LayerUpdate("features.4", 2, torch.ones(3, 1), torch.ones(5, 1))]).save(wrong)
@@ -483,7 +483,7 @@ def test_cli_checks_input_and_warns_on_public_hosts(monkeypatch, capsys, folder,
 def skimage_folder(tmp_path_factory):
     """coffee and a few other real photos from scikit-image."""
     pytest.importorskip("skimage.data", reason="the real-photo tests need scikit-image")
-    from rulewriter.demo import skimage_photos
+    from rulewriter.studies.demo import skimage_photos
 
     photos = skimage_photos()
     d = tmp_path_factory.mktemp("skphotos")
@@ -495,7 +495,7 @@ def skimage_folder(tmp_path_factory):
 
 def test_coffee_gravel_edit_through_the_api(lite0, skimage_folder, tmp_path):
     """The demo's known-good case, through the API: the gravel cup is not espresso before, espresso after."""
-    from rulewriter.demo import coffee_mask
+    from rulewriter.studies.demo import coffee_mask
 
     with TestClient(create_app(lite0, skimage_folder, out_dir=tmp_path / "out")) as client:
         sid, ids = _session(client), _ids(client)

@@ -1,4 +1,4 @@
-"""Tests for rulewriter.concepts: masks, COCO rasterisation/RLE, grid masks, keys, contexts, heatmaps."""
+"""Tests for rulewriter.concepts.masks: masks, COCO rasterisation/RLE, grid masks, keys, contexts, heatmaps."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rulewriter.concepts import (
+from rulewriter.concepts.masks import (
     CocoIndex,
     Concept,
     coco_index,

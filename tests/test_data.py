@@ -1,4 +1,4 @@
-"""Tests for rulewriter.data: safe image loading, listings, labels from names, the dataset."""
+"""Tests for rulewriter.models.data: safe image loading, listings, labels from names, the dataset."""
 from __future__ import annotations
 
 import io
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rulewriter.data import ImageDataset, labelled_images, list_images, load_image, subsample
+from rulewriter.models.data import ImageDataset, labelled_images, list_images, load_image, subsample
 from rulewriter.errors import ImageLoadError, RulewriterError
-from rulewriter.models import Preprocess
+from rulewriter.models.registry import Preprocess
 
 LABELS = ["tench", "goldfish", "sports car", "Egyptian cat"]
 WNIDS = ["n01440764", "n01443537", "n04285008", "n02124075"]
@@ -151,7 +151,7 @@ def test_labelled_real_samples(shared_dir: Path) -> None:
     root = shared_dir / "data" / "imagenet-samples"
     if not root.is_dir():
         pytest.skip(f"ImageNet samples not found at {root}")
-    from rulewriter.models import imagenet_classes
+    from rulewriter.models.registry import imagenet_classes
 
     wnids, labels = imagenet_classes()
     got = labelled_images(root, labels, wnids)

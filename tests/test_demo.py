@@ -8,14 +8,14 @@ import pytest
 
 pytest.importorskip("skimage", reason="the demo's photos and textures come from scikit-image (rulewriter[demo])")
 
-from rulewriter.edit import Edit  # noqa: E402
+from rulewriter.core.edit import Edit  # noqa: E402
 
 UNRELATED = ("chelsea", "astronaut", "rocket", "motorcycle_left")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from rulewriter.demo import run_demo
+    from rulewriter.studies.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     text = io.StringIO()

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rulewriter import distributed as D
-from rulewriter.evaluate import predict
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.stats import SecondMoment, collect_second_moment
+from rulewriter.core import distributed as D
+from rulewriter.studies.evaluate import predict
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.core.stats import SecondMoment, collect_second_moment
 
 
 class Tiny(nn.Module):
@@ -202,7 +202,7 @@ def test_torchrun_stats_command_equals_single_process(tmp_path, five_photos):
 
 def test_shards_from_separate_machines_merge_to_the_whole(tmp_path):
     from rulewriter.errors import StatsError
-    from rulewriter.stats import merge_files
+    from rulewriter.core.stats import merge_files
 
     clf = tiny_classifier()
     paths = write_images(tmp_path / "imgs", 7)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rulewriter.edit import Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
+from rulewriter.core.edit import Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
 from rulewriter.errors import EditError, LayerError, StatsError
-from rulewriter.memory import LayerMemory
+from rulewriter.core.memory import LayerMemory
 
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from rulewriter.cli import main
-from rulewriter.edit import Edit, LayerUpdate
-from rulewriter.evaluate import (
+from rulewriter.core.edit import Edit, LayerUpdate
+from rulewriter.studies.evaluate import (
     Evaluation,
     MatchedPaste,
     Predictions,
@@ -38,8 +38,8 @@ from rulewriter.evaluate import (
     target_set,
     write_report,
 )
-from rulewriter.finetune import WeightDelta
-from rulewriter.models import Preprocess, load_classifier
+from rulewriter.studies.finetune import WeightDelta
+from rulewriter.models.registry import Preprocess, load_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,7 +335,7 @@ def test_cli_exact_form_with_and_without_edit(capsys, six, lite0, tmp_path, monk
 
 def test_cli_class_name_folders(capsys, lite0, tmp_path, monkeypatch):
     skdata = pytest.importorskip("skimage.data")
-    monkeypatch.setattr("rulewriter.models.load_classifier", lambda *a, **k: lite0)
+    monkeypatch.setattr("rulewriter.models.registry.load_classifier", lambda *a, **k: lite0)
     d = tmp_path / "data"
     photos = {"espresso": skdata.coffee(), "tabby": skdata.chelsea(), "Space_Shuttle": skdata.rocket()}
     paths, labels = [], []
@@ -362,7 +362,7 @@ def test_cli_class_name_folders(capsys, lite0, tmp_path, monkeypatch):
     ("batch", "batch-size"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(capsys, lite0, tmp_path, monkeypatch, case, message):
-    monkeypatch.setattr("rulewriter.models.load_classifier", lambda *a, **k: lite0)
+    monkeypatch.setattr("rulewriter.models.registry.load_classifier", lambda *a, **k: lite0)
     d = tmp_path / "data"
     d.mkdir()
     extra: list = []

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from rulewriter.errors import EditError
-from rulewriter.finetune import WeightDelta, finetune_layer, last_linear, retrain_last_layer
-from rulewriter.models import Preprocess, load_classifier
+from rulewriter.studies.finetune import WeightDelta, finetune_layer, last_linear, retrain_last_layer
+from rulewriter.models.registry import Preprocess, load_classifier
 
 
 class Tiny(nn.Module):
@@ -114,7 +114,7 @@ def test_save_load_roundtrip_and_bad_files(tiny, tmp_path):
     assert (tmp_path / "ft.safetensors.json").is_file()
     back = WeightDelta.load(path)
     assert back.meta == delta.meta and all(torch.equal(back.deltas[k], delta.deltas[k]) for k in delta.deltas)
-    from rulewriter.evaluate import load_change
+    from rulewriter.studies.evaluate import load_change
 
     assert isinstance(load_change(path), WeightDelta)
     torch.save({"fc.weight": torch.zeros(4, 8)}, tmp_path / "pickle.safetensors")

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rulewriter.edit import Edit
+from rulewriter.core.edit import Edit
 from rulewriter.errors import EditError, LayerError, StatsError
-from rulewriter.inverse import (
+from rulewriter.extensions.inverse import (
     KeySpectrum,
     Reconstruction,
     conv_lstsq_fourier,
@@ -27,10 +27,10 @@ from rulewriter.inverse import (
     reconstruct_image,
     reconstruct_key,
 )
-from rulewriter.memory import LayerMemory
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.rules import Rule, layer_io
-from rulewriter.stats import SecondMoment
+from rulewriter.core.memory import LayerMemory
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.core.rules import Rule, layer_io
+from rulewriter.core.stats import SecondMoment
 
 G = torch.float64
 
@@ -253,7 +253,7 @@ def test_fourier_edit_makes_the_adjoint_map_a_constant_key_to_its_value(tiny):
     edit = inverse_rewrite(tiny, rule, spec, solver="fourier", ridge=1e-6)
     conv = tiny.model.features[0]
     mem = LayerMemory(conv, 4)
-    from rulewriter.inverse import _pixel_key, _pixel_value
+    from rulewriter.extensions.inverse import _pixel_key, _pixel_value
 
     k, v = _pixel_key(mem, rule), _pixel_value(mem, rule)
     with edit.applied(tiny.model):
@@ -345,7 +345,7 @@ def test_feature_map_reconstruction_converges_and_heatmaps(tmp_path):
 
 
 def test_image_reconstruction_lowers_the_loss(tiny):
-    from rulewriter.inverse import FeatureDistance
+    from rulewriter.extensions.inverse import FeatureDistance
 
     x = tiny.preprocess.batch(_images(1))
     _, y = layer_io(tiny, "features.4", x)

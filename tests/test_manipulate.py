@@ -1,4 +1,4 @@
-"""Tests for rulewriter.manipulate: pasting textures in pixels and in features, loading textures."""
+"""Tests for rulewriter.concepts.manipulate: pasting textures in pixels and in features, loading textures."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rulewriter.errors import ImageLoadError, MaskError
-from rulewriter.manipulate import paste_features, paste_texture, texture_from
+from rulewriter.concepts.manipulate import paste_features, paste_texture, texture_from
 
 
 def _photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:

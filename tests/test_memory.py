@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rulewriter.errors import LayerError
-from rulewriter.memory import LayerMemory
+from rulewriter.core.memory import LayerMemory
 
 CONVS = [
     dict(kernel_size=1),

@@ -1,4 +1,4 @@
-"""Tests for rulewriter.models: loading by name / file / module, preprocessing, labels, layer lookup."""
+"""Tests for rulewriter.models.registry: loading by name / file / module, preprocessing, labels, layer lookup."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from rulewriter.errors import LayerError, MaskError, ModelError
-from rulewriter.models import (
+from rulewriter.models.registry import (
     DEFAULT_LAYERS,
     Classifier,
     Preprocess,
@@ -334,7 +334,7 @@ def test_imagenet_samples_top1(lite0: Classifier, shared_dir: Path) -> None:
     root = shared_dir / "data" / "imagenet-samples"
     if not root.is_dir():
         pytest.skip(f"ImageNet samples not found at {root}")
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     files = sorted(root.glob("*.jpg"))
     assert len(files) == 1000

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rulewriter.edit import Edit, LayerUpdate
+from rulewriter.core.edit import Edit, LayerUpdate
 from rulewriter.errors import EditError, LayerError, MaskError, RulewriterError
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.newclass import (
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.extensions.newclass import (
     NewClass,
     add_class,
     calibrate,
@@ -155,8 +155,8 @@ def test_filter_learns_the_pattern(tiny, task, mode):
 
 def test_training_objective_and_lambda(tiny, task):
     """Eq. 4.4 goes down monotonically; λ=None means 1/N; λ=0 ignores the negatives."""
-    from rulewriter.memory import LayerMemory
-    from rulewriter.newclass import silhouette_target
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.extensions.newclass import silhouette_target
 
     pos, mask, pool, _, _ = task
     mem = LayerMemory(tiny.model.conv2)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rulewriter import report
-from rulewriter.report import (
+from rulewriter.studies import report
+from rulewriter.studies.report import (
     card,
     code_block,
     figure,

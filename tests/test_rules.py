@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rulewriter.edit import Edit
+from rulewriter.core.edit import Edit
 from rulewriter.errors import EditError, LayerError, MaskError
-from rulewriter.memory import LayerMemory
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.rules import Rule, layer_io, rewrite, rule_from_features, rule_from_images
-from rulewriter.stats import SecondMoment, collect_second_moment
+from rulewriter.core.memory import LayerMemory
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.core.rules import Rule, layer_io, rewrite, rule_from_features, rule_from_images
+from rulewriter.core.stats import SecondMoment, collect_second_moment
 
 
 class Tiny(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for rulewriter.segment: every mask source, spec parsing, combinators and the CLI."""
+"""Tests for rulewriter.studies.segment: every mask source, spec parsing, combinators and the CLI."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from torch import nn
 
 from rulewriter.cli import main
 from rulewriter.errors import ImageLoadError, MaskError, ModelError, RulewriterError
-from rulewriter.segment import (
+from rulewriter.studies.segment import (
     VOC_CLASSES,
     Below,
     ContextSegmenter,
@@ -169,8 +169,8 @@ def test_mask_folder_round_trip_and_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ COCO
 def test_coco_masks_agree_with_concepts(shared_dir, tmp_path):
-    from rulewriter.concepts import coco_index, coco_masks
-    from rulewriter.data import load_image
+    from rulewriter.concepts.masks import coco_index, coco_masks
+    from rulewriter.models.data import load_image
 
     root = shared_dir / "data" / "car-parts" / "testset"
     ann = root / "annotations.json"
@@ -201,7 +201,7 @@ def _tiny_classifier():
     Key channels are the positive and negative parts of R, G, B: a red patch's key is (1,0,0,0,1,1),
     a blue one's (0,0,1,1,1,0).
     """
-    from rulewriter.models import Preprocess, load_classifier
+    from rulewriter.models.registry import Preprocess, load_classifier
 
     patch = nn.Conv2d(3, 6, 4, stride=4)
     with torch.no_grad():
@@ -226,9 +226,9 @@ def _scene(w: int = 64, h: int = 48, square: bool = True) -> tuple[Image.Image, 
 
 @pytest.fixture(scope="module")
 def concept_case(tmp_path_factory):
-    from rulewriter.concepts import Concept, mask_to_grid
-    from rulewriter.memory import LayerMemory
-    from rulewriter.rules import layer_io, prepare_mask
+    from rulewriter.concepts.masks import Concept, mask_to_grid
+    from rulewriter.core.memory import LayerMemory
+    from rulewriter.core.rules import layer_io, prepare_mask
 
     clf = _tiny_classifier()
     img, mask = _scene()
@@ -296,7 +296,7 @@ def test_context_thresholds(concept_case, tmp_path):
 
 # ------------------------------------------------------------------------------------------ DeepLab TFLite
 def test_deeplab_finds_the_bus_and_not_on_coffee(deeplab, samples):
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     skdata = pytest.importorskip("skimage.data")
     for name in (BUS, TROLLEYBUS):
@@ -309,7 +309,7 @@ def test_deeplab_finds_the_bus_and_not_on_coffee(deeplab, samples):
 
 
 def test_deeplab_classes_union_and_aliases(deeplab, samples, shared_dir):
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     img = load_image(samples / BUS)
     model = deeplab.model_path
@@ -322,7 +322,7 @@ def test_deeplab_classes_union_and_aliases(deeplab, samples, shared_dir):
 
 
 def test_deeplab_is_thread_safe(deeplab, samples):
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     img = load_image(samples / TROLLEYBUS)
     want = deeplab(img)
@@ -453,7 +453,7 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
 
 
 def test_cli_deeplab_round_trip_through_mask_files(deeplab, samples, tmp_path, capsys):
-    from rulewriter.data import load_image
+    from rulewriter.models.data import load_image
 
     out = tmp_path / "masks"
     spec = f"deeplab:bus@{deeplab.model_path}"

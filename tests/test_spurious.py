@@ -11,13 +11,13 @@ from PIL import Image
 from torch import nn
 
 from rulewriter.errors import EditError, RulewriterError
-from rulewriter.evaluate import TestSet, predict
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.rules import layer_io
-from rulewriter.memory import LayerMemory
-from rulewriter.spurious import FilteredSet, mitigate, probe
-from rulewriter.stats import SecondMoment
-from rulewriter.stylize import TexturePaste
+from rulewriter.studies.evaluate import TestSet, predict
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.core.rules import layer_io
+from rulewriter.core.memory import LayerMemory
+from rulewriter.studies.spurious import FilteredSet, mitigate, probe
+from rulewriter.core.stats import SecondMoment
+from rulewriter.studies.stylize import TexturePaste
 
 RED, GREEN, BLUE, GRAY = (230, 20, 20), (20, 230, 20), (20, 20, 230), (128, 128, 128)
 
@@ -237,6 +237,7 @@ def test_mitigate_groups_target_and_other_and_checks_inputs(clf, scenes, tmp_pat
 def cli_env(clf, scenes, monkeypatch, tmp_path):
     """The CLI with the colour model, and masks:DIR specs naming the scenes' mask folder."""
     import rulewriter.cli as cli
+    import rulewriter.cli.common as common
 
     pairs, seg = scenes
     data = tmp_path / "data"
@@ -244,7 +245,7 @@ def cli_env(clf, scenes, monkeypatch, tmp_path):
         (data / clf.labels[y]).mkdir(parents=True, exist_ok=True)
         Image.open(p).save(data / clf.labels[y] / p.name)
     # The real masks:DIR segmenter: one blue photo has no mask file, which a probe reads as "absent".
-    monkeypatch.setattr(cli, "_load", lambda args: clf)
+    monkeypatch.setattr(common, "load_model", lambda args: clf)
     tex = tmp_path / "blue.png"
     _blue().save(tex)
     return cli, data, seg.folder, tex
@@ -321,7 +322,7 @@ def test_probe_and_mitigate_on_efficientnet_lite0(lite0, photo_dir, tmp_path):
     fs = res.filtered_set(k=len(rows))
     if len(fs) < 3:
         pytest.skip(f"only {len(fs)} affected images; too few to split")
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.core.stats import collect_second_moment
 
     stats = collect_second_moment(lite0, lite0.default_layer, photo_dir, progress=False)
     before = {k: v.clone() for k, v in lite0.model.state_dict().items()}

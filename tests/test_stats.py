@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from rulewriter.errors import StatsError
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.stats import SecondMoment, _round_mantissa, default_precision, key_products, merge_files
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.core.stats import SecondMoment, _round_mantissa, default_precision, key_products, merge_files
 
 
 def _keys(n=500, d=7, seed=0):
@@ -112,7 +112,7 @@ def test_default_precision_is_within_tolerance_and_device_aware():
 
 
 def test_bf16_autocast_and_channels_last_forward(tmp_path):
-    from rulewriter.stats import collect_second_moment
+    from rulewriter.core.stats import collect_second_moment
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3, padding=1),
@@ -138,7 +138,7 @@ def test_bf16_autocast_and_channels_last_forward(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp64", "fp32", "tf32x2", "tf32", "bf16"])
 def test_symmetric_blocks_equal_the_full_product(precision, monkeypatch):
-    import rulewriter.stats as S
+    import rulewriter.core.stats as S
 
     g = torch.Generator().manual_seed(1)
     k = torch.randn(300, 37, generator=g) + 0.5

@@ -8,8 +8,8 @@ from PIL import Image
 from torch import nn
 
 from rulewriter.errors import ImageLoadError, MaskError, RulewriterError
-from rulewriter.models import Preprocess, load_classifier
-from rulewriter.stylize import (GramStyle, Stylizer, TexturePaste, _Features, masked_gram, style_layers,
+from rulewriter.models.registry import Preprocess, load_classifier
+from rulewriter.studies.stylize import (GramStyle, Stylizer, TexturePaste, _Features, masked_gram, style_layers,
                                 stylizer_from)
 
 
@@ -96,7 +96,7 @@ def test_masked_gram_weights_and_normalises():
 
 def _relative_gram_distance(gram: GramStyle, img: Image.Image, m: np.ndarray) -> float:
     """Mean over style layers of ‖G(img; mask) − G(texture)‖² / ‖G(texture)‖², measured on a finished image."""
-    from rulewriter.concepts import mask_to_grid
+    from rulewriter.concepts.masks import mask_to_grid
 
     canvas = gram.canvas_size(img.size)
     target = gram.texture_grams(canvas)

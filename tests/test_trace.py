@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rulewriter.errors import LayerError
-from rulewriter.trace import Trace
+from rulewriter.core.trace import Trace
 
 
 class Shared(nn.Module):

@@ -10,8 +10,8 @@ A tour in five lines::
 
 See the README for the command line and the design.
 """
-from .concepts import Concept, coco_index, coco_masks, concept_key, context, key_match, load_mask, mask_to_grid, overlay
-from .edit import DEFAULT_RIDGE, AppliedEdit, Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
+from .concepts.masks import Concept, coco_index, coco_masks, concept_key, context, key_match, load_mask, mask_to_grid, overlay
+from .core.edit import DEFAULT_RIDGE, AppliedEdit, Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
 from .errors import (
     EditError,
     ImageLoadError,
@@ -21,12 +21,12 @@ from .errors import (
     RulewriterError,
     StatsError,
 )
-from .manipulate import paste_features, paste_texture, texture_from
-from .memory import VIEWS, LayerMemory
-from .models import Classifier, Preprocess, list_models, load_classifier
-from .rules import Rule, rewrite, rule_from_features, rule_from_images
-from .stats import SecondMoment, collect_second_moment, merge_files
-from .trace import StopForward, Trace
+from .concepts.manipulate import paste_features, paste_texture, texture_from
+from .core.memory import VIEWS, LayerMemory
+from .models.registry import Classifier, Preprocess, list_models, load_classifier
+from .core.rules import Rule, rewrite, rule_from_features, rule_from_images
+from .core.stats import SecondMoment, collect_second_moment, merge_files
+from .core.trace import StopForward, Trace
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ writes files::
 
 From Python, the same code paths shard automatically once a process group is initialised::
 
-    from rulewriter.distributed import init_from_env, shard
+    from rulewriter.core.distributed import init_from_env, shard
     init_from_env()                       # no-op outside torchrun
     mine = shard(list(range(10)))         # this rank's items
 """

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LayerError
+from ..errors import LayerError
 
 __all__ = ["LayerMemory", "VIEWS"]
 

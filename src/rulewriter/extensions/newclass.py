@@ -8,7 +8,7 @@ classes' logits stay bit-for-bit identical on every input.
 A tour::
 
     from rulewriter import load_classifier
-    from rulewriter.newclass import NewClass, add_class
+    from rulewriter.extensions.newclass import NewClass, add_class
 
     clf = load_classifier("efficientnet-lite0")
     car = add_class(clf, "car.jpg", "car_silhouette.png", "photos-without-cars/", name="car")
@@ -38,7 +38,7 @@ How it works
   Each BCE is the mean over the grid. The last term is not in the thesis: with one image and hundreds of
   key dimensions the data are linearly separable, so eq. 4.4 alone has no finite minimiser and the
   answer would depend on when gradient descent stops. A ridge relative to the keys' mean energy κ (the
-  same ``1e-3`` of the mean energy that :data:`rulewriter.edit.DEFAULT_RIDGE` uses for rule edits) makes
+  same ``1e-3`` of the mean energy that :data:`rulewriter.core.edit.DEFAULT_RIDGE` uses for rule edits) makes
   the problem strictly convex; L-BFGS then solves it to convergence, so no learning rate or step count
   needs tuning. ``λ=None`` (the default) is ``1/N``: the N negatives together weigh as much as the one
   positive.
@@ -62,7 +62,7 @@ How it works
 
 The added class is a hook-based addition: hooks on the chosen layer and on the model compute the new
 channel from the layer's input and append the logit; they never modify a tensor the network computes. So
-an :class:`~rulewriter.edit.Edit` applies to the same model, by the same layer names, before or after it.
+an :class:`~rulewriter.core.edit.Edit` applies to the same model, by the same layer names, before or after it.
 """
 from __future__ import annotations
 
@@ -79,10 +79,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import EditError, ImageLoadError, LayerError, MaskError, RulewriterError
-from .memory import LayerMemory
-from .stats import load_described, save_described
-from .trace import Trace, get_module
+from ..errors import EditError, ImageLoadError, LayerError, MaskError, RulewriterError
+from ..core.memory import LayerMemory
+from ..core.stats import load_described, save_described
+from ..core.trace import Trace, get_module
 
 __all__ = [
     "FORMAT",
@@ -114,7 +114,7 @@ __all__ = [
     "add_cli",
 ]
 
-FORMAT = "rulewriter.newclass/1"
+FORMAT = "rulewriter.extensions.newclass/1"
 #: How the filter's response map becomes one score: the strongest location, the average, a smooth
 #: maximum (log-mean-exp, in logit units) or the predicted silhouette area (mean of the sigmoid).
 POOLS = ("max", "mean", "lse", "area")
@@ -173,7 +173,7 @@ class Features:
 def _load_image(img: ImageLike) -> Image.Image:
     if isinstance(img, Image.Image):
         return img.convert("RGB")
-    from .data import load_image
+    from ..models.data import load_image
 
     return load_image(img)
 
@@ -216,7 +216,7 @@ def collect_features(
     """Run ``images`` through the classifier once; keep ``layer``'s input, the logits and the head input.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier` (with any edits or added classes applied
+        classifier: a :class:`~rulewriter.models.registry.Classifier` (with any edits or added classes applied
             that the new class should see and compete with).
         images: paths or PIL images.
         layer: the conv layer whose input the new filter reads (None: do not record one).
@@ -317,8 +317,8 @@ def silhouette_target(
         >>> silhouette_target(clf, "_blocks.15._project_conv", "car.jpg", "car.png").shape   # doctest: +SKIP
         torch.Size([7, 7])
     """
-    from .concepts import mask_to_grid
-    from .rules import prepare_mask
+    from ..concepts.masks import mask_to_grid
+    from ..core.rules import prepare_mask
 
     img = _load_image(image)
     m = prepare_mask(classifier, mask, img)
@@ -717,7 +717,7 @@ class NewClass:
     def apply(self, classifier_or_model) -> "AttachedClass":
         """Append the new logit to the model's output, in memory, with hooks; returns a removable handle.
 
-        Given a :class:`~rulewriter.models.Classifier`, ``handle.classifier`` is a Classifier over the same
+        Given a :class:`~rulewriter.models.registry.Classifier`, ``handle.classifier`` is a Classifier over the same
         network with the new label appended. Nothing the network computes is modified, so the original
         logits stay bit-for-bit identical, and weight edits still apply by the same layer names.
         """
@@ -734,7 +734,7 @@ class NewClass:
 
     def extend(self, classifier):
         """A new Classifier (or model) over a deep copy of the network, with the class attached for good."""
-        from .models import Classifier
+        from ..models.registry import Classifier
 
         if isinstance(classifier, Classifier):
             clone = copy.copy(classifier)
@@ -790,7 +790,7 @@ class AttachedClass:
     """
 
     def __init__(self, new: NewClass, target) -> None:
-        from .models import Classifier
+        from ..models.registry import Classifier
 
         self.new = new
         self.classifier = target if isinstance(target, Classifier) else None
@@ -846,7 +846,7 @@ class AttachedClass:
 
 # ------------------------------------------------------------------------------------------ the recipe
 def _pool_paths(negatives, max_negatives: int | None, seed: int) -> list:
-    from .data import list_images, subsample
+    from ..models.data import list_images, subsample
 
     if isinstance(negatives, (str, Path)):
         paths = list_images(negatives)
@@ -881,7 +881,7 @@ def add_class(
     """Add a class from one example image and its silhouette mask (Chapter 4, eq. 4.4).
 
     Args:
-        classifier: the :class:`~rulewriter.models.Classifier` to extend (edits applied beforehand are seen).
+        classifier: the :class:`~rulewriter.models.registry.Classifier` to extend (edits applied beforehand are seen).
         image: the one example photo of the new class.
         mask: its silhouette (a PNG, white on the object, at any resolution with the photo's aspect ratio).
         negatives: photos without the class: a folder, a list of paths/PIL images, or :class:`Features`
@@ -991,8 +991,8 @@ def random_vector(dim: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def _masked_head_features(classifier, image: ImageLike, mask: MaskLike) -> torch.Tensor:
     """The mask-weighted mean of the feature map that the final layer pools, (D,) float64."""
-    from .concepts import concept_key, mask_to_grid
-    from .rules import prepare_mask
+    from ..concepts.masks import concept_key, mask_to_grid
+    from ..core.rules import prepare_mask
 
     pool, fc = head_layers(classifier.model)
     img = _load_image(image)
@@ -1194,61 +1194,3 @@ def is_new_class_file(path: str | Path) -> bool:
             return (fh.metadata() or {}).get("format") == FORMAT
     except Exception:  # noqa: BLE001 - anything unreadable is "not ours"; the edit loader reports it
         return False
-
-
-def _cmd_add_class(args) -> None:
-    from .cli import _emit, _layer, _load
-
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise RulewriterError(f"output folder {out.parent} does not exist")
-    if out.suffix != ".safetensors":
-        raise RulewriterError(f"--out must end in .safetensors, got {out.name}")
-    if not Path(args.negatives).exists():
-        raise ImageLoadError(f"no such negatives folder: {args.negatives}")
-    clf = _load(args)
-    layer = _layer(args, clf)
-    new = add_class(clf, args.image, args.mask, args.negatives, name=args.name, layer=layer, lam=args.lam,
-                    negatives_mode=args.negatives_mode, n_negatives=args.n_negatives, rounds=args.rounds,
-                    pool=args.pool, fpr=args.fpr, max_negatives=args.max_negatives, seed=args.seed,
-                    batch_size=args.batch_size, progress=not args.quiet)
-    new.save(out)
-    m = new.meta
-    info = {"out": str(out), "name": new.name, "layer": layer, "pool": new.pool, "lambda": m["lambda"],
-            "negatives_mode": m["negatives_mode"], "negatives": m["negatives"],
-            "calibration": m["calibration"], "exemplar": m["exemplar"], "final_loss": m["final_loss"]["total"]}
-    # Mined negatives are listed for a person to check: a photo labelled as something else may still show
-    # the new class (a car behind a tow truck), and eq. 4.4 would then teach the filter to ignore it.
-    _emit(info, args.json, (f"wrote {out}: class {new.name!r} at {layer} ({len(m['negatives'])} "
-                            f"{m['negatives_mode']} negatives, λ={m['lambda']:.3g}, pool {new.pool}); "
-                            f"exemplar top-1: {m['exemplar']['top1']}"
-                            + "".join(f"\n  negative: {n}" for n in m["negatives"])))
-
-
-def add_cli(sub) -> None:
-    """Add ``rulewriter add-class``. (``rulewriter predict --edit`` accepts added classes too.)"""
-    from .cli import _add_model
-
-    p = sub.add_parser("add-class", help="add a new class from one image and its silhouette (Chapter 4)")
-    _add_model(p)
-    p.add_argument("--layer", default=None, help="groups=1 conv layer for the new filter (default: the model's)")
-    p.add_argument("--image", required=True, help="the one example photo of the new class")
-    p.add_argument("--mask", required=True, help="its silhouette: a PNG, white on the object")
-    p.add_argument("--negatives", required=True, help="folder of photos without the class")
-    p.add_argument("--name", required=True, help="the new class's label")
-    p.add_argument("--lambda", dest="lam", type=float, default=None,
-                   help="weight λ of the negatives in eq. 4.4 (default 1/N: all negatives weigh as much as the positive)")
-    p.add_argument("--negatives-mode", default="mined", choices=["mined", "random", "none"])
-    p.add_argument("--n-negatives", type=int, default=15, help="negatives that train the filter")
-    p.add_argument("--rounds", type=int, default=3, help="mining rounds")
-    p.add_argument("--pool", default="max", choices=list(POOLS), help="how the filter's map becomes the logit")
-    p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
-                   help="fraction of negative photos the new class may win (sets the calibration)")
-    p.add_argument("--max-negatives", type=int, default=500, help="use at most this many negatives")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="where to write the class (.safetensors, plus a .json beside it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_add_class)
-

@@ -4,7 +4,7 @@ The thesis finds a spurious correlation by repainting one concept (the paintwork
 Section 2.3, Fig. 2-11) and watching which classes break. A *stylizer* does the repainting: a callable
 ``(image, mask) -> image`` with a ``.name``, which leaves every pixel outside the mask exactly as it was::
 
-    from rulewriter.stylize import GramStyle, TexturePaste, stylizer_from
+    from rulewriter.studies.stylize import GramStyle, TexturePaste, stylizer_from
 
     paste = TexturePaste("skimage:gravel")                   # pixels of the texture, shading kept
     gram = GramStyle(clf, "../shared/data/textures/snow_texture.jpg")   # Gatys style transfer, masked
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ImageLoadError, MaskError, RulewriterError
+from ..errors import ImageLoadError, MaskError, RulewriterError
 
 __all__ = ["Stylizer", "TexturePaste", "GramStyle", "stylizer_from", "style_layers", "masked_gram", "check_mask"]
 
@@ -53,7 +53,7 @@ def check_mask(image: Image.Image, mask) -> np.ndarray:
         >>> check_mask(Image.new("RGB", (3, 2)), np.ones((2, 3))).shape
         (2, 3)
     """
-    from .concepts import load_mask
+    from ..concepts.masks import load_mask
 
     if not isinstance(image, Image.Image):
         raise ImageLoadError(f"image must be a PIL image, got {type(image).__name__}")
@@ -61,7 +61,7 @@ def check_mask(image: Image.Image, mask) -> np.ndarray:
     W, H = image.size
     if m.shape != (H, W):
         raise MaskError(f"mask is {m.shape[0]}x{m.shape[1]} (HxW) but the image is {H}x{W}; "
-                        "give the mask at the image's size (rulewriter.models.mask_for_image resizes one)")
+                        "give the mask at the image's size (rulewriter.models.registry.mask_for_image resizes one)")
     return m
 
 
@@ -81,11 +81,11 @@ class TexturePaste:
     """Paste a texture's pixels into the mask, keeping the object's shading (:func:`manipulate.paste_texture`).
 
     Args:
-        texture: a path, a PIL image or ``"skimage:<name>"`` (see :func:`rulewriter.manipulate.texture_from`).
+        texture: a path, a PIL image or ``"skimage:<name>"`` (see :func:`rulewriter.concepts.manipulate.texture_from`).
         scale: ``None`` resizes the texture to cover the image once; a number tiles it with tiles whose
             short side is ``scale`` times the image's short side.
         shading_strength: how much of the object's relative luminance modulates the texture (0: flat
-            texture, 1: full shading); 0.75 as in :func:`~rulewriter.manipulate.paste_texture`.
+            texture, 1: full shading); 0.75 as in :func:`~rulewriter.concepts.manipulate.paste_texture`.
 
     Example::
 
@@ -96,7 +96,7 @@ class TexturePaste:
     """
 
     def __init__(self, texture, *, scale: float | None = None, shading_strength: float = 0.75) -> None:
-        from .manipulate import texture_from
+        from ..concepts.manipulate import texture_from
 
         self.texture = texture_from(texture)  # fail now on a bad texture, not at the first image
         self.scale, self.shading_strength = scale, float(shading_strength)
@@ -105,7 +105,7 @@ class TexturePaste:
         self.texture_spec = str(texture) if isinstance(texture, (str, Path)) else None
 
     def __call__(self, image: Image.Image, mask) -> Image.Image:
-        from .manipulate import paste_texture
+        from ..concepts.manipulate import paste_texture
 
         m = check_mask(image, mask)
         out = paste_texture(image.convert("RGB"), m, self.texture, scale=self.scale,
@@ -184,13 +184,13 @@ class _Features:
     """Several layers' outputs in one forward pass, stopping after the last one needed."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
-        from .trace import get_module
+        from ..core.trace import get_module
 
         self.model, self.layers = model, list(dict.fromkeys(layers))
         self.modules = {n: get_module(model, n) for n in self.layers}
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from .trace import StopForward
+        from ..core.trace import StopForward
 
         out: dict[str, torch.Tensor] = {}
 
@@ -266,7 +266,7 @@ class GramStyle:
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        from .manipulate import texture_from
+        from ..concepts.manipulate import texture_from
 
         lr = 1.0 / steps if lr is None and steps >= 1 else lr
         if steps < 1 or lr is None or lr <= 0 or content_weight < 0:
@@ -308,7 +308,7 @@ class GramStyle:
     def texture_grams(self, canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The texture's Gram matrix at each style layer, the texture covering a canvas of (W, H)."""
         if canvas not in self._texture_grams:
-            from .manipulate import _texture_canvas
+            from ..concepts.manipulate import _texture_canvas
 
             tex = Image.fromarray(np.clip(np.rint(_texture_canvas(self.texture, canvas, None) * 255), 0, 255)
                                   .astype(np.uint8))
@@ -335,7 +335,7 @@ class GramStyle:
     def __call__(self, image: Image.Image, mask) -> Image.Image:
         from tqdm.auto import tqdm
 
-        from .concepts import mask_to_grid
+        from ..concepts.masks import mask_to_grid
 
         m_full = check_mask(image, mask)
         t0 = time.perf_counter()
@@ -405,7 +405,7 @@ class GramStyle:
 def stylizer_from(spec: str, classifier=None, **kwargs) -> TexturePaste | GramStyle:
     """A stylizer from ``"paste:TEXTURE"`` or ``"gram:TEXTURE"`` (``gram`` needs the classifier).
 
-    ``TEXTURE`` is anything :func:`rulewriter.manipulate.texture_from` reads: an image path (e.g. the
+    ``TEXTURE`` is anything :func:`rulewriter.concepts.manipulate.texture_from` reads: an image path (e.g. the
     snow photo ``../shared/data/textures/snow_texture.jpg``) or ``skimage:gravel`` / ``brick`` / ``grass``.
     Extra keyword arguments go to the stylizer's constructor. The texture is read now, so a bad spec
     fails before any image is processed.

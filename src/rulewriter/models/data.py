@@ -6,7 +6,7 @@ on its first bad file with a message a user can act on.
 
 A tour::
 
-    >>> from rulewriter.data import ImageDataset, labelled_images, list_images, load_image, subsample
+    >>> from rulewriter.models.data import ImageDataset, labelled_images, list_images, load_image, subsample
     >>> img = load_image("photos/car.jpg")                      # RGB, fully read, file closed
     >>> paths = subsample(list_images("photos/"), 500)          # sorted, recursive, deterministic sample
     >>> pairs = labelled_images("imagenet-val/", clf.labels, clf.wnids)   # [(path, class index), ...]
@@ -30,8 +30,8 @@ from typing import TypeVar
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ImageLoadError
-from .models import Preprocess, find_class
+from ..errors import ImageLoadError
+from .registry import Preprocess, find_class
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "labelled_images", "list_images", "load_image", "subsample"]
 

@@ -3,15 +3,15 @@
 The thesis builds ``k*`` from edited inputs: in pixels, by pasting a wooden texture onto car wheels
 (Section 2.2.1), or in features, by pasting a texture's features onto a bus's features (Section 2.3.1)::
 
-    from rulewriter.manipulate import texture_from, paste_texture, paste_features
-    from rulewriter.concepts import coco_masks
+    from rulewriter.concepts.manipulate import texture_from, paste_texture, paste_features
+    from rulewriter.concepts.masks import coco_masks
 
     photo = Image.open("train1.jpg")
     mask = coco_masks("annotations.json", "train1.jpg", "wheel")         # (H, W) in [0, 1]
     wood = texture_from("spoon.jpg", crop_box=(40, 10, 200, 120))        # or texture_from("skimage:gravel")
     wooden_wheels = paste_texture(photo, mask, wood)                      # keeps the wheel's shading
 
-    # in feature space, at the layer's grid (masks from rulewriter.concepts.mask_to_grid):
+    # in feature space, at the layer's grid (masks from rulewriter.concepts.masks.mask_to_grid):
     edited = paste_features(feats, tex_feats, grid_mask)                  # feats*(1-m) + tex*m
 
 scikit-image (``pip install rulewriter[demo]``) is needed only for the ``"skimage:<name>"`` textures.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rulewriter.concepts import load_mask
+from rulewriter.concepts.masks import load_mask
 from rulewriter.errors import ImageLoadError, MaskError
 
 __all__ = ["TextureSource", "texture_from", "paste_texture", "paste_features"]
@@ -143,7 +143,7 @@ def paste_texture(
 ) -> Image.Image:
     """Fill the masked region of ``image`` with ``texture``; pixels where the mask is 0 stay exactly as they were.
 
-    ``mask`` is (H, W) in [0, 1] at the image's size (anything :func:`rulewriter.concepts.load_mask`
+    ``mask`` is (H, W) in [0, 1] at the image's size (anything :func:`rulewriter.concepts.masks.load_mask`
     accepts); soft edges blend linearly: ``out = image·(1-m) + pasted·m``. The texture is resized to cover
     the image once (centre-cropped), or, with ``scale``, tiled with tiles whose short side is ``scale``
     times the image's short side.
@@ -205,7 +205,7 @@ def paste_features(
 
     ``features`` (B, c, H, W); ``texture_features`` (1 or B, c, H', W'), resized bilinearly to (H, W)
     when the sizes differ; ``mask`` (B or 1, H, W) (or (H, W), or with a channel axis (B, 1, H, W))
-    weights in [0, 1] on the features' grid, e.g. from :func:`rulewriter.concepts.mask_to_grid`. Where
+    weights in [0, 1] on the features' grid, e.g. from :func:`rulewriter.concepts.masks.mask_to_grid`. Where
     m = 0 the features are returned unchanged; where m = 1 they equal the texture features.
     Shape mismatches raise MaskError.
 
@@ -244,7 +244,7 @@ def paste_features(
     if m.ndim != 3 or m.shape[0] not in (1, B) or tuple(m.shape[-2:]) != (H, W):
         raise MaskError(
             f"mask must be (1 or {B}, {H}, {W}) to match features {tuple(features.shape)}, got {tuple(m.shape)}; "
-            "downsample it with rulewriter.concepts.mask_to_grid"
+            "downsample it with rulewriter.concepts.masks.mask_to_grid"
         )
     m = m.to(device=features.device, dtype=features.dtype if features.is_floating_point() else torch.float32)
     if torch.isnan(m).any() or (m < 0).any() or (m > 1).any():

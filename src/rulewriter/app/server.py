@@ -23,14 +23,14 @@ design rules that keep it safe to leave running:
 * **One model lock.** Every forward pass holds it, and an edit is applied only inside
   ``edit.applied(model)`` while holding it, so one session's edit never leaks into another's
   prediction, and the weights are always restored (the user's model file is never written).
-* **No pickle.** Edits are read with :meth:`rulewriter.edit.Edit.load` (safetensors only).
+* **No pickle.** Edits are read with :meth:`rulewriter.core.edit.Edit.load` (safetensors only).
 
 Statistics ``C`` are collected once per layer from the image folder (or ``--stats-data DIR``) with
-:func:`rulewriter.stats.collect_second_moment` and its on-disk cache; the page says where they came from.
+:func:`rulewriter.core.stats.collect_second_moment` and its on-disk cache; the page says where they came from.
 
 Programmatic use (e.g. in tests)::
 
-    >>> from rulewriter.app import create_app
+    >>> from rulewriter.app.server import create_app
     >>> app = create_app(clf, "photos/")                      # doctest: +SKIP
     >>> from fastapi.testclient import TestClient             # doctest: +SKIP
     >>> TestClient(app).get("/api/info").json()["model"]      # doctest: +SKIP
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import EditError, ImageLoadError, MaskError, RulewriterError
+from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
 
 __all__ = ["AppState", "DEFAULT_PORT", "MAX_UPLOAD_BYTES", "TEXTURES", "add_cli", "create_app", "is_loopback", "serve"]
 
@@ -175,8 +175,8 @@ def read_mask(text: str, image_size: tuple[int, int], what: str = "mask") -> np.
     The mask may have any resolution with the image's aspect ratio. Raises MaskError when it is not an
     image, has another aspect ratio, or is empty.
     """
-    from .concepts import load_mask
-    from .models import mask_for_image
+    from ..concepts.masks import load_mask
+    from ..models.registry import mask_for_image
 
     data = decode_base64(text, what)
     try:
@@ -297,7 +297,7 @@ class Session:
     lock: threading.RLock = field(default_factory=threading.RLock)
     uploads: dict[str, tuple[str, Image.Image]] = field(default_factory=dict)
     exemplars: dict[str, Exemplar] = field(default_factory=dict)
-    edit: Any = None  # rulewriter.edit.Edit
+    edit: Any = None  # rulewriter.core.edit.Edit
     edit_source: str | None = None
     comparison: dict | None = None
     heatmaps: dict[str, bytes] = field(default_factory=dict)
@@ -348,9 +348,9 @@ class AppState:
         cache_dir: str | os.PathLike[str] | None = None,
         workers: int = 2,
     ) -> None:
-        from .data import list_images
-        from .memory import LayerMemory
-        from .trace import get_module
+        from ..models.data import list_images
+        from ..core.memory import LayerMemory
+        from ..core.trace import get_module
 
         self.clf = classifier
         self.layer = layer or classifier.default_layer
@@ -414,7 +414,7 @@ class AppState:
 
     def image(self, image_id: str, session: Session | None = None) -> Image.Image:
         """The RGB image behind an id (a folder image, or one of the session's uploads); KeyError if unknown."""
-        from .data import load_image
+        from ..models.data import load_image
 
         if image_id in self.images:
             return load_image(self.images[image_id])
@@ -457,8 +457,8 @@ class AppState:
 
     def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
         """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
-        from .data import ImageDataset, list_images, subsample
-        from .stats import collect_second_moment
+        from ..models.data import ImageDataset, list_images, subsample
+        from ..core.stats import collect_second_moment
 
         key = (self.layer, 2)
         with self._stats_lock:
@@ -483,9 +483,9 @@ class AppState:
             return s
 
     def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:
-        from .memory import LayerMemory
-        from .rules import layer_io
-        from .trace import get_module
+        from ..core.memory import LayerMemory
+        from ..core.rules import layer_io
+        from ..core.trace import get_module
 
         mem = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer)
         with self.model_lock:
@@ -494,7 +494,7 @@ class AppState:
 
     def concept_rule(self, image: Image.Image, mask: np.ndarray):
         """The masked keys and values of an image itself (a rule from the image to itself)."""
-        from .rules import rule_from_images
+        from ..core.rules import rule_from_images
 
         with self.model_lock:
             return rule_from_images(self.clf, self.layer, [image], [image], [mask])
@@ -502,7 +502,7 @@ class AppState:
     def build_rule(self, session: Session, exemplars: list[Exemplar]):
         """One rule from every exemplar: pasted targets pair keys and values per location; picked key
         regions pair the region's mean key with the exemplar's mean value."""
-        from .rules import Rule, rule_from_images
+        from ..core.rules import Rule, rule_from_images
 
         if not exemplars:
             raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
@@ -575,7 +575,7 @@ def create_app(
     """The FastAPI application serving the page (``/``) and the JSON API (``/api/...``, see ``/docs``).
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
         images_dir: the only folder whose images the app shows and reads.
         layer: the layer to edit (default: the model's default layer).
         stats_data, stats_samples: where the statistics ``C`` come from (default: ``images_dir``, all images).
@@ -784,7 +784,7 @@ def create_app(
 
     @app.get("/api/textures/{name}.png", summary="A built-in texture", responses={200: {"content": {"image/png": {}}}})
     def texture_png(name: str):
-        from .manipulate import texture_from
+        from ..concepts.manipulate import texture_from
 
         if f"skimage:{name}" not in TEXTURES:
             raise HTTPException(404, f"unknown texture {name[:40]!r}; built in: {', '.join(TEXTURES)}")
@@ -823,7 +823,7 @@ def create_app(
 
     # ---------------------------------------------------------------- exemplars
     def make_exemplar(s: Session, body: ExemplarIn) -> Exemplar:
-        from .manipulate import paste_texture, texture_from
+        from ..concepts.manipulate import paste_texture, texture_from
 
         img = get_image(body.image_id, s)
         mask = read_mask(body.mask, img.size)
@@ -963,7 +963,7 @@ def create_app(
             raise HTTPException(400, "add at least one exemplar first")
 
         def work(job: Job) -> dict:
-            from .rules import rewrite
+            from ..core.rules import rewrite
 
             t0 = time.perf_counter()
             stats = state.stats(job, 0.0, 0.45)
@@ -1040,7 +1040,7 @@ def create_app(
 
     @app.post("/api/sessions/{sid}/edit/load", summary="Load an edit saved in the output folder by name")
     def load_edit(sid: str, body: LoadIn):
-        from .edit import Edit
+        from ..core.edit import Edit
 
         s = get_session(sid)
         p = state.out_dir / "edits" / safe_name(body.name)
@@ -1055,7 +1055,7 @@ def create_app(
     @app.post("/api/sessions/{sid}/edit/upload", summary="Load an edit from an uploaded .safetensors file (≤ 10 MB; "
                                                          "pickles are refused)")
     async def upload_edit(sid: str, file: UploadFile = File(...)):
-        from .edit import Edit
+        from ..core.edit import Edit
 
         s = get_session(sid)
         data = await read_upload(file)
@@ -1081,9 +1081,9 @@ def create_app(
         mask = read_mask(body.mask, img.size)
 
         def work(job: Job) -> dict:
-            from .concepts import overlay
-            from .edit import DEFAULT_RIDGE, regularize
-            from .evaluate import concept_heatmaps
+            from ..concepts.masks import overlay
+            from ..core.edit import DEFAULT_RIDGE, regularize
+            from ..studies.evaluate import concept_heatmaps
 
             stats = state.stats(job, 0.0, 0.3)
             job.report(0.32, "the concept's key")
@@ -1137,8 +1137,8 @@ def create_app(
             exemplars = list(s.exemplars.values())
 
         def work(job: Job) -> dict:
-            from .data import labelled_images
-            from .evaluate import TestSet, evaluate_edit, write_report
+            from ..models.data import labelled_images
+            from ..studies.evaluate import TestSet, evaluate_edit, write_report
 
             ids = state.image_ids(None)
             paths = [state.images[i] for i in ids]
@@ -1202,40 +1202,3 @@ def serve(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: 
         print(f"rulewriter: warning: serving on {host}, reachable from other machines; the app has no "
               "authentication. Use the default 127.0.0.1 unless you trust the network.", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``rulewriter app`` to the ``rulewriter`` command's subparsers."""
-    from .cli import DEFAULT_CACHE, _add_model
-
-    p = sub.add_parser("app", help="an interactive editor in the browser",
-                       description="Serve a local web app to browse a folder's images, paint a concept, rewrite "
-                                   "a rule and compare predictions before and after.")
-    _add_model(p)
-    p.add_argument("--images", required=True, help="the image folder to browse (the only folder the app reads)")
-    p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
-    p.add_argument("--stats-data", default=None, help="image folder for the statistics C (default: --images)")
-    p.add_argument("--stats-samples", type=int, default=None, help="use N images for the statistics (default: all)")
-    p.add_argument("--out", default="rulewriter-app", help="folder for saved edits and reports")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.set_defaults(func=cmd_app)
-
-
-def cmd_app(args: argparse.Namespace) -> None:
-    """The ``app`` subcommand: check every input, load the model, serve."""
-    from .models import load_classifier
-
-    if not 0 < args.port < 65536:
-        raise RulewriterError(f"--port must be in 1..65535, got {args.port}")
-    if not Path(args.images).is_dir():
-        raise ImageLoadError(f"--images {args.images}: no such folder")
-    clf = load_classifier(args.model, weights=args.weights, device=args.device)
-    app = create_app(clf, args.images, layer=args.layer, stats_data=args.stats_data,
-                     stats_samples=args.stats_samples, out_dir=args.out,
-                     cache_dir=None if args.no_cache else args.cache_dir)
-    print(f"rulewriter app: {clf.name}, layer {app.state.rulewriter.layer}, "
-          f"{len(app.state.rulewriter.images)} images; open http://{args.host}:{args.port}/", file=sys.stderr)
-    serve(app, args.host, args.port)

@@ -25,8 +25,8 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from .atomic import atomic_bytes
-from .errors import EditError, StatsError
+from ..atomic import atomic_bytes
+from ..errors import EditError, StatsError
 from .memory import LayerMemory
 from .trace import Trace
 
@@ -339,7 +339,7 @@ def stats_cache_key(parts: dict) -> str:
 
 
 def _dataset(classifier, data, samples: int | None, seed: int):
-    from .data import ImageDataset, list_images, subsample
+    from ..models.data import ImageDataset, list_images, subsample
 
     if isinstance(data, torch.utils.data.Dataset):
         if samples is not None and samples < len(data):
@@ -401,7 +401,7 @@ def collect_second_moment(
     same result, and only rank 0 writes the cache.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
         layer: dotted layer name.
         data: an image folder (ImageNet-style class folders are searched recursively), a list of image
             paths, or a Dataset yielding ``(image_tensor, label)``.

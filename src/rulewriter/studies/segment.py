@@ -6,7 +6,7 @@ user drew, the classifier's own context match, a segmentation network), so every
 :class:`Segmenter`: a callable with a ``name`` that returns an (H, W) float32 mask in [0, 1] at the image's
 own size, all zeros when the concept is absent. A segmenter is made from a spec string::
 
-    from rulewriter.segment import load_segmenter
+    from rulewriter.studies.segment import load_segmenter
 
     seg = load_segmenter("deeplab:bus,car")                  # DeepLabV3-MobileNetV2 (TFLite), Pascal VOC classes
     mask = seg(img, source="photos/bus.jpg")                 # (H, W) float32 in [0, 1]
@@ -26,13 +26,13 @@ Spec forms (:data:`SPEC_FORMS` lists them; a bad spec raises :class:`SpecError` 
   or the stem with another image extension); black means
   absent. A missing file or a mask of another aspect ratio than its image is a MaskError.
 * ``context:CONCEPT.safetensors[?OPTIONS]``: where the classifier's layer context-matches a saved
-  :class:`~rulewriter.concepts.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.evaluate.concept_matcher`)
-  thresholded and mapped back to the image (:func:`rulewriter.evaluate.heat_to_mask`; the network sees the
+  :class:`~rulewriter.concepts.masks.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`)
+  thresholded and mapped back to the image (:func:`rulewriter.studies.evaluate.heat_to_mask`; the network sees the
   centre crop only, so the rest of the image is zero). OPTIONS (``&``-separated, or keyword arguments of
   :func:`load_segmenter`): ``model=NAME``, ``weights=FILE``, ``stats=FILE``, ``threshold=X``,
   ``quantile=Q``, ``calibration=DIR``. The threshold is, in order: an explicit ``threshold``; with
   ``calibration`` images, the ``quantile`` (default 0.99, the thesis's top 1%) of all locations' heat over
-  them (:func:`rulewriter.evaluate.match_threshold`); otherwise half the concept key's match with itself,
+  them (:func:`rulewriter.studies.evaluate.match_threshold`); otherwise half the concept key's match with itself,
   ``½·k*·(C+εI)⁻¹k*``: a location matches when it responds at least half as strongly as the concept's
   average key, the half-maximum rule, which needs no data.
 * ``deeplab:CLASS[,CLASS...][@MODEL.tflite]``: DeepLabV3-MobileNetV2 on Pascal VOC (``pip install
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import EditError, ImageLoadError, MaskError, ModelError, RulewriterError, StatsError
+from ..errors import EditError, ImageLoadError, MaskError, ModelError, RulewriterError, StatsError
 
 __all__ = [
     "MissingMaskError",
@@ -312,7 +312,7 @@ class Below(Segmenter):
 class CocoSegmenter(Segmenter):
     """Masks from COCO polygon / RLE annotations (spec ``coco:ANNOTATIONS.json:CATEGORY``).
 
-    The image is looked up by the file name of ``source`` (see :class:`rulewriter.concepts.CocoIndex`); an
+    The image is looked up by the file name of ``source`` (see :class:`rulewriter.concepts.masks.CocoIndex`); an
     image the annotations do not list is a MaskError naming it, one without the category gives zeros. When
     the image was resized (same aspect ratio) the mask follows it.
 
@@ -324,14 +324,14 @@ class CocoSegmenter(Segmenter):
     """
 
     def __init__(self, annotations: str | os.PathLike[str] | Any, category: str | int, *, name: str | None = None) -> None:
-        from .concepts import CocoIndex, coco_index
+        from ..concepts.masks import CocoIndex, coco_index
 
         self.index = annotations if isinstance(annotations, CocoIndex) else coco_index(annotations)
         self.category = self.index.category_id(category)  # unknown category: MaskError listing them, now
         self.name = name or f"coco:{self.index.source}:{category}"
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
-        from .models import mask_for_image
+        from ..models.registry import mask_for_image
 
         if source is None:
             raise MaskError(f"{self.name}: COCO masks are looked up by file name; pass source=<the image's path>")
@@ -345,9 +345,9 @@ class MaskFolderSegmenter(Segmenter):
 
     For image ``x/foo.jpg`` the mask is ``DIR/foo.png``, else ``DIR/foo.mask.png`` (what ``rulewriter
     segment`` writes), else ``DIR/foo`` with another image extension.
-    Files are read like :func:`rulewriter.concepts.load_mask` (white = concept), except that an all-black
+    Files are read like :func:`rulewriter.concepts.masks.load_mask` (white = concept), except that an all-black
     file means the concept is absent (zeros). A mask may have another resolution than its image but not
-    another aspect ratio (:func:`rulewriter.models.mask_for_image`).
+    another aspect ratio (:func:`rulewriter.models.registry.mask_for_image`).
 
     Example::
 
@@ -374,8 +374,8 @@ class MaskFolderSegmenter(Segmenter):
                                f"{tried[1].name} (or {stem} with one of {', '.join(_IMAGE_EXTS[1:])})")
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
-        from .concepts import load_mask
-        from .models import mask_for_image
+        from ..concepts.masks import load_mask
+        from ..models.registry import mask_for_image
 
         if source is None:
             raise MaskError(f"{self.name}: mask files are found by the image's file name; pass source=<path>")
@@ -390,7 +390,7 @@ class MaskFolderSegmenter(Segmenter):
 # ------------------------------------------------------------------------------------------ context match
 def _as_moment(stats: Any, layer: str) -> torch.Tensor | None:
     """The second moment C from a statistics file, a SecondMoment, or a tensor (None stays None)."""
-    from .stats import SecondMoment
+    from ..core.stats import SecondMoment
 
     if stats is None:
         return None
@@ -405,7 +405,7 @@ def _as_moment(stats: Any, layer: str) -> torch.Tensor | None:
 
 
 def _calibration_images(calibration: Any) -> list[Any]:
-    from .data import list_images
+    from ..models.data import list_images
 
     if isinstance(calibration, (str, os.PathLike)):
         return list(list_images(calibration))
@@ -418,16 +418,16 @@ def _calibration_images(calibration: Any) -> list[Any]:
 class ContextSegmenter(Segmenter):
     """Where a classifier's layer context-matches a concept (spec ``context:CONCEPT.safetensors``).
 
-    The heat at a key location ``k`` is ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.evaluate.concept_matcher`): how
+    The heat at a key location ``k`` is ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`): how
     strongly a rank-one edit of the concept would fire there. Locations above :attr:`threshold` form the
-    mask, mapped back to the image through the preprocessing (:func:`rulewriter.evaluate.heat_to_mask`).
+    mask, mapped back to the image through the preprocessing (:func:`rulewriter.studies.evaluate.heat_to_mask`).
     The threshold is an explicit ``threshold``; or, with ``calibration`` images, the ``quantile`` (default
     0.99) of the heat of all their locations; or else half the concept key's own match ``½·k*·(C+εI)⁻¹k*``.
     :attr:`threshold_rule` says which.
 
     Args:
-        concept: a :class:`~rulewriter.concepts.Concept` or its safetensors file.
-        classifier: a :class:`~rulewriter.models.Classifier` or a model name; default the model named in
+        concept: a :class:`~rulewriter.concepts.masks.Concept` or its safetensors file.
+        classifier: a :class:`~rulewriter.models.registry.Classifier` or a model name; default the model named in
             the concept's metadata (``meta["model"]``), else efficientnet-lite0.
         stats: the layer's second moment: a statistics file, a SecondMoment or a (d, d) tensor; without it
             the heat is the plain dot product ``k·k*``.
@@ -453,10 +453,10 @@ class ContextSegmenter(Segmenter):
         batch_size: int = 32,
         name: str | None = None,
     ) -> None:
-        from .concepts import Concept
-        from .edit import DEFAULT_RIDGE, update_direction
+        from ..concepts.masks import Concept
+        from ..core.edit import DEFAULT_RIDGE, update_direction
         from .evaluate import concept_heatmaps, concept_matcher, match_threshold
-        from .models import Classifier, load_classifier
+        from ..models.registry import Classifier, load_classifier
 
         self.concept = concept if isinstance(concept, Concept) else Concept.load(concept)
         wanted = self.concept.meta.get("model")
@@ -508,7 +508,7 @@ class ContextSegmenter(Segmenter):
             >>> seg.heat(img).shape                                   # doctest: +SKIP
             torch.Size([7, 7])
         """
-        from .rules import layer_io
+        from ..core.rules import layer_io
 
         clf = self.classifier
         x = clf.preprocess.batch([image.convert("RGB")]).to(clf.device, clf.dtype)
@@ -674,7 +674,7 @@ class DeepLabSegmenter(Segmenter):
 class TorchvisionSegmenter(Segmenter):
     """A torchvision semantic segmentation model's masks of some classes (spec ``torchvision:MODEL:CLASS``).
 
-    Weights as for classifiers in :mod:`rulewriter.models`, never downloaded: ``None`` searches the torch
+    Weights as for classifiers in :mod:`rulewriter.models.registry`, never downloaded: ``None`` searches the torch
     hub cache for the model's published weights; a file path (``.pth`` state dict or ``.safetensors``); a
     weights name such as ``"COCO_WITH_VOC_LABELS_V1"`` (from the cache); ``"none"`` for a random init.
     Preprocessing follows the weights' transform (short side resized to 520, ImageNet normalisation);
@@ -689,7 +689,7 @@ class TorchvisionSegmenter(Segmenter):
 
     def __init__(self, model: str, classes: str | Sequence[str | int], *, weights: str | os.PathLike[str] | None = None,
                  size: int | None = None, device: str | torch.device = "cpu", name: str | None = None) -> None:
-        from .models import _hub_file, _is_random, _load_into, _read_state_dict, _torchvision
+        from ..models.registry import _hub_file, _is_random, _load_into, _read_state_dict, _torchvision
 
         tv = _torchvision()
         names = sorted(tv.models.list_models(module=tv.models.segmentation))
@@ -884,7 +884,7 @@ def _build(spec: str, ctx: dict[str, Any], used: set[str]) -> Segmenter:
             raise _spec_error(f"context: the spec names model={model!r} but a classifier was passed too")
         classifier = model if classifier is None else classifier
         if isinstance(classifier, str) and str(ctx.get("device", "cpu")) != "cpu":
-            from .models import load_classifier
+            from ..models.registry import load_classifier
 
             classifier = load_classifier(classifier, weights=kw.pop("weights", None), device=ctx["device"])
         return ContextSegmenter(path, classifier, batch_size=ctx.get("batch_size", 32), name=spec, **kw)
@@ -938,67 +938,3 @@ def load_segmenter(
         raise SpecError(f"{', '.join(unused)} given, but no part of {spec!r} uses it (context: uses classifier, "
                         "weights, stats, threshold, quantile, calibration; torchvision: size; deeplab: num_threads)")
     return seg
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _mask_png(mask: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(mask * 255.0), 0, 255).astype(np.uint8), mode="L")
-
-
-def cmd_segment(args: argparse.Namespace) -> None:
-    """``rulewriter segment``: one mask PNG (and optionally an overlay) per image."""
-    from .concepts import overlay
-    from .data import load_image
-    from .report import save_png
-
-    paths = [Path(p) for p in args.images]
-    stems: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in stems and stems[p.stem] != p:
-            raise RulewriterError(f"{stems[p.stem]} and {p} would both write {p.stem}.mask.png; "
-                                  "segment them into separate --out-dir folders")
-        stems[p.stem] = p
-    classifier = args.model
-    seg = load_segmenter(args.segmenter, classifier=classifier, weights=args.weights, stats=args.stats,
-                         threshold=args.threshold, quantile=args.quantile, calibration=args.calibration,
-                         device=args.device, size=args.size)
-    images = [load_image(p) for p in paths]  # every bad file fails here, before any work or output
-    results = []
-    for p, img in zip(paths, images):  # all masks before any write: a failure leaves nothing half-done
-        m = seg(img, source=p)
-        results.append((p, img, m))
-    out_dir = Path(args.out_dir)
-    rows = []
-    for p, img, m in results:
-        dest = save_png(out_dir / f"{p.stem}.mask.png", _mask_png(m))
-        row: dict[str, Any] = {"file": str(p), "mask": str(dest), "area": round(float(m.mean()), 6)}
-        if args.overlay:
-            row["overlay"] = str(save_png(out_dir / f"{p.stem}.overlay.png",
-                                          overlay(img, m, alpha=0.5, normalize="none")))
-        rows.append(row)
-    if args.json:
-        print(json.dumps({"segmenter": seg.name, "images": rows}, indent=2))
-    else:
-        print("\n".join(f"{r['mask']}  area={r['area']:.4f}" for r in rows))
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``rulewriter segment`` to the command's subparsers."""
-    p = sub.add_parser(
-        "segment", help="write concept masks for images (COCO, mask files, context match, DeepLab, torchvision)",
-        description="Write one mask PNG per image (white = concept) into --out-dir.",
-        epilog=SPEC_FORMS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--segmenter", required=True, help="segmenter spec (forms below)")
-    p.add_argument("--out-dir", default="rulewriter-masks", help="output folder (default: rulewriter-masks)")
-    p.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png")
-    p.add_argument("--model", default=None, help="context: the classifier (default: the concept's model)")
-    p.add_argument("--weights", default=None, help="context: the classifier's weights file")
-    p.add_argument("--stats", default=None, help="context: the layer's statistics file (C)")
-    p.add_argument("--threshold", type=float, default=None, help="context: explicit heat threshold")
-    p.add_argument("--quantile", type=float, default=None, help="context: quantile of the calibration heat (0.99)")
-    p.add_argument("--calibration", default=None, help="context: image folder to take the quantile over")
-    p.add_argument("--size", type=int, default=None, help="torchvision: short side of the input (default 520)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print per-image file, mask and area fraction as JSON")
-    p.add_argument("images", nargs="+")
-    p.set_defaults(func=cmd_segment)

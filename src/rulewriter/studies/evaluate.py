@@ -3,12 +3,12 @@
 An edit is judged on *test sets*: images with their ground truth, each optionally paired with a
 *manipulated* copy (the concept changed, e.g. wood pasted onto wheels). The *target* of an edit is the class,
 or set of classes, whose images the edit should help (``"car wheel"``; or every car class). Everything
-below works for any change that can be applied to a model and undone: an :class:`~rulewriter.edit.Edit`,
-a :class:`~rulewriter.finetune.WeightDelta` from a baseline, or ``None`` for the unedited model.
+below works for any change that can be applied to a model and undone: an :class:`~rulewriter.core.edit.Edit`,
+a :class:`~rulewriter.studies.finetune.WeightDelta` from a baseline, or ``None`` for the unedited model.
 
 A tour::
 
-    from rulewriter.evaluate import TestSet, confusing_set, evaluate_edit, write_report
+    from rulewriter.studies.evaluate import TestSet, confusing_set, evaluate_edit, write_report
 
     # 1. a test set from any labelled folder (wnid or class-name subfolders, or flat nXXXXXXXX_*.jpg)
     ts = TestSet.from_folder(clf, "imagenet-samples/")
@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import EditError, ImageLoadError, MaskError, RulewriterError
+from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
+from .report import percent
 
 __all__ = [
     "Applicable",
@@ -117,7 +118,7 @@ _TEST_TITLES = {
 class Applicable(Protocol):
     """Anything that changes a model temporarily: ``with change.applied(model): ...`` restores it on exit.
 
-    :class:`~rulewriter.edit.Edit` and :class:`~rulewriter.finetune.WeightDelta` both qualify.
+    :class:`~rulewriter.core.edit.Edit` and :class:`~rulewriter.studies.finetune.WeightDelta` both qualify.
     """
 
     def applied(self, model: nn.Module) -> ContextManager[nn.Module]: ...
@@ -496,7 +497,7 @@ class SourceDataset(torch.utils.data.Dataset):
 
 def load_source(src: ImageSource) -> Image.Image:
     """A test-set image as RGB: read a path (clear errors for bad files), copy a PIL image, or call a maker."""
-    from .data import load_image
+    from ..models.data import load_image
 
     if isinstance(src, Image.Image):
         return src.convert("RGB")
@@ -531,7 +532,7 @@ def predict(
     the data. Only top-5 and two probabilities per image are kept, never activations.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier` (its model and device are used).
+        classifier: a :class:`~rulewriter.models.registry.Classifier` (its model and device are used).
         images: paths, PIL images, or callables returning a PIL image (made lazily, e.g. a manipulation).
         labels: one ground truth per image (a class index, a set of them, or -1 for noise).
         variants: name → change; default ``{"before": None}``.
@@ -552,7 +553,7 @@ def predict(
         raise ImageLoadError("no images to evaluate")
     if batch_size < 1:
         raise RulewriterError(f"batch size must be at least 1, got {batch_size}")
-    from . import distributed as D
+    from ..core import distributed as D
 
     variants = dict(variants) if variants is not None else {"before": None}
     sets = as_label_sets(labels)
@@ -627,14 +628,14 @@ class TestSet:
     @classmethod
     def from_folder(cls, classifier, root: str | Path, *, samples: int | None = None, seed: int = 0,
                     name: str | None = None) -> "TestSet":
-        """Every labelled image under ``root`` (see :func:`rulewriter.data.labelled_images`), or a sample.
+        """Every labelled image under ``root`` (see :func:`rulewriter.models.data.labelled_images`), or a sample.
 
         Example::
 
             >>> TestSet.from_folder(clf, "imagenet-samples/", samples=100).info["n_in_folder"]  # doctest: +SKIP
             1000
         """
-        from .data import labelled_images, subsample
+        from ..models.data import labelled_images, subsample
 
         pairs = labelled_images(root, classifier.labels, classifier.wnids)
         chosen = subsample(pairs, samples, seed=seed)
@@ -693,8 +694,8 @@ def concept_matcher(
     """A function ``(layer input, layer output) → (B, h, w) heat`` that context-matches ``key`` at ``layer``.
 
     With the layer's second moment ``C`` the heat at a location is ``k · (C + εI)⁻¹ k*``: how strongly the
-    rank-one edit along ``key`` fires there (see :func:`rulewriter.concepts.key_match`), with ``ε`` the
-    edit's ridge (default :data:`~rulewriter.edit.DEFAULT_RIDGE`). Without ``C`` it is ``k · k*``. The output
+    rank-one edit along ``key`` fires there (see :func:`rulewriter.concepts.masks.key_match`), with ``ε`` the
+    edit's ridge (default :data:`~rulewriter.core.edit.DEFAULT_RIDGE`). Without ``C`` it is ``k · k*``. The output
     is needed only for the inverse views (3, 4).
 
     Example::
@@ -704,10 +705,10 @@ def concept_matcher(
         ...     clf.model(x)
         >>> heat = match(t.input, t.output)                                          # doctest: +SKIP
     """
-    from .concepts import key_match
-    from .edit import DEFAULT_RIDGE, update_direction
-    from .memory import LayerMemory
-    from .trace import get_module
+    from ..concepts.masks import key_match
+    from ..core.edit import DEFAULT_RIDGE, update_direction
+    from ..core.memory import LayerMemory
+    from ..core.trace import get_module
 
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
     k = torch.as_tensor(key).double().reshape(-1)
@@ -747,7 +748,7 @@ def concept_heatmaps(
     """
     from tqdm.auto import tqdm
 
-    from .trace import Trace
+    from ..core.trace import Trace
 
     match = concept_matcher(classifier, layer, key, C=C, ridge=ridge, view=view)
     loader = torch.utils.data.DataLoader(SourceDataset(images, classifier.preprocess), batch_size=batch_size)
@@ -838,7 +839,7 @@ class MatchedPaste:
     """A lazily made manipulated image: ``texture`` pasted where the concept heatmap exceeds the threshold.
 
     Calling it loads the image, builds the mask with :func:`heat_to_mask` and pastes with
-    :func:`rulewriter.manipulate.paste_texture` (keeping the shading); an image without a matched region
+    :func:`rulewriter.concepts.manipulate.paste_texture` (keeping the shading); an image without a matched region
     comes back unchanged. Being a plain dataclass it can cross DataLoader worker processes.
     """
 
@@ -853,7 +854,7 @@ class MatchedPaste:
         return heat_to_mask(self.preprocess, self.heat, image_size, self.threshold)
 
     def __call__(self) -> Image.Image:
-        from .manipulate import paste_texture
+        from ..concepts.manipulate import paste_texture
 
         img = load_source(self.source)
         m = self.mask(img.size)
@@ -1038,9 +1039,9 @@ def evaluate_edit(
     """Predict a test set (and its manipulated copies) before and after a change, in one streamed pass each.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
         testset: the images; its manipulated copies, if any, are evaluated too.
-        change: an :class:`~rulewriter.edit.Edit`, a :class:`~rulewriter.finetune.WeightDelta`, or
+        change: an :class:`~rulewriter.core.edit.Edit`, a :class:`~rulewriter.studies.finetune.WeightDelta`, or
             ``None`` to evaluate the unedited model alone.
         target: the edit's target class or set of classes (for the four tests and the target ROC).
         batch_size, num_workers, progress: streaming knobs.
@@ -1066,7 +1067,7 @@ def evaluate_edit(
 
 
 def load_change(path: str | Path) -> Applicable:
-    """Load a saved change: a rulewriter :class:`~rulewriter.edit.Edit` or a :class:`~rulewriter.finetune.WeightDelta`.
+    """Load a saved change: a rulewriter :class:`~rulewriter.core.edit.Edit` or a :class:`~rulewriter.studies.finetune.WeightDelta`.
 
     Pickles are refused, as everywhere in rulewriter.
 
@@ -1074,11 +1075,11 @@ def load_change(path: str | Path) -> Applicable:
 
         >>> change = load_change("wood-wheel.safetensors")     # doctest: +SKIP
     """
-    from .edit import FORMAT as EDIT_FORMAT
-    from .edit import Edit
+    from ..core.edit import FORMAT as EDIT_FORMAT
+    from ..core.edit import Edit
     from .finetune import FORMAT as DELTA_FORMAT
     from .finetune import WeightDelta
-    from .stats import read_safetensors
+    from ..core.stats import read_safetensors
 
     _, header = read_safetensors(Path(path), EditError)
     fmt = header.get("format")
@@ -1160,10 +1161,6 @@ def plot_class_shifts(shifts: Sequence[ClassShift], title: str, *, top: int = 15
     return fig
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
 def _top3(pred: Predictions, i: int, names: Sequence[str]) -> list[tuple[str, float]]:
     return [(names[int(c)], float(q)) for c, q in zip(pred.topk[i][:3], pred.topk_prob[i][:3])]
 
@@ -1182,7 +1179,7 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
         >>> paths["html"]                                        # doctest: +SKIP
         PosixPath('rulewriter-eval/index.html')
     """
-    from .atomic import atomic_bytes
+    from ..atomic import atomic_bytes
     from .report import (card, data_table, figure, html_page, paragraph, prediction_table, save_figure,
                          section, write_html)
 
@@ -1220,11 +1217,11 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
     for kind in ev.predictions:
         s = ev.summary(kind)
         if ev.edited:
-            rows = [[m, _pct(s[m]["top1"]), _pct(s[m]["top5"]), f"{s[m]['confidence']:.3f}"]
+            rows = [[m, percent(s[m]["top1"]), percent(s[m]["top5"]), f"{s[m]['confidence']:.3f}"]
                     for m in ("before", "after")]
             sub = f"{s['n_images']} images; top-1 changed on {s['changed_top1']}"
         else:
-            rows = [["model", _pct(s["top1"]), _pct(s["top5"]), f"{s['confidence']:.3f}"]]
+            rows = [["model", percent(s["top1"]), percent(s["top5"]), f"{s['confidence']:.3f}"]]
             sub = f"{s['n_images']} images"
         head.append(card(f"{kind} images", [data_table(["", "top-1", "top-5", "confidence"], rows)], subtitle=sub))
     intro = [f"Model {classifier.name}; test set {ev.name}."]
@@ -1234,7 +1231,7 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
         intro.append("Target: " + ", ".join(names[c] if c < len(names) else str(c) for c in sorted(ev.target)))
     sections.append(section("Summary", head, intro=intro))
     if ev.edited and ev.target:
-        rows = [[_TEST_TITLES[k], t.n, _pct(t.accuracy_pre), _pct(t.accuracy_post),
+        rows = [[_TEST_TITLES[k], t.n, percent(t.accuracy_pre), percent(t.accuracy_post),
                  "—" if t.confidence_pre is None else f"{t.confidence_pre:.3f}",
                  "—" if t.confidence_post is None else f"{t.confidence_post:.3f}"]
                 for k, t in ev.four_tests.items()]
@@ -1245,8 +1242,8 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
         rows = []
         for kind, e in ev.errors().items():
             for ref, v in (("ground truth", e["ground_truth"]), ("pre-edit prediction", e["pre_edit_prediction"])):
-                rows.append([kind, ref, f"{v['corrected']}/{v['n_errors_before']}", _pct(v["fraction"]),
-                             f"{v['introduced']}/{v['n_right_before']}", _pct(v["introduced_fraction"])])
+                rows.append([kind, ref, f"{v['corrected']}/{v['n_errors_before']}", percent(v["fraction"]),
+                             f"{v['introduced']}/{v['n_right_before']}", percent(v["introduced_fraction"])])
         sections.append(section("Errors corrected and introduced", [card("per image kind and reference", [
             data_table(["images", "w.r.t.", "corrected", "share", "introduced", "share"], rows)], wide=True)],
             intro="Errors corrected: among images the unedited model gets wrong, the share the edited model gets "
@@ -1256,7 +1253,7 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
         shifts = ev.class_shifts("normal", names)
         worst = [s for s in shifts if s.shift < 0][:10]
         best = [s for s in reversed(shifts) if s.shift > 0][:10]
-        rows = [[s.name, s.n, _pct(s.accuracy_pre), _pct(s.accuracy_post), f"{100 * s.shift:+.1f}"]
+        rows = [[s.name, s.n, percent(s.accuracy_pre), percent(s.accuracy_post), f"{100 * s.shift:+.1f}"]
                 for s in worst + best]
         if rows:
             sections.append(section("Classes that moved most", [card("most hurt, then most helped", [
@@ -1280,82 +1277,3 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
                                                      + ", ".join(p.name for _, p in figs) + ".", cls="muted")]))
     paths["html"] = write_html(out / "index.html", html_page(f"rulewriter evaluation: {ev.name}", sections))
     return paths
-
-
-# ------------------------------------------------------------------------------------------ command line
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``rulewriter evaluate`` to the ``rulewriter`` command's subparsers."""
-    from .cli import _add_model
-
-    p = sub.add_parser("evaluate", help="accuracy of a model on a labelled image folder, before and after an edit",
-                       description="Evaluate a model on a labelled folder (wnid or class-name subfolders, or flat "
-                                   "nXXXXXXXX_*.jpg files), optionally before and after an edit or a baseline's "
-                                   "weight delta; writes evaluation.json, figures and index.html to --out.")
-    _add_model(p)
-    p.add_argument("--data", required=True, help="labelled image folder")
-    p.add_argument("--edit", default=None, help="an edit or weight delta (.safetensors) to apply in memory")
-    p.add_argument("--target", action="append", default=[],
-                   help="the edit's target class (index, wnid or name; repeat for a set): four tests and ROC")
-    p.add_argument("--samples", type=int, default=None, help="evaluate a deterministic sample of N images")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--out", default="rulewriter-eval", help="report folder (default: ./rulewriter-eval)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    """The ``evaluate`` subcommand: every input is checked before any image is read or file written."""
-    from .models import load_classifier
-
-    if args.batch_size < 1:
-        raise RulewriterError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.samples is not None and args.samples < 1:
-        raise RulewriterError(f"--samples must be at least 1, got {args.samples}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RulewriterError(f"--out {out} exists and is not a folder")
-    data = Path(args.data)
-    if not data.is_dir():
-        raise ImageLoadError(f"--data {data}: no such folder")
-    try:
-        clf = load_classifier(args.model, weights=args.weights, device=args.device)
-    except RuntimeError as e:  # e.g. an unavailable device
-        raise RulewriterError(f"cannot load {args.model} on {args.device}: {e}") from e
-    testset = TestSet.from_folder(clf, data, samples=args.samples)
-    target = frozenset(clf.class_index(t) for t in args.target)
-    change = None
-    if args.edit:
-        change = load_change(args.edit)
-        with change.applied(clf.model):  # a mismatched edit fails here, before any image is read
-            pass
-    ev = evaluate_edit(clf, testset, change, target=target or None, batch_size=args.batch_size,
-                       num_workers=args.workers, progress=not args.quiet)
-    from .distributed import is_main
-
-    if not is_main():
-        return  # under torchrun every rank holds every prediction; rank 0 alone writes and prints
-    paths = write_report(out, clf, ev, change_path=args.edit)
-    summary = ev.summary()
-    summary.update({"model": clf.name, "data": str(data), "edit": args.edit, "out": str(paths["json"]),
-                    "report": str(paths["html"])})
-    if change is not None:
-        e = ev.errors()["normal"]["ground_truth"]
-        summary["errors_corrected"] = {k: e[k] for k in ("corrected", "n_errors_before", "fraction")}
-        summary["errors_introduced"] = {k: e[k] for k in ("introduced", "n_right_before", "introduced_fraction")}
-    if ev.target:
-        summary["target"] = sorted(ev.target)
-        summary["auc"] = {m: (c.auc if c is not None else None) for m, c in ev.rocs()["normal"].items()}
-    print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    if change is None:
-        print(f"{summary['n_images']} images: top-1 {_pct(summary['top1'])}, top-5 {_pct(summary['top5'])}, "
-              f"confidence {summary['confidence']:.3f}")
-    else:
-        b, a = summary["before"], summary["after"]
-        print(f"{summary['n_images']} images, top-1 changed on {summary['changed_top1']}\n"
-              f"  before: top-1 {_pct(b['top1'])}, top-5 {_pct(b['top5'])}, confidence {b['confidence']:.3f}\n"
-              f"  after:  top-1 {_pct(a['top1'])}, top-5 {_pct(a['top5'])}, confidence {a['confidence']:.3f}")

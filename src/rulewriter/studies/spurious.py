@@ -13,9 +13,9 @@ Two steps, as in the thesis's bus experiment (Figs. 2-11 to 2-14, Tables 2.2-2.4
 
 ::
 
-    from rulewriter.spurious import probe, mitigate
-    from rulewriter.stylize import stylizer_from
-    from rulewriter.segment import load_segmenter
+    from rulewriter.studies.spurious import probe, mitigate
+    from rulewriter.studies.stylize import stylizer_from
+    from rulewriter.studies.segment import load_segmenter
 
     res = probe(clf, TestSet.from_folder(clf, "imagenet-samples/"), load_segmenter("deeplab:bus"),
                 stylizer_from("paste:skimage:gravel"))
@@ -44,7 +44,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import EditError, ImageLoadError, MaskError, RulewriterError
+from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
+from .report import percent
 
 __all__ = ["ClassRow", "ProbeResult", "FilteredSet", "MitigationResult", "probe", "mitigate", "METHODS",
            "DEFAULT_MIN_AREA", "add_cli"]
@@ -104,10 +105,6 @@ def _segment(segmenter: Segmenter, image: Image.Image, src) -> np.ndarray:
 
 def _to_u8(m: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
 
 
 def _name(names: Sequence[str], c: int) -> str:
@@ -204,7 +201,7 @@ class FilteredSet:
 
     def split(self, n_train: int, seed: int = 0,
               eligible: Sequence[int] | None = None) -> tuple["FilteredSet", "FilteredSet"]:
-        """(train, test): ``n_train`` exemplars drawn deterministically (:func:`rulewriter.data.subsample`)
+        """(train, test): ``n_train`` exemplars drawn deterministically (:func:`rulewriter.models.data.subsample`)
         and the disjoint rest. Exemplars never come from the test split. ``eligible`` restricts the
         exemplars to some indices (e.g. images whose concept the model's centre crop shows).
 
@@ -214,7 +211,7 @@ class FilteredSet:
             >>> set(train.sources) & set(test.sources)        # doctest: +SKIP
             set()
         """
-        from .data import subsample
+        from ..models.data import subsample
 
         if n_train < 1:
             raise EditError(f"need at least one exemplar, got {n_train}")
@@ -231,7 +228,7 @@ class FilteredSet:
         return (self.subset(train, split="train", seed=seed), self.subset(test, split="test", seed=seed))
 
     def testset(self, name: str = "filtered"):
-        """The originals with their labels and stylized copies as an :class:`~rulewriter.evaluate.TestSet`."""
+        """The originals with their labels and stylized copies as an :class:`~rulewriter.studies.evaluate.TestSet`."""
         from .evaluate import TestSet
 
         return TestSet(name, list(self.originals), list(self.labels), list(self.stylized),
@@ -247,7 +244,7 @@ class FilteredSet:
         Every file is written atomically and the manifest last, so a folder without a manifest is
         incomplete and :meth:`load` refuses it. Returns the manifest's path.
         """
-        from .atomic import atomic_bytes
+        from ..atomic import atomic_bytes
         from .report import save_png
 
         out = Path(folder)
@@ -268,7 +265,7 @@ class FilteredSet:
     @classmethod
     def load(cls, folder: str | Path) -> "FilteredSet":
         """Read a folder written by :meth:`save` (or a probe output folder holding ``filtered/``)."""
-        from .data import load_image
+        from ..models.data import load_image
 
         root = Path(folder)
         if not (root / MANIFEST).is_file() and (root / "filtered" / MANIFEST).is_file():
@@ -385,13 +382,13 @@ class ProbeResult:
         m = self.meta
         intro = [f"Model {m.get('model')}; segmenter {m.get('segmenter')}; stylizer {m.get('stylizer')}.",
                  f"{m.get('n_images')} images scanned; the concept covered at least {100 * m.get('min_area', 0):.1f}% "
-                 f"of {m.get('n_probed')} of them. Error rate before: {_pct(m.get('error_before'))}, "
-                 f"after stylizing: {_pct(m.get('error_after'))}."]
+                 f"of {m.get('n_probed')} of them. Error rate before: {percent(m.get('error_before'))}, "
+                 f"after stylizing: {percent(m.get('error_after'))}."]
         items = []
         if figure_path is not None:
             items.append(card("Change per class (Fig. 2-12)", [figure(figure_path, "ranked by error increase")],
                               wide=True))
-        rows = [[r.name, r.n, _pct(r.error_before), _pct(r.error_after), f"{100 * r.error_change:+.1f}",
+        rows = [[r.name, r.n, percent(r.error_before), percent(r.error_after), f"{100 * r.error_change:+.1f}",
                  f"{100 * r.top1_prob_change:+.1f}", r.flipped,
                  ", ".join(f"{n} ({c})" for _, n, c in r.confusions[:3])] for r in self.classes[:top]]
         items.append(card("Classes ranked by error increase", [data_table(
@@ -414,7 +411,7 @@ class ProbeResult:
 
     def save(self, folder: str | Path, *, top: int = 20) -> dict[str, Path]:
         """Write ``probe.json``, ``probe.png`` (Fig. 2-12) and a standalone ``index.html``, atomically."""
-        from .atomic import atomic_bytes
+        from ..atomic import atomic_bytes
         from .report import html_page, save_figure, write_html
 
         out = Path(folder)
@@ -441,12 +438,12 @@ def probe(
     """Stylize a concept wherever a segmenter finds it and measure, per class, what the model gets wrong.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
-        images: a :class:`~rulewriter.evaluate.TestSet` or ``(image, class index)`` pairs
-            (e.g. :func:`rulewriter.data.labelled_images`); an image is a path or a PIL image.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
+        images: a :class:`~rulewriter.studies.evaluate.TestSet` or ``(image, class index)`` pairs
+            (e.g. :func:`rulewriter.models.data.labelled_images`); an image is a path or a PIL image.
         segmenter: ``segmenter(image, source=path) -> (H, W) float mask in [0, 1]`` with a ``name``
-            (:func:`rulewriter.segment.load_segmenter`).
-        stylizer: a :class:`~rulewriter.stylize.Stylizer` (``stylizer_from("paste:skimage:gravel")``).
+            (:func:`rulewriter.studies.segment.load_segmenter`).
+        stylizer: a :class:`~rulewriter.studies.stylize.Stylizer` (``stylizer_from("paste:skimage:gravel")``).
         min_area: images where the mask's mean (the concept's share of the image) is below this are
             skipped; default :data:`DEFAULT_MIN_AREA` (1/49, one cell of a 7×7 final grid).
         batch_size: images per forward pass.
@@ -541,7 +538,7 @@ class MitigationResult:
 
     ``rows[method][group]`` holds, on the held-out test split: ``n``; ``accuracy_gt`` (top-1 on the
     stylized images vs the ground truth) and ``corrected_gt`` (errors corrected w.r.t. the ground truth,
-    :func:`rulewriter.evaluate.errors_corrected`); ``accuracy_pred`` and ``corrected_pred`` (the same
+    :func:`rulewriter.studies.evaluate.errors_corrected`); ``accuracy_pred`` and ``corrected_pred`` (the same
     against the unedited model's top-1 on the original image); ``accuracy_original`` (top-1 on the
     originals vs the ground truth: what the change costs the unstylized images). ``overall[method]`` is
     top-1 on the accuracy set (``None`` without one). Groups: ``"target"`` (the most affected class),
@@ -573,10 +570,10 @@ class MitigationResult:
             for key, _ in self.COLUMNS:
                 v = g[key]
                 if key.startswith("corrected"):
-                    cells.append("–" if method == "no edit" else _pct(v["fraction"]))
+                    cells.append("–" if method == "no edit" else percent(v["fraction"]))
                 else:
-                    cells.append(_pct(v))
-            cells.append(_pct(self.overall.get(method)))
+                    cells.append(percent(v))
+            cells.append(percent(self.overall.get(method)))
             body.append(cells)
         return head, body
 
@@ -617,7 +614,7 @@ class MitigationResult:
 
     def save(self, folder: str | Path, *, save_changes: bool = True) -> dict[str, Path]:
         """Write ``mitigation.json``, ``mitigation.md``, ``index.html`` and each change as safetensors."""
-        from .atomic import atomic_bytes
+        from ..atomic import atomic_bytes
         from .report import html_page, write_html
 
         out = Path(folder)
@@ -682,14 +679,14 @@ def mitigate(
       their true labels (eq. 2.22);
     * ``"last-layer"``: :func:`finetune.retrain_last_layer` likewise.
 
-    Every change is applied only inside :func:`rulewriter.evaluate.predict` (a context manager per
+    Every change is applied only inside :func:`rulewriter.studies.evaluate.predict` (a context manager per
     batch) and undone; the model's weights are never left changed.
 
     Args:
         classifier: the model.
         filtered: from :meth:`ProbeResult.filtered_set` or :meth:`FilteredSet.load`.
         exemplars: training images (the thesis rewrites from a handful; 5 by default).
-        stats: a :class:`~rulewriter.stats.SecondMoment` or the matrix C of the layer's keys; needed by
+        stats: a :class:`~rulewriter.core.stats.SecondMoment` or the matrix C of the layer's keys; needed by
             the two rewriting methods.
         layer: the layer to rewrite and fine-tune (default: the classifier's default layer).
         methods: a subset of :data:`METHODS`.
@@ -713,7 +710,7 @@ def mitigate(
     """
     from .evaluate import TestSet, predict
     from .finetune import finetune_layer, retrain_last_layer
-    from .rules import rewrite, rule_from_features, rule_from_images
+    from ..core.rules import rewrite, rule_from_features, rule_from_images
 
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -739,7 +736,7 @@ def mitigate(
     for m in methods:
         t0 = time.perf_counter()
         if m == "features":
-            from .manipulate import texture_from
+            from ..concepts.manipulate import texture_from
 
             rule = rule_from_features(classifier, layer, train.originals, ex_masks, texture_from(texture), view=view)
             rule.description.update(originals=train.sources, texture=str(texture))
@@ -791,145 +788,3 @@ def mitigate(
             "filtered": {k: filtered.meta.get(k) for k in ("segmenter", "stylizer", "model")},
             "change_meta": {k: getattr(v, "meta", None) for k, v in changes.items() if v is not None}}
     return MitigationResult(rows, overall, meta, {k: v for k, v in changes.items() if v is not None})
-
-
-# ------------------------------------------------------------------------------------------ command line
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``rulewriter probe`` and ``rulewriter mitigate``."""
-    from .cli import _add_model, _common_edit_args
-
-    p = sub.add_parser("probe", help="stylize a concept in labelled photos and rank the classes it hurts",
-                       description="Segment a concept, repaint it with a texture, and measure per class how the "
-                                   "model's errors change (thesis Fig. 2-12). Writes probe.json, probe.png, "
-                                   "index.html and the filtered set (filtered/) of the most affected classes.")
-    _add_model(p)
-    p.add_argument("--data", required=True, help="labelled image folder (wnid/class subfolders or nXXXXXXXX_*.jpg)")
-    p.add_argument("--segmenter", required=True, help="deeplab:CLASS, coco:ANN.json:CATEGORY or masks:DIR")
-    p.add_argument("--stylize", required=True, help="paste:TEXTURE or gram:TEXTURE (a path or skimage:NAME)")
-    p.add_argument("--samples", type=int, default=None, help="probe a deterministic sample of N images")
-    p.add_argument("--top", type=int, default=5, help="keep the K most affected classes in the filtered set")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="instead of --top: keep every class whose error rate rose by at least this fraction")
-    p.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA,
-                   help=f"smallest share of an image the concept must cover (default 1/49 = {DEFAULT_MIN_AREA:.4f})")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps of a gram: stylizer")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_probe)
-
-    p = sub.add_parser("mitigate", help="compare rewriting, fine-tuning and last-layer retraining on a probe's "
-                                        "filtered set (Tables 2.3-2.4)")
-    _add_model(p)
-    _common_edit_args(p)
-    p.add_argument("--probe", required=True, help="a probe output folder (or its filtered/ folder)")
-    p.add_argument("--exemplars", type=int, default=5, help="training images taken from the filtered set")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--texture", default=None, help="texture for rewriting with features (default: the probe's)")
-    p.add_argument("--target", default=None, help="target class (default: the most affected class)")
-    p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
-    p.add_argument("--stats-samples", type=int, default=None)
-    p.add_argument("--accuracy-data", default=None, help="labelled folder for overall top-1 accuracy")
-    p.add_argument("--accuracy-samples", type=int, default=None)
-    p.add_argument("--finetune-steps", type=int, default=100, help="most SGD steps of the two baselines")
-    p.add_argument("--train-to-convergence", action="store_true",
-                   help="train the baselines for all --finetune-steps instead of stopping once the exemplars are right")
-    p.add_argument("--seed", type=int, default=0, help="for the train/test split")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_mitigate)
-
-
-def _check_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise RulewriterError(f"--out {out} exists and is not a folder")
-    return out
-
-
-def cmd_probe(args: argparse.Namespace) -> None:
-    """``rulewriter probe``: every input is checked before any file is written."""
-    from .cli import _emit, _load
-    from .evaluate import TestSet
-    from .stylize import stylizer_from
-
-    out = _check_out(args.out)
-    if not Path(args.data).is_dir():
-        raise ImageLoadError(f"--data {args.data}: no such folder")
-    if args.samples is not None and args.samples < 1:
-        raise RulewriterError(f"--samples must be at least 1, got {args.samples}")
-    if args.top < 1 or args.batch_size < 1:
-        raise RulewriterError("--top and --batch-size must be at least 1")
-    if not 0 <= args.min_area < 1:
-        raise RulewriterError(f"--min-area must be in [0, 1), got {args.min_area}")
-    try:
-        from .segment import load_segmenter
-    except ModuleNotFoundError as e:
-        raise RulewriterError(f"segmenters need rulewriter.segment, which is not available ({e})") from e
-    clf = _load(args)
-    kw = {"steps": args.steps, "progress": False} if args.stylize.lower().startswith("gram:") and args.steps else {}
-    stylizer = stylizer_from(args.stylize, clf, **kw)
-    segmenter = load_segmenter(args.segmenter)
-    testset = TestSet.from_folder(clf, args.data, samples=args.samples)
-    res = probe(clf, testset, segmenter, stylizer, min_area=args.min_area, batch_size=args.batch_size,
-                progress=not args.quiet)
-    filtered = None
-    if res.affected(args.top if args.threshold is None else None, args.threshold):
-        filtered = res.filtered_set(args.top if args.threshold is None else None, args.threshold)
-    paths = res.save(out)
-    if filtered is not None:
-        paths["filtered"] = filtered.save(out / "filtered")
-    summary = {k: res.meta[k] for k in ("model", "segmenter", "stylizer", "n_images", "n_probed", "error_before",
-                                         "error_after", "flipped")}
-    summary["classes"] = [{"class": r.name, "index": r.label, "n": r.n, "error_before": r.error_before,
-                           "error_after": r.error_after, "error_change": r.error_change,
-                           "top1_prob_change": r.top1_prob_change} for r in res.classes[:args.top]]
-    summary["filtered"] = None if filtered is None else {"n": len(filtered), "classes": filtered.classes,
-                                                         "path": str(paths["filtered"].parent)}
-    summary.update(out=str(paths["json"]), report=str(paths["html"]))
-    print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
-    text = [f"{res.meta['n_probed']} of {res.meta['n_images']} images have the concept; error rate "
-            f"{_pct(res.meta['error_before'])} → {_pct(res.meta['error_after'])} after {res.meta['stylizer']}"]
-    text += [f"  {r.name:<28} n={r.n:<4} error {_pct(r.error_before)} → {_pct(r.error_after)}"
-             for r in res.classes[:args.top]]
-    text.append("no class got worse: no filtered set written" if filtered is None
-                else f"filtered set: {len(filtered)} images of {len(filtered.classes)} classes in {out / 'filtered'}")
-    _emit(summary, args.json, "\n".join(text))
-
-
-def cmd_mitigate(args: argparse.Namespace) -> None:
-    """``rulewriter mitigate``: every input is checked before any file is written."""
-    from .cli import _emit, _layer, _load, _stats
-    from .evaluate import TestSet
-
-    out = _check_out(args.out)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise RulewriterError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHODS)}")
-    if args.exemplars < 1:
-        raise RulewriterError(f"--exemplars must be at least 1, got {args.exemplars}")
-    needs_stats = any(m in ("features", "images") for m in methods)
-    if needs_stats and not args.stats and not args.stats_data:
-        raise RulewriterError("rewriting needs key statistics: give --stats-data DIR or --stats FILE")
-    if args.stats_data and not Path(args.stats_data).is_dir():
-        raise ImageLoadError(f"--stats-data {args.stats_data}: no such folder")
-    if args.accuracy_data and not Path(args.accuracy_data).is_dir():
-        raise ImageLoadError(f"--accuracy-data {args.accuracy_data}: no such folder")
-    filtered = FilteredSet.load(args.probe)
-    filtered.split(args.exemplars, args.seed)  # too few images fails here, before the model loads
-    clf = _load(args)
-    layer = _layer(args, clf)
-    target = clf.class_index(args.target) if args.target is not None else None
-    acc = TestSet.from_folder(clf, args.accuracy_data, samples=args.accuracy_samples) if args.accuracy_data else None
-    stats = _stats(args, clf, layer, args.stats_data, args.stats_samples) if needs_stats else None
-    res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
-                   target=target, accuracy_set=acc, view=args.view, seed=args.seed,
-                   finetune_steps=args.finetune_steps, stop_when_fitted=not args.train_to_convergence,
-                   batch_size=args.batch_size, progress=not args.quiet)
-    paths = res.save(out)
-    print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
-    summary = {"out": str(paths["json"]), "report": str(paths["html"]), "markdown": str(paths["markdown"]),
-               **res.to_dict()}
-    _emit(summary, args.json, res.to_markdown())

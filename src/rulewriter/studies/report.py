@@ -6,7 +6,7 @@ base64 PNG data URIs by default, so a page is a single file that can be mailed o
 
 Example::
 
-    from rulewriter.report import card, figure, html_page, prediction_table, section, write_html
+    from rulewriter.studies.report import card, figure, html_page, prediction_table, section, write_html
 
     before = [("espresso", 0.96), ("cup", 0.01)]
     after = [("espresso", 0.95), ("cup", 0.02)]
@@ -31,7 +31,7 @@ from typing import Sequence, Union
 
 from PIL import Image
 
-from .atomic import atomic_bytes
+from ..atomic import atomic_bytes
 
 __all__ = [
     "CSS",
@@ -336,3 +336,8 @@ def save_figure(path: str | os.PathLike[str], fig, dpi: int | None = None) -> Pa
         PosixPath('out/roc.png')
     """
     return save_png(path, figure_image(fig, dpi))
+
+
+def percent(x: float | None) -> str:
+    """A fraction as a percentage with two decimals, or an em dash for None: ``percent(0.125) == "12.50%"``."""
+    return "—" if x is None else f"{100 * x:.2f}%"

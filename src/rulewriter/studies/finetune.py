@@ -2,11 +2,11 @@
 
 Both train on the same exemplars as the rewrite (e.g. the manipulated photos, labelled with the class the
 unedited model gave their originals) and both return a :class:`WeightDelta`: the change to the trained
-parameters, kept as data like an :class:`~rulewriter.edit.Edit`. The model's own weights are restored bit
+parameters, kept as data like an :class:`~rulewriter.core.edit.Edit`. The model's own weights are restored bit
 for bit before the function returns, so a baseline is applied, undone, saved and evaluated exactly like an
 edit::
 
-    from rulewriter.finetune import finetune_layer, retrain_last_layer
+    from rulewriter.studies.finetune import finetune_layer, retrain_last_layer
 
     ft = finetune_layer(clf, "_blocks.15._project_conv", manipulated, labels)    # eq. 2.22, SGD
     last = retrain_last_layer(clf, manipulated, labels)                          # the final Linear only
@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import EditError, LayerError, RulewriterError
-from .edit import Reversible
-from .stats import load_described, save_described
+from ..errors import EditError, LayerError, RulewriterError
+from ..core.edit import Reversible
+from ..core.stats import load_described, save_described
 
 __all__ = ["FORMAT", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear", "retrain_last_layer"]
 
@@ -150,7 +150,7 @@ def _as_batch(classifier, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
     """Images as one preprocessed tensor: a tensor passes through; paths and PIL images are preprocessed."""
     if isinstance(images, torch.Tensor):
         return images
-    from .data import load_image
+    from ..models.data import load_image
 
     pics = [im.convert("RGB") if isinstance(im, Image.Image) else load_image(im) for im in images]
     return classifier.preprocess.batch(pics)
@@ -240,7 +240,7 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 
 def _layer_params(model: nn.Module, layer: str) -> dict[str, nn.Parameter]:
-    from .trace import get_module
+    from ..core.trace import get_module
 
     module = get_module(model, layer)
     params = {f"{layer}.{n}" if layer else n: p for n, p in module.named_parameters(recurse=False)
@@ -272,7 +272,7 @@ def finetune_layer(
     network stays in eval mode. The model is restored bit for bit before returning.
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
         layer: dotted name of the layer to train.
         images: the exemplars: a preprocessed (N, 3, H, W) tensor, or paths / PIL images.
         labels: the class each exemplar must get (e.g. what the unedited model said about its original).
@@ -367,7 +367,7 @@ def retrain_last_layer(
         >>> delta.layers                                                              # doctest: +SKIP
         ['_fc']
     """
-    from .trace import Trace, get_module
+    from ..core.trace import Trace, get_module
 
     model = classifier.model
     name = layer or last_linear(model)

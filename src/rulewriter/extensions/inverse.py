@@ -1,10 +1,10 @@
 """Editing in the inverse direction, and checking an edit by inverting features (thesis Chapter 3).
 
 In the inverse direction a layer's *output* is the key and its *input* is the value: the memory maps the
-``f`` output channels back to the ``c`` input channels (views 3 and 4 of :mod:`rulewriter.memory`, whose
+``f`` output channels back to the ``c`` input channels (views 3 and 4 of :mod:`rulewriter.core.memory`, whose
 memory matrix is ``M = Wᵀ`` in the unfolded layouts ``W2ᵀ`` and ``W1ᵀ``). Chapter 3 tries three ways to
-edit that memory; each one here returns an ordinary :class:`~rulewriter.edit.Edit` (a
-:class:`~rulewriter.edit.LayerUpdate` of view 3 or 4 with ``M1 = M0 + Λ Dᵀ``) that saves, loads, applies,
+edit that memory; each one here returns an ordinary :class:`~rulewriter.core.edit.Edit` (a
+:class:`~rulewriter.core.edit.LayerUpdate` of view 3 or 4 with ``M1 = M0 + Λ Dᵀ``) that saves, loads, applies,
 undoes and composes like a forward edit.
 
 =============  =====================================================================================
@@ -31,7 +31,7 @@ Rules follow Algorithm 1's swap: ``k*`` is the *original* concept's output repre
 and ``v*`` the *manipulated* concept's input representation (``A_k``)::
 
     from rulewriter import load_classifier, collect_second_moment
-    from rulewriter.inverse import inverse_rule_from_images, inverse_rewrite, collect_key_spectrum
+    from rulewriter.extensions.inverse import inverse_rule_from_images, inverse_rewrite, collect_key_spectrum
 
     clf = load_classifier("efficientnet-lite0")
     layer = clf.default_layer
@@ -56,7 +56,7 @@ the same limit, the pre-image nearest the start, in far fewer steps)::
 compared by cosine similarity; images by LPIPS when the ``lpips`` package *and* its backbone weights are on
 disk, otherwise by :class:`FeatureDistance`, an LPIPS-form distance on the classifier's own early features
 (labelled as such wherever it is reported). :func:`dot_similarity` gives the dot-product heatmaps of Figs.
-3-4 and 3-5 for :func:`rulewriter.concepts.save_overlay`.
+3-4 and 3-5 for :func:`rulewriter.concepts.masks.save_overlay`.
 
 Which target a reconstruction aims at matters. Section 3.2 reconstructs the *edited* network's output of the
 wheel image through the edited network; the wheel input itself then has zero loss, so the reconstruction
@@ -78,13 +78,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_bytes
-from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, solve_lambda, timestamp, update_direction
-from .errors import EditError, LayerError, MaskError, RulewriterError, StatsError
-from .memory import LayerMemory
-from .rules import Rule, _describe_sources, _pairs, layer_io, load_exemplars, prepare_mask, rewrite
-from .stats import atomic_save, read_safetensors, stats_cache_key
-from .trace import Trace, get_module
+from ..atomic import atomic_bytes
+from ..core.edit import DEFAULT_RIDGE, Edit, LayerUpdate, solve_lambda, timestamp, update_direction
+from ..errors import EditError, LayerError, MaskError, RulewriterError, StatsError
+from ..core.memory import LayerMemory
+from ..core.rules import Rule, _describe_sources, _pairs, layer_io, load_exemplars, prepare_mask, rewrite
+from ..core.stats import atomic_save, read_safetensors, stats_cache_key
+from ..core.trace import Trace, get_module
 
 __all__ = [
     "INVERSE_VIEWS",
@@ -121,7 +121,7 @@ def _check_view(view: int) -> None:
     if view not in INVERSE_VIEWS:
         raise EditError(
             f"inverse-direction edits use view 3 or 4 (the thesis's architectures 3 and 4), got view {view!r}; "
-            "for views 1 and 2 use rulewriter.rules.rewrite"
+            "for views 1 and 2 use rulewriter.core.rules.rewrite"
         )
 
 
@@ -141,7 +141,7 @@ def inverse_rule_from_images(
     concept, e.g. a wooden wheel), at the masked places. For view 3 a key is one output pixel (``f``) and its
     value the input patch under it (``c·m·n``); for view 4 a key is the patch of outputs an input pixel
     feeds (``f·m·n``) and its value that input pixel (``c``). The pairs are those of
-    :func:`~rulewriter.rules.rule_from_images` with the roles of input and output swapped.
+    :func:`~rulewriter.core.rules.rule_from_images` with the roles of input and output swapped.
 
     Example:
         >>> rule = inverse_rule_from_images(clf, "_blocks.15._project_conv", ["car.jpg"], ["car_wood.jpg"],
@@ -201,7 +201,7 @@ def pinv_update(
 
     ``m0`` is the inverse memory ``Wᵀ`` (value_dim × key_dim), so the forward map is ``W = m0ᵀ`` and
     ``P0 = W†`` has ``m0``'s shape. With ``D = (C + εI)⁻¹ U`` (``U = directions``, default the keys) and ``Λ``
-    fitted by :func:`~rulewriter.edit.solve_lambda` to ``P1 K = V`` (eqs. 3.11–3.13 as the forward solution
+    fitted by :func:`~rulewriter.core.edit.solve_lambda` to ``P1 K = V`` (eqs. 3.11–3.13 as the forward solution
     2.19–2.21), the new memory is ``M1 = (P1†)ᵀ`` with ``P1 = P0 + Λ Dᵀ``. ``rcond`` is
     :func:`torch.linalg.pinv`'s ``rtol`` (default ``eps·max(shape)``).
 
@@ -247,17 +247,17 @@ def inverse_rewrite(
     Args:
         classifier: the model the rules were read from.
         rules: rules of view 3 or 4 (from :func:`inverse_rule_from_images`), one layer.
-        stats: ``transpose``/``pinv``: a :class:`~rulewriter.stats.SecondMoment` of the view's keys (the
+        stats: ``transpose``/``pinv``: a :class:`~rulewriter.core.stats.SecondMoment` of the view's keys (the
             layer's *outputs*, e.g. ``collect_second_moment(..., view=3)``) or its matrix ``C``.
             ``fourier``: a :class:`KeySpectrum` of the layer's output maps.
         solver: ``"transpose"`` (Section 3.1), ``"pinv"`` (3.2) or ``"fourier"`` (3.3); see the module docs.
-        ridge: ``C + εI`` with ``ε = ridge·tr(C)/d`` (:data:`~rulewriter.edit.DEFAULT_RIDGE`).
+        ridge: ``C + εI`` with ``ε = ridge·tr(C)/d`` (:data:`~rulewriter.core.edit.DEFAULT_RIDGE`).
         fit: ``"mean"``: each rule's mean key recalls its mean value exactly (the thesis's constraint,
             eqs. 3.8 and 3.13); ``"pairs"``: Λ fits every masked pair (transpose and pinv only).
         rcond: relative cut-off of the pseudo-inverses (pinv only).
 
     Returns:
-        an :class:`~rulewriter.edit.Edit` whose update lives in the rules' view; ``meta["solver"]`` names
+        an :class:`~rulewriter.core.edit.Edit` whose update lives in the rules' view; ``meta["solver"]`` names
         the formulation. ``pinv`` and ``fourier`` updates are factorised by SVD, keeping every direction above
         the layer weight's own rounding (``eps`` of its dtype × ``‖M0‖₂``); ``meta["dropped_residual"]`` is
         the Frobenius norm of what was dropped.
@@ -553,14 +553,14 @@ def collect_key_spectrum(
 ) -> KeySpectrum:
     """Stream images to ``layer`` and collect the :class:`KeySpectrum` of its output maps (for ``fourier``).
 
-    Arguments as :func:`~rulewriter.stats.collect_second_moment` (same data sources, subsampling and cache
+    Arguments as :func:`~rulewriter.core.stats.collect_second_moment` (same data sources, subsampling and cache
     keys). Example:
 
         >>> spec = collect_key_spectrum(clf, "_conv_stem", "photos/", samples=200)       # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
-    from .stats import _dataset, _fingerprint
+    from ..core.stats import _dataset, _fingerprint
 
     model = classifier.model
     mem = LayerMemory(get_module(model, layer), 3, name=layer)
@@ -1011,7 +1011,7 @@ class FeatureDistance:
 
     def compare(self, fx: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]) -> float:
         """The distance between two images given their :meth:`features`."""
-        from .concepts import mask_to_grid
+        from ..concepts.masks import mask_to_grid
 
         total = 0.0
         for a, b in zip(fx, ft):
@@ -1171,13 +1171,13 @@ def dot_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     ``recon`` (c, h, w) or (1, c, h, w). ``target`` is a map of the same shape (pairs of corresponding
     points: ``Σ_c r(x) t(x)``) or one vector (c,) matched against every location (as
-    :func:`~rulewriter.concepts.key_match`). Overlay it with :func:`rulewriter.concepts.save_overlay`.
+    :func:`~rulewriter.concepts.masks.key_match`). Overlay it with :func:`rulewriter.concepts.masks.save_overlay`.
 
     Example:
         >>> dot_similarity(torch.ones(2, 1, 3), torch.tensor([1., 2.])).tolist()
         [[3.0, 3.0, 3.0]]
     """
-    from .concepts import key_match
+    from ..concepts.masks import key_match
 
     r = recon[0] if recon.dim() == 4 else recon
     if target.dim() == 1:
@@ -1234,177 +1234,3 @@ def plot_reconstructions(path: str | Path, runs: Mapping[str, Reconstruction], t
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return atomic_bytes(Path(path), buf.getvalue())
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _stats_for(args, clf, layer: str):
-    """Statistics for the chosen solver: a SecondMoment of the view's keys, or a KeySpectrum."""
-    from .stats import SecondMoment, collect_second_moment
-
-    if args.solver == "fourier":
-        if args.stats:
-            spec, _ = KeySpectrum.load(args.stats)
-            return spec
-        return collect_key_spectrum(clf, layer, args.stats_data, samples=args.stats_samples,
-                                    batch_size=args.batch_size, device=args.device,
-                                    cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
-    if args.stats:
-        s, meta = SecondMoment.load(args.stats)
-        if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
-            raise StatsError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
-        return s
-    return collect_second_moment(clf, layer, args.stats_data, view=args.view, samples=args.stats_samples,
-                                 batch_size=args.batch_size, device=args.device,
-                                 cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
-
-
-def cmd_inverse_edit(args) -> None:
-    from .cli import _emit, _layer, _load, check_rule_args
-
-    out = check_rule_args(args)
-    clf = _load(args)
-    layer = _layer(args, clf)
-    originals, manipulated = _pasted_pairs(args)
-    rule = inverse_rule_from_images(clf, layer, originals, manipulated, args.mask, view=args.view)
-    stats = _stats_for(args, clf, layer)
-    edit = inverse_rewrite(clf, rule, stats, solver=args.solver, ridge=args.ridge, fit=args.fit)
-    edit.save(out)
-    info = {"out": str(out), "layer": layer, "view": args.view, "solver": args.solver,
-            "rank": edit.updates[0].rank, "pairs": edit.meta["n_pairs"], "stats": stats.count}
-    _emit(info, args.json, f"wrote {out} ({args.solver}, layer {layer}, view {args.view}, rank {info['rank']})")
-
-
-def _pasted_pairs(args) -> tuple[list, list]:
-    from .concepts import load_mask
-    from .data import load_image
-    from .manipulate import paste_texture, texture_from
-    from .models import mask_for_image
-
-    originals = [load_image(p) for p in args.original]
-    if args.manipulated:
-        return originals, [load_image(p) for p in args.manipulated]
-    tex = texture_from(args.texture)
-    return originals, [paste_texture(im, mask_for_image(load_mask(m), im.size), tex)
-                       for im, m in zip(originals, args.mask)]
-
-
-def cmd_reconstruct(args) -> None:
-    from .cli import _emit, _layer, _load
-    from .concepts import load_mask, mask_to_grid, save_overlay
-    from .data import load_image
-
-    clf = _load(args)
-    layer = _layer(args, clf)
-    module = get_module(clf.model, layer)
-    mem2 = LayerMemory(module, 2, name=layer)  # checks the layer (groups=1 conv or linear) up front
-    if args.steps < 1:
-        raise EditError(f"--steps must be at least 1, got {args.steps}")
-    compares: dict[str, str] = {}
-    for item in args.compare:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise EditError(f"--compare takes NAME=IMAGE, got {item!r}")
-        compares[name] = path
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pre = clf.preprocess
-    img = load_image(args.image)
-    shown = pre.denormalize(pre.image(img))
-    mask_s = prepare_mask(clf, load_mask(args.mask), img) if args.mask else None
-    names = {"image": args.image, **compares}
-    xs = {n: pre.batch([load_image(p)]) for n, p in names.items()}
-    ins = {n: layer_io(clf, layer, x)[0] for n, x in xs.items()}
-    edit = Edit.load(args.edit) if args.edit else None
-    handle = edit.apply(clf.model) if (edit is not None and args.target == "edited") else None
-    try:
-        x_in, y_out = layer_io(clf, layer, xs["image"])
-    finally:
-        if handle is not None:
-            handle.undo()
-    handle = edit.apply(clf.model) if edit is not None else None
-    heat_paths: dict[str, str] = {}
-    try:
-        if args.stage == "key":
-            grid = tuple(y_out.shape[2:])
-            g = mask_to_grid(mask_s, grid) if mask_s is not None else torch.ones(grid)
-            i, j = divmod(int(torch.argmax(g)), grid[1])
-            keys = {n: mem2.keys(v)[0] for n, v in ins.items()}
-            rec = reconstruct_key(module, y_out[0, :, i, j], {n: k[:, i, j] for n, k in keys.items()},
-                                  steps=args.steps, seed=args.seed, init_scale=float(keys["image"].std()))
-            rec.info["pixel"] = [i, j]
-            for n, k in keys.items():
-                p = out_dir / f"key.{n}.heatmap.png"
-                save_overlay(p, shown, dot_similarity(k, rec.result.to(k.dtype)))
-                heat_paths[n] = str(p)
-        elif args.stage == "features":
-            g = mask_to_grid(mask_s, tuple(x_in.shape[2:])) if mask_s is not None else None
-            rec = reconstruct_features(module, y_out, ins, input_shape=x_in.shape, mask=g, steps=args.steps,
-                                       seed=args.seed, init_scale=float(x_in.std()))
-            for n, t in ins.items():
-                p = out_dir / f"features.{n}.heatmap.png"
-                save_overlay(p, shown, dot_similarity(rec.result, t))
-                heat_paths[n] = str(p)
-        else:
-            rec = reconstruct_image(clf, layer, y_out, xs, mask=mask_s, steps=args.steps, seed=args.seed)
-            p = out_dir / "image.reconstruction.png"
-            buf = io.BytesIO()
-            pre.denormalize(rec.result).save(buf, format="PNG")
-            atomic_bytes(p, buf.getvalue())
-            heat_paths["reconstruction"] = str(p)
-    finally:
-        if handle is not None:
-            handle.undo()
-    curves = rec.plot(out_dir / f"{args.stage}.curves.png",
-                      title=f"{args.stage} reconstruction at {layer} (target: {args.target} network)")
-    summary = {**rec.to_dict(every=max(1, args.steps // 100)), "layer": layer, "edit": args.edit,
-               "target": args.target, "curves": str(curves), "images": heat_paths}
-    atomic_bytes(out_dir / f"{args.stage}.json", (json.dumps(summary, indent=2) + "\n").encode())
-    fin = rec.final()
-    text = (f"{args.stage} reconstruction: loss {rec.losses[0]:.3g} → {rec.losses[-1]:.3g}; {rec.metric}: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in fin.items()) + f"; closest: {rec.closest()}\nwrote {out_dir}")
-    _emit(summary, args.json, text)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``inverse-edit`` and ``reconstruct`` to the ``rulewriter`` command."""
-    from .cli import DEFAULT_CACHE, _add_model
-
-    p = sub.add_parser("inverse-edit", help="rewrite one rule in the inverse direction (thesis Chapter 3)")
-    _add_model(p)
-    p.add_argument("--solver", default="transpose", choices=list(SOLVERS),
-                   help="transpose: edit Wᵀ (3.1); pinv: edit W† (3.2); fourier: the layer as a convolution (3.3)")
-    p.add_argument("--view", type=int, default=3, choices=list(INVERSE_VIEWS), help="inverse memory view")
-    p.add_argument("--layer", default=None, help="dotted layer name (default: the model's default layer)")
-    p.add_argument("--original", action="append", default=[], help="photo of the concept as it is (repeat)")
-    p.add_argument("--manipulated", action="append", default=[], help="the photo with the concept changed (repeat)")
-    p.add_argument("--mask", action="append", default=[], help="mask PNG, white where the concept is (repeat)")
-    p.add_argument("--texture", default=None, help="instead of --manipulated: a texture pasted into the masks")
-    p.add_argument("--stats", default=None, help="precomputed statistics (SecondMoment, or KeySpectrum for fourier)")
-    p.add_argument("--stats-data", default=None, help="image folder for the statistics")
-    p.add_argument("--stats-samples", type=int, default=None)
-    p.add_argument("--ridge", type=float, default=None)
-    p.add_argument("--fit", default="mean", choices=["mean", "pairs"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inverse_edit)
-
-    p = sub.add_parser("reconstruct", help="invert a layer's output by gradient descent (keys, features, image)")
-    _add_model(p)
-    p.add_argument("--stage", default="features", choices=["key", "features", "image"])
-    p.add_argument("--layer", default=None)
-    p.add_argument("--image", required=True, help="the photo whose output is inverted")
-    p.add_argument("--mask", default=None, help="where to look (the key pixel is the most covered one)")
-    p.add_argument("--compare", action="append", default=[],
-                   help="NAME=IMAGE: also measure the distance to this photo's representation (repeat)")
-    p.add_argument("--edit", default=None, help="an edit to apply to the network being inverted")
-    p.add_argument("--target", default="original", choices=["original", "edited"],
-                   help="invert the unedited network's output (original) or the edited one's (Section 3.2)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_reconstruct)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import LayerError
+from ..errors import LayerError
 
 __all__ = ["Trace", "StopForward", "get_module"]
 
@@ -34,7 +34,7 @@ class StopForward(Exception):
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """Return the submodule at a dotted ``name``; a miss raises LayerError with close matches."""
-    from .models import get_module as _get
+    from ..models.registry import get_module as _get
 
     return _get(model, name)
 

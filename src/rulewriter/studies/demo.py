@@ -3,8 +3,8 @@
 1. **Break the model.** The coffee photo (``skimage.data.coffee()``, predicted "espresso") gets the gravel
    texture pasted onto its cup and saucer, inside a mask drawn by hand for this photo (an ellipse, what a
    user would paint in any image editor). The model no longer sees espresso.
-2. **Rewrite one rule.** :func:`~rulewriter.rules.rule_from_images` pairs the gravel keys with the original
-   cup's values at the default layer, and :func:`~rulewriter.rules.rewrite` solves the closed-form rank-one
+2. **Rewrite one rule.** :func:`~rulewriter.core.rules.rule_from_images` pairs the gravel keys with the original
+   cup's values at the default layer, and :func:`~rulewriter.core.rules.rewrite` solves the closed-form rank-one
    update ``W + Λ (C⁻¹k*)ᵀ`` (thesis Sections 2.1–2.3).
 3. **Check it.** Top-3 predictions before and after the edit for the manipulated photo, the original, a
    held-out gravel variant that the edit never saw, the same photo with a different texture (brick), and
@@ -19,7 +19,7 @@ few thousand images of the model's domain.
 
 Example::
 
-    >>> from rulewriter.demo import run_demo
+    >>> from rulewriter.studies.demo import run_demo
     >>> summary = run_demo(Path("demo-out"))                  # doctest: +SKIP
     >>> summary["fixed"], summary["paths"]["index"]           # doctest: +SKIP
     (True, 'demo-out/index.html')
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from .errors import RulewriterError
+from ..errors import RulewriterError
 
 __all__ = [
     "COFFEE_MASK_ELLIPSE",
@@ -240,15 +240,15 @@ def run_demo(
     Raises:
         RulewriterError: scikit-image missing, ``stats_data`` not a folder of images, bad ``samples``.
     """
-    from .concepts import key_match, overlay
-    from .edit import regularize
-    from .manipulate import paste_texture, texture_from
-    from .memory import LayerMemory
-    from .models import load_classifier
+    from ..concepts.masks import key_match, overlay
+    from ..core.edit import regularize
+    from ..concepts.manipulate import paste_texture, texture_from
+    from ..core.memory import LayerMemory
+    from ..models.registry import load_classifier
     from .report import card, code_block, figure, html_page, paragraph, prediction_table, save_png, section, write_html
-    from .rules import layer_io, rewrite, rule_from_images
-    from .stats import collect_second_moment
-    from .trace import get_module
+    from ..core.rules import layer_io, rewrite, rule_from_images
+    from ..core.stats import collect_second_moment
+    from ..core.trace import get_module
 
     out = stream if stream is not None else sys.stdout
 
@@ -259,7 +259,7 @@ def run_demo(
     # Everything a user can get wrong fails here, before anything is printed or written.
     photos = skimage_photos()
     if stats_data is not None:
-        from .data import list_images
+        from ..models.data import list_images
 
         list_images(stats_data)  # ImageLoadError: no such folder, or no images in it
     if samples is not None and samples <= 0:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, projected_gd, solve_lambda, timestamp, update_direction
-from .errors import EditError, MaskError
+from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
@@ -74,15 +74,15 @@ class Rule:
 def _load_image(img: ImageLike) -> Image.Image:
     if isinstance(img, Image.Image):
         return img.convert("RGB")
-    from .data import load_image
+    from ..models.data import load_image
 
     return load_image(img)
 
 
 def prepare_mask(classifier, mask: MaskLike, image: Image.Image) -> torch.Tensor:
     """A user mask (any size) → the model's input grid (S × S), through the same resize and crop as the image."""
-    from .concepts import load_mask
-    from .models import mask_for_image
+    from ..concepts.masks import load_mask
+    from ..models.registry import mask_for_image
 
     m = load_mask(mask)
     m = classifier.preprocess.mask(mask_for_image(m, image.size))
@@ -110,7 +110,7 @@ def layer_io(classifier, layer: str, x: torch.Tensor,
 
 def _pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: torch.Tensor):
     """Rows of (key, value, weight) at the key-grid locations the masks cover."""
-    from .concepts import mask_to_grid
+    from ..concepts.masks import mask_to_grid
 
     grid = tuple(keys.shape[2:])
     ks, vs, ws = [], [], []
@@ -156,7 +156,7 @@ def rule_from_images(
     """Keys from manipulated images, values from the originals, at the masked places (Section 2.2.1).
 
     Args:
-        classifier: a :class:`~rulewriter.models.Classifier`.
+        classifier: a :class:`~rulewriter.models.registry.Classifier`.
         layer: dotted layer name.
         originals: exemplar photos.
         manipulated: the same photos with the concept changed (e.g. a texture pasted into the mask).
@@ -194,8 +194,8 @@ def rule_from_features(
     original's inside the mask (soft edges blend). Keys come from these pasted features, values from the
     untouched original, so no manipulated image is needed.
     """
-    from .concepts import mask_to_grid
-    from .manipulate import paste_features
+    from ..concepts.masks import mask_to_grid
+    from ..concepts.manipulate import paste_features
 
     if len(originals) != len(masks) or not originals:
         raise EditError(f"need one mask per original; got {len(originals)} originals and {len(masks)} masks")
@@ -235,11 +235,11 @@ def rewrite(
     Args:
         classifier: the model the rules were read from.
         rules: one rule or several (all of the same layer and view).
-        stats: a :class:`~rulewriter.stats.SecondMoment` or the matrix ``C``.
+        stats: a :class:`~rulewriter.core.stats.SecondMoment` or the matrix ``C``.
         rank: number of update directions. With ``context="mean"`` it is the number of rules (one
             averaged ``k*`` each, eqs. 2.23–2.24). With ``"svd"``/``"zca"`` it is the number of top
             directions of all masked keys (default 1).
-        ridge: ``C + ε I`` with ``ε = ridge · tr(C)/d`` (see :data:`~rulewriter.edit.DEFAULT_RIDGE`).
+        ridge: ``C + ε I`` with ``ε = ridge · tr(C)/d`` (see :data:`~rulewriter.core.edit.DEFAULT_RIDGE`).
         context: where the directions come from: ``"mean"`` (each rule's ``k*``), ``"svd"`` or ``"zca"``.
         fit: ``"pairs"`` fits Λ to every masked (key, value) pair by least squares; ``"mean"`` makes the
             layer map each ``k*`` exactly to its ``v*`` (the thesis's single constraint; needs
@@ -248,9 +248,9 @@ def rewrite(
         post: for projected GD, a map of value rows through what follows the layer.
 
     Returns:
-        an :class:`~rulewriter.edit.Edit` with one rank-r update and a JSON description of the rules.
+        an :class:`~rulewriter.core.edit.Edit` with one rank-r update and a JSON description of the rules.
     """
-    from .concepts import context as context_dirs
+    from ..concepts.masks import context as context_dirs
 
     rules = [rules] if isinstance(rules, Rule) else list(rules)
     if not rules:

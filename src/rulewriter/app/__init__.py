@@ -1,0 +1,1 @@
+"""The browser editor: a FastAPI server, per-tab sessions, background jobs and a static page."""

@@ -1,0 +1,46 @@
+"""`rulewriter` commands of app/server.py."""
+from __future__ import annotations
+
+from ..errors import ImageLoadError
+from pathlib import Path
+from ..errors import RulewriterError
+import argparse
+import sys
+from ..app.server import DEFAULT_PORT, create_app, serve
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``rulewriter app`` to the ``rulewriter`` command's subparsers."""
+    from .common import DEFAULT_CACHE, add_model_args
+
+    p = sub.add_parser("app", help="an interactive editor in the browser",
+                       description="Serve a local web app to browse a folder's images, paint a concept, rewrite "
+                                   "a rule and compare predictions before and after.")
+    add_model_args(p)
+    p.add_argument("--images", required=True, help="the image folder to browse (the only folder the app reads)")
+    p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
+    p.add_argument("--stats-data", default=None, help="image folder for the statistics C (default: --images)")
+    p.add_argument("--stats-samples", type=int, default=None, help="use N images for the statistics (default: all)")
+    p.add_argument("--out", default="rulewriter-app", help="folder for saved edits and reports")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    """The ``app`` subcommand: check every input, load the model, serve."""
+    from ..models.registry import load_classifier
+
+    if not 0 < args.port < 65536:
+        raise RulewriterError(f"--port must be in 1..65535, got {args.port}")
+    if not Path(args.images).is_dir():
+        raise ImageLoadError(f"--images {args.images}: no such folder")
+    clf = load_classifier(args.model, weights=args.weights, device=args.device)
+    app = create_app(clf, args.images, layer=args.layer, stats_data=args.stats_data,
+                     stats_samples=args.stats_samples, out_dir=args.out,
+                     cache_dir=None if args.no_cache else args.cache_dir)
+    print(f"rulewriter app: {clf.name}, layer {app.state.rulewriter.layer}, "
+          f"{len(app.state.rulewriter.images)} images; open http://{args.host}:{args.port}/", file=sys.stderr)
+    serve(app, args.host, args.port)

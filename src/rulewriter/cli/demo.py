@@ -1,0 +1,33 @@
+"""``rulewriter demo``: the whole story on EfficientNet-Lite0 with photos that ship with scikit-image."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import RulewriterError
+from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
+                     emit, load_model, load_stats, resolve_layer)
+
+
+def cmd_demo(args) -> None:
+    from ..studies.demo import run_demo
+
+    # With --json the story goes to stderr so that stdout is one JSON document.
+    summary = run_demo(out_dir=Path(args.out), stats_data=args.stats_data, samples=args.samples, quiet=args.quiet,
+                       stream=sys.stderr if args.json else None)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo``."""
+    p = add_command(sub, "demo", "the whole story on EfficientNet-Lite0 with photos that ship with scikit-image",
+                    example="rulewriter demo --out rulewriter-demo")
+    p.add_argument("--out", default="rulewriter-demo", help="output folder (HTML page, edit, heatmaps)")
+    p.add_argument("--stats-data", default=None, help="an image folder for statistics (default: augmented skimage photos)")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)

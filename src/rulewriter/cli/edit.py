@@ -1,0 +1,120 @@
+"""``rulewriter edit`` and ``rulewriter heatmap``: write a rule into a layer; see where a concept matches."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import RulewriterError
+from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
+                     emit, load_model, load_stats, resolve_layer)
+
+
+def cmd_edit(args) -> None:
+    from ..core.rules import rewrite, rule_from_features, rule_from_images
+
+    out = check_rule_args(args)
+    clf = load_model(args)
+    layer = resolve_layer(args, clf)
+    if args.manipulated:
+        rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view)
+    elif args.from_features:
+        rule = rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
+    else:
+        rule = pasted_rule(clf, layer, args)
+    stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples)
+    edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
+                   solver=args.solver, fit=args.fit)
+    edit.save(out)
+    info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
+            "pairs": edit.meta["n_pairs"], "stats_keys": stats.count}
+    emit(info, args.json, f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs)")
+
+
+def texture(src: str):
+    from ..concepts.manipulate import texture_from
+
+    return texture_from(src)
+
+
+def pasted_rule(clf, layer, args):
+    """Paste the texture into each mask to make the manipulated images, then read the rule from pixels."""
+    from ..concepts.masks import load_mask
+    from ..models.data import load_image
+    from ..concepts.manipulate import paste_texture
+    from ..models.registry import mask_for_image
+    from ..core.rules import rule_from_images
+
+    tex = texture(args.texture)
+    originals = [load_image(p) for p in args.original]
+    man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
+    rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view)
+    rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
+    return rule
+
+
+def cmd_heatmap(args) -> None:
+    from ..concepts.masks import key_match, save_overlay
+    from ..models.data import load_image
+    from ..core.memory import LayerMemory
+    from ..core.rules import layer_io, rule_from_images
+    from ..core.trace import get_module
+
+    if len(args.concept_image) != len(args.concept_mask) or not args.concept_image:
+        raise RulewriterError("give one --concept-mask per --concept-image (at least one)")
+    clf = load_model(args)
+    layer = resolve_layer(args, clf)
+    # The concept key is the masked mean of the exemplars' own keys (a rule from an image to itself).
+    rule = rule_from_images(clf, layer, args.concept_image, args.concept_image, args.concept_mask, view=args.view)
+    k = rule.key()
+    c = load_stats(args, clf, layer, args.stats_data, args.stats_samples).moment() if (args.stats or args.stats_data) else None
+    mem = LayerMemory(get_module(clf.model, layer), args.view, name=layer)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in args.images:
+        img = load_image(p)
+        x, _ = layer_io(clf, layer, clf.preprocess.batch([img]))
+        heat = key_match(mem.keys(x)[0].double(), k, c)
+        shown = clf.preprocess.denormalize(clf.preprocess.image(img))
+        dest = out_dir / f"{Path(p).stem}.heatmap.png"
+        save_overlay(dest, shown, heat)
+        rows.append({"image": str(p), "heatmap": str(dest), "max": float(heat.max()), "mean": float(heat.mean())})
+    emit(rows, args.json, "\n".join(f"{r['heatmap']}  max={r['max']:.3g}" for r in rows))
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``edit``, ``heatmap``."""
+    p = add_command(sub, "edit", "rewrite one rule and save the edit",
+                    example="rulewriter edit --original car.jpg --mask wheels.png --texture skimage:gravel --stats-data photos/ --out gravel-wheel.safetensors")
+    add_model_args(p)
+    add_edit_args(p)
+    p.add_argument("--original", action="append", default=[], help="exemplar photo (repeat)")
+    p.add_argument("--manipulated", action="append", default=[], help="the exemplar with the concept changed (repeat)")
+    p.add_argument("--mask", action="append", default=[], help="mask PNG, white where the concept is (repeat)")
+    p.add_argument("--texture", default=None,
+                   help="instead of --manipulated: a texture (path or skimage:NAME) pasted into the masks")
+    p.add_argument("--from-features", action="store_true", help="paste the texture's features at the layer, not pixels")
+    p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
+    p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--ridge", type=float, default=None)
+    p.add_argument("--context", default="mean", choices=["mean", "svd", "zca"])
+    p.add_argument("--fit", default="pairs", choices=["pairs", "mean"])
+    p.add_argument("--solver", default="closed-form", choices=["closed-form", "projected-gd"])
+    p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_edit)
+    p = add_command(sub, "heatmap", "overlay a concept's key-match heatmap on images",
+                    example="rulewriter heatmap --concept-image car.jpg --concept-mask wheels.png --out-dir heat/ photo1.jpg photo2.jpg")
+    add_model_args(p)
+    add_edit_args(p)
+    p.add_argument("--concept-image", action="append", default=[], help="image showing the concept (repeat)")
+    p.add_argument("--concept-mask", action="append", default=[], help="mask of the concept in it (repeat)")
+    p.add_argument("--stats-data", default=None, help="with statistics, the heat is kᵀC⁻¹k*: where an edit would act")
+    p.add_argument("--stats-samples", type=int, default=None)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_heatmap)

@@ -1,0 +1,153 @@
+"""`rulewriter` commands of studies/spurious.py."""
+from __future__ import annotations
+
+from ..studies.report import percent
+
+from ..errors import ImageLoadError
+from pathlib import Path
+from ..errors import RulewriterError
+import argparse
+import sys
+from ..studies.spurious import DEFAULT_MIN_AREA, FilteredSet, METHODS, mitigate, probe
+
+
+# ------------------------------------------------------------------------------------------ command line
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``rulewriter probe`` and ``rulewriter mitigate``."""
+    from .common import add_model_args, add_edit_args
+
+    p = sub.add_parser("probe", help="stylize a concept in labelled photos and rank the classes it hurts",
+                       description="Segment a concept, repaint it with a texture, and measure per class how the "
+                                   "model's errors change (thesis Fig. 2-12). Writes probe.json, probe.png, "
+                                   "index.html and the filtered set (filtered/) of the most affected classes.")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="labelled image folder (wnid/class subfolders or nXXXXXXXX_*.jpg)")
+    p.add_argument("--segmenter", required=True, help="deeplab:CLASS, coco:ANN.json:CATEGORY or masks:DIR")
+    p.add_argument("--stylize", required=True, help="paste:TEXTURE or gram:TEXTURE (a path or skimage:NAME)")
+    p.add_argument("--samples", type=int, default=None, help="probe a deterministic sample of N images")
+    p.add_argument("--top", type=int, default=5, help="keep the K most affected classes in the filtered set")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="instead of --top: keep every class whose error rate rose by at least this fraction")
+    p.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA,
+                   help=f"smallest share of an image the concept must cover (default 1/49 = {DEFAULT_MIN_AREA:.4f})")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps of a gram: stylizer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("mitigate", help="compare rewriting, fine-tuning and last-layer retraining on a probe's "
+                                        "filtered set (Tables 2.3-2.4)")
+    add_model_args(p)
+    add_edit_args(p)
+    p.add_argument("--probe", required=True, help="a probe output folder (or its filtered/ folder)")
+    p.add_argument("--exemplars", type=int, default=5, help="training images taken from the filtered set")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--texture", default=None, help="texture for rewriting with features (default: the probe's)")
+    p.add_argument("--target", default=None, help="target class (default: the most affected class)")
+    p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
+    p.add_argument("--stats-samples", type=int, default=None)
+    p.add_argument("--accuracy-data", default=None, help="labelled folder for overall top-1 accuracy")
+    p.add_argument("--accuracy-samples", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=100, help="most SGD steps of the two baselines")
+    p.add_argument("--train-to-convergence", action="store_true",
+                   help="train the baselines for all --finetune-steps instead of stopping once the exemplars are right")
+    p.add_argument("--seed", type=int, default=0, help="for the train/test split")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mitigate)
+
+
+def _check_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RulewriterError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """``rulewriter probe``: every input is checked before any file is written."""
+    from .common import emit, load_model
+    from ..studies.evaluate import TestSet
+    from ..studies.stylize import stylizer_from
+
+    out = _check_out(args.out)
+    if not Path(args.data).is_dir():
+        raise ImageLoadError(f"--data {args.data}: no such folder")
+    if args.samples is not None and args.samples < 1:
+        raise RulewriterError(f"--samples must be at least 1, got {args.samples}")
+    if args.top < 1 or args.batch_size < 1:
+        raise RulewriterError("--top and --batch-size must be at least 1")
+    if not 0 <= args.min_area < 1:
+        raise RulewriterError(f"--min-area must be in [0, 1), got {args.min_area}")
+    try:
+        from ..studies.segment import load_segmenter
+    except ModuleNotFoundError as e:
+        raise RulewriterError(f"segmenters need rulewriter.studies.segment, which is not available ({e})") from e
+    clf = load_model(args)
+    kw = {"steps": args.steps, "progress": False} if args.stylize.lower().startswith("gram:") and args.steps else {}
+    stylizer = stylizer_from(args.stylize, clf, **kw)
+    segmenter = load_segmenter(args.segmenter)
+    testset = TestSet.from_folder(clf, args.data, samples=args.samples)
+    res = probe(clf, testset, segmenter, stylizer, min_area=args.min_area, batch_size=args.batch_size,
+                progress=not args.quiet)
+    filtered = None
+    if res.affected(args.top if args.threshold is None else None, args.threshold):
+        filtered = res.filtered_set(args.top if args.threshold is None else None, args.threshold)
+    paths = res.save(out)
+    if filtered is not None:
+        paths["filtered"] = filtered.save(out / "filtered")
+    summary = {k: res.meta[k] for k in ("model", "segmenter", "stylizer", "n_images", "n_probed", "error_before",
+                                         "error_after", "flipped")}
+    summary["classes"] = [{"class": r.name, "index": r.label, "n": r.n, "error_before": r.error_before,
+                           "error_after": r.error_after, "error_change": r.error_change,
+                           "top1_prob_change": r.top1_prob_change} for r in res.classes[:args.top]]
+    summary["filtered"] = None if filtered is None else {"n": len(filtered), "classes": filtered.classes,
+                                                         "path": str(paths["filtered"].parent)}
+    summary.update(out=str(paths["json"]), report=str(paths["html"]))
+    print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
+    text = [f"{res.meta['n_probed']} of {res.meta['n_images']} images have the concept; error rate "
+            f"{percent(res.meta['error_before'])} → {percent(res.meta['error_after'])} after {res.meta['stylizer']}"]
+    text += [f"  {r.name:<28} n={r.n:<4} error {percent(r.error_before)} → {percent(r.error_after)}"
+             for r in res.classes[:args.top]]
+    text.append("no class got worse: no filtered set written" if filtered is None
+                else f"filtered set: {len(filtered)} images of {len(filtered.classes)} classes in {out / 'filtered'}")
+    emit(summary, args.json, "\n".join(text))
+
+
+def cmd_mitigate(args: argparse.Namespace) -> None:
+    """``rulewriter mitigate``: every input is checked before any file is written."""
+    from .common import emit, resolve_layer, load_model, load_stats
+    from ..studies.evaluate import TestSet
+
+    out = _check_out(args.out)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise RulewriterError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHODS)}")
+    if args.exemplars < 1:
+        raise RulewriterError(f"--exemplars must be at least 1, got {args.exemplars}")
+    needs_stats = any(m in ("features", "images") for m in methods)
+    if needs_stats and not args.stats and not args.stats_data:
+        raise RulewriterError("rewriting needs key statistics: give --stats-data DIR or --stats FILE")
+    if args.stats_data and not Path(args.stats_data).is_dir():
+        raise ImageLoadError(f"--stats-data {args.stats_data}: no such folder")
+    if args.accuracy_data and not Path(args.accuracy_data).is_dir():
+        raise ImageLoadError(f"--accuracy-data {args.accuracy_data}: no such folder")
+    filtered = FilteredSet.load(args.probe)
+    filtered.split(args.exemplars, args.seed)  # too few images fails here, before the model loads
+    clf = load_model(args)
+    layer = resolve_layer(args, clf)
+    target = clf.class_index(args.target) if args.target is not None else None
+    acc = TestSet.from_folder(clf, args.accuracy_data, samples=args.accuracy_samples) if args.accuracy_data else None
+    stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples) if needs_stats else None
+    res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
+                   target=target, accuracy_set=acc, view=args.view, seed=args.seed,
+                   finetune_steps=args.finetune_steps, stop_when_fitted=not args.train_to_convergence,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    paths = res.save(out)
+    print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
+    summary = {"out": str(paths["json"]), "report": str(paths["html"]), "markdown": str(paths["markdown"]),
+               **res.to_dict()}
+    emit(summary, args.json, res.to_markdown())

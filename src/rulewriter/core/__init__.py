@@ -1,0 +1,1 @@
+"""The core: tracing, the layer as a memory, key statistics, rules and edits. Imports nothing above it."""

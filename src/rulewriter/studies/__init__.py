@@ -1,0 +1,1 @@
+"""Studies of an edit: evaluation, baselines, spurious-correlation probes, segmentation, stylization, reports."""
