@@ -40,7 +40,6 @@ Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, py
 """
 
 
-import argparse
 import base64
 import binascii
 import contextlib

@@ -65,7 +65,6 @@ can only drift away from it inside the layer's null space. To see an edit, aim a
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math

@@ -48,7 +48,6 @@ Definitions (used everywhere below, and in the JSON):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math

@@ -52,7 +52,6 @@ Segmenters combine in Python too: ``seg_a | seg_b``, ``seg_a & seg_b``, ``seg_a 
 from __future__ import annotations
 
 import abc
-import argparse
 import json
 import os
 import re

@@ -32,7 +32,6 @@ The same from the command line::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
