@@ -350,7 +350,7 @@ def save_heatmaps(layer_tag: str, clf, d: LayerData, recs: dict, car: Image.Imag
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rulewriter.concepts.masks import overlay
+    from rulewriter.concepts.heatmap import overlay
     from rulewriter.extensions.inverse import dot_similarity
 
     shown = clf.preprocess.denormalize(clf.preprocess.image(car))

@@ -1,4 +1,4 @@
-"""Tests for rulewriter.concepts.masks: masks, COCO rasterisation/RLE, grid masks, keys, contexts, heatmaps."""
+"""Tests for rulewriter.concepts (masks, keys, heatmap): masks, COCO rasterisation/RLE, grid masks, keys, contexts, heatmaps."""
 from __future__ import annotations
 
 import json
@@ -10,23 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rulewriter.concepts.masks import (
-    CocoIndex,
-    Concept,
-    coco_index,
-    coco_masks,
-    colormap,
-    concept_key,
-    context,
-    decode_rle,
-    encode_rle,
-    key_match,
-    load_mask,
-    mask_to_grid,
-    masked_keys,
-    overlay,
-    save_overlay,
-)
+from rulewriter.concepts.heatmap import colormap, key_match, overlay, save_overlay
+from rulewriter.concepts.keys import Concept, concept_key, context, masked_keys
+from rulewriter.concepts.masks import CocoIndex, coco_index, coco_masks, decode_rle, encode_rle, load_mask, mask_to_grid
 from rulewriter.errors import MaskError, RulewriterError, StatsError
 
 

@@ -226,7 +226,8 @@ def _scene(w: int = 64, h: int = 48, square: bool = True) -> tuple[Image.Image, 
 
 @pytest.fixture(scope="module")
 def concept_case(tmp_path_factory):
-    from rulewriter.concepts.masks import Concept, mask_to_grid
+    from rulewriter.concepts.keys import Concept
+    from rulewriter.concepts.masks import mask_to_grid
     from rulewriter.core.memory import LayerMemory
     from rulewriter.core.rules import layer_io, prepare_mask
 

@@ -10,7 +10,9 @@ A tour in five lines::
 
 See the README for the command line and the design.
 """
-from .concepts.masks import Concept, coco_index, coco_masks, concept_key, context, key_match, load_mask, mask_to_grid, overlay
+from .concepts.heatmap import key_match, overlay
+from .concepts.keys import Concept, concept_key, context
+from .concepts.masks import coco_index, coco_masks, load_mask, mask_to_grid
 from .core.edit import DEFAULT_RIDGE, AppliedEdit, Edit, LayerUpdate, projected_gd, solve_lambda, update_direction
 from .errors import (
     EditError,

@@ -55,7 +55,7 @@ def pasted_rule(clf, layer, args):
 
 
 def cmd_heatmap(args) -> None:
-    from ..concepts.masks import key_match, save_overlay
+    from ..concepts.heatmap import key_match, save_overlay
     from ..models.data import load_image
     from ..core.memory import LayerMemory
     from ..core.rules import layer_io, rule_from_images

@@ -71,7 +71,8 @@ def _pasted_pairs(args) -> tuple[list, list]:
 
 def cmd_reconstruct(args) -> None:
     from .common import emit, resolve_layer, load_model
-    from ..concepts.masks import load_mask, mask_to_grid, save_overlay
+    from ..concepts.heatmap import save_overlay
+    from ..concepts.masks import load_mask, mask_to_grid
     from ..models.data import load_image
 
     clf = load_model(args)

@@ -18,7 +18,7 @@ def _mask_png(mask: np.ndarray) -> Image.Image:
 
 def cmd_segment(args: argparse.Namespace) -> None:
     """``rulewriter segment``: one mask PNG (and optionally an overlay) per image."""
-    from ..concepts.masks import overlay
+    from ..concepts.heatmap import overlay
     from ..models.data import load_image
     from ..studies.report import save_png
 

@@ -250,7 +250,7 @@ def rewrite(
     Returns:
         an :class:`~rulewriter.core.edit.Edit` with one rank-r update and a JSON description of the rules.
     """
-    from ..concepts.masks import context as context_dirs
+    from ..concepts.keys import context as context_dirs
 
     rules = [rules] if isinstance(rules, Rule) else list(rules)
     if not rules:

@@ -56,7 +56,7 @@ the same limit, the pre-image nearest the start, in far fewer steps)::
 compared by cosine similarity; images by LPIPS when the ``lpips`` package *and* its backbone weights are on
 disk, otherwise by :class:`FeatureDistance`, an LPIPS-form distance on the classifier's own early features
 (labelled as such wherever it is reported). :func:`dot_similarity` gives the dot-product heatmaps of Figs.
-3-4 and 3-5 for :func:`rulewriter.concepts.masks.save_overlay`.
+3-4 and 3-5 for :func:`rulewriter.concepts.heatmap.save_overlay`.
 
 Which target a reconstruction aims at matters. Section 3.2 reconstructs the *edited* network's output of the
 wheel image through the edited network; the wheel input itself then has zero loss, so the reconstruction
@@ -1170,13 +1170,13 @@ def dot_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     ``recon`` (c, h, w) or (1, c, h, w). ``target`` is a map of the same shape (pairs of corresponding
     points: ``Σ_c r(x) t(x)``) or one vector (c,) matched against every location (as
-    :func:`~rulewriter.concepts.masks.key_match`). Overlay it with :func:`rulewriter.concepts.masks.save_overlay`.
+    :func:`~rulewriter.concepts.heatmap.key_match`). Overlay it with :func:`rulewriter.concepts.heatmap.save_overlay`.
 
     Example:
         >>> dot_similarity(torch.ones(2, 1, 3), torch.tensor([1., 2.])).tolist()
         [[3.0, 3.0, 3.0]]
     """
-    from ..concepts.masks import key_match
+    from ..concepts.heatmap import key_match
 
     r = recon[0] if recon.dim() == 4 else recon
     if target.dim() == 1:

@@ -991,7 +991,8 @@ def random_vector(dim: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def _masked_head_features(classifier, image: ImageLike, mask: MaskLike) -> torch.Tensor:
     """The mask-weighted mean of the feature map that the final layer pools, (D,) float64."""
-    from ..concepts.masks import concept_key, mask_to_grid
+    from ..concepts.keys import concept_key
+    from ..concepts.masks import mask_to_grid
     from ..core.rules import prepare_mask
 
     pool, fc = head_layers(classifier.model)

@@ -240,7 +240,7 @@ def run_demo(
     Raises:
         RulewriterError: scikit-image missing, ``stats_data`` not a folder of images, bad ``samples``.
     """
-    from ..concepts.masks import key_match, overlay
+    from ..concepts.heatmap import key_match, overlay
     from ..core.edit import regularize
     from ..concepts.manipulate import paste_texture, texture_from
     from ..core.memory import LayerMemory

@@ -26,7 +26,7 @@ Spec forms (:data:`SPEC_FORMS` lists them; a bad spec raises :class:`SpecError` 
   or the stem with another image extension); black means
   absent. A missing file or a mask of another aspect ratio than its image is a MaskError.
 * ``context:CONCEPT.safetensors[?OPTIONS]``: where the classifier's layer context-matches a saved
-  :class:`~rulewriter.concepts.masks.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`)
+  :class:`~rulewriter.concepts.keys.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`)
   thresholded and mapped back to the image (:func:`rulewriter.studies.evaluate.heat_to_mask`; the network sees the
   centre crop only, so the rest of the image is zero). OPTIONS (``&``-separated, or keyword arguments of
   :func:`load_segmenter`): ``model=NAME``, ``weights=FILE``, ``stats=FILE``, ``threshold=X``,
@@ -425,7 +425,7 @@ class ContextSegmenter(Segmenter):
     :attr:`threshold_rule` says which.
 
     Args:
-        concept: a :class:`~rulewriter.concepts.masks.Concept` or its safetensors file.
+        concept: a :class:`~rulewriter.concepts.keys.Concept` or its safetensors file.
         classifier: a :class:`~rulewriter.models.registry.Classifier` or a model name; default the model named in
             the concept's metadata (``meta["model"]``), else efficientnet-lite0.
         stats: the layer's second moment: a statistics file, a SecondMoment or a (d, d) tensor; without it
@@ -452,9 +452,9 @@ class ContextSegmenter(Segmenter):
         batch_size: int = 32,
         name: str | None = None,
     ) -> None:
-        from ..concepts.masks import Concept
+        from ..concepts.keys import Concept
         from ..core.edit import DEFAULT_RIDGE, update_direction
-        from .evaluate import concept_heatmaps, concept_matcher, match_threshold
+        from .testsets import concept_heatmaps, concept_matcher, match_threshold
         from ..models.registry import Classifier, load_classifier
 
         self.concept = concept if isinstance(concept, Concept) else Concept.load(concept)
@@ -516,7 +516,7 @@ class ContextSegmenter(Segmenter):
         return self._match(inp, out)[0]
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
-        from .evaluate import heat_to_mask
+        from .testsets import heat_to_mask
 
         return heat_to_mask(self.classifier.preprocess, self.heat(image), image.size, self.threshold)
 
