@@ -25,7 +25,8 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rulewriter.app import server as appmod  # noqa: E402
-from rulewriter.app.server import MAX_UPLOAD_BYTES, create_app, decode_image_bytes, is_loopback, mask_box  # noqa: E402
+from rulewriter.app.images import MAX_UPLOAD_BYTES, decode_image_bytes, mask_box  # noqa: E402
+from rulewriter.app.server import create_app, is_loopback  # noqa: E402
 from rulewriter.errors import ImageLoadError  # noqa: E402
 from rulewriter.models.registry import Preprocess, load_classifier  # noqa: E402
 

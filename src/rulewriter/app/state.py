@@ -1,0 +1,286 @@
+"""What the app server holds: sessions (one per browser tab) with their exemplars, and :class:`AppState` —
+the classifier, the image folder addressed by opaque ids, the statistics ``C``, jobs and the one model lock.
+
+Example::
+
+    >>> state = AppState(load_classifier("efficientnet-lite0"), "photos/")   # doctest: +SKIP
+    >>> s = state.new_session()                                               # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import EditError, ImageLoadError, RulewriterError
+from .jobs import Job, JobRunner
+
+__all__ = ["AppState", "Exemplar", "MAX_SESSIONS", "ProgressDataset", "Session"]
+
+#: Sessions kept at once; the least recently used one is dropped beyond this (its tab gets 404 and makes a new one).
+MAX_SESSIONS = 64
+
+
+@dataclass
+class Exemplar:
+    """One exemplar of the rule: the original image, its mask, and what the concept becomes there."""
+
+    id: str
+    image_id: str
+    mask: np.ndarray  # (H, W) float32 at the image's size
+    target: str  # texture | region | key
+    spec: dict
+    manipulated: Image.Image | None = None  # texture and region targets
+    key_image_id: str | None = None  # key target: the region whose keys the concept should map from
+    key_mask: np.ndarray | None = None
+    before: dict = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """Per-tab state: uploads, exemplars, the current edit and its pictures."""
+
+    id: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    uploads: dict[str, tuple[str, Image.Image]] = field(default_factory=dict)
+    exemplars: dict[str, Exemplar] = field(default_factory=dict)
+    edit: Any = None  # rulewriter.core.edit.Edit
+    edit_source: str | None = None
+    comparison: dict | None = None
+    heatmaps: dict[str, bytes] = field(default_factory=dict)
+    report_dir: Path | None = None
+    touched: float = field(default_factory=time.time)
+
+
+# ------------------------------------------------------------------------------------------ state
+class ProgressDataset(torch.utils.data.Dataset):
+    """Wraps a dataset to report how many items were read; keeps its fingerprint for the statistics cache."""
+
+    def __init__(self, inner, report: Callable[[float, str], None], what: str) -> None:
+        self.inner, self.report, self.what = inner, report, what
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        self.seen += 1
+        if self.seen % 8 == 0 or self.seen == len(self.inner):
+            self.report(self.seen / len(self.inner), f"{self.what}: {self.seen}/{len(self.inner)} images")
+        return self.inner[i]
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
+class AppState:
+    """Everything the server holds: the classifier, the image folder, sessions, jobs, caches and the model lock.
+
+    Example::
+
+        >>> state = AppState(load_classifier("efficientnet-lite0"), "photos/")   # doctest: +SKIP
+        >>> sorted(state.images)[:1]                                              # doctest: +SKIP
+        ['3f1c9a0b2d4e']
+    """
+
+    def __init__(
+        self,
+        classifier,
+        images_dir: str | os.PathLike[str],
+        *,
+        layer: str | None = None,
+        stats_data: str | os.PathLike[str] | None = None,
+        stats_samples: int | None = None,
+        out_dir: str | os.PathLike[str] = "rulewriter-app",
+        cache_dir: str | os.PathLike[str] | None = None,
+        workers: int = 2,
+    ) -> None:
+        from ..models.data import list_images
+        from ..core.memory import LayerMemory
+        from ..core.trace import get_module
+
+        self.clf = classifier
+        self.layer = layer or classifier.default_layer
+        if not self.layer:
+            raise RulewriterError(f"model {classifier.name!r} has no default layer; pass --layer")
+        LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
+        self.root = Path(images_dir).expanduser().resolve()
+        if not self.root.is_dir():
+            raise ImageLoadError(f"--images {images_dir}: no such folder")
+        self.images: dict[str, Path] = {}
+        for p in list_images(self.root):
+            real = p.resolve()
+            # A symlink that leads out of the folder would make a file outside it readable: skip it.
+            if not real.is_relative_to(self.root) or not real.is_file():
+                continue
+            rel = real.relative_to(self.root).as_posix()
+            self.images[hashlib.sha256(rel.encode()).hexdigest()[:12]] = real
+        if not self.images:
+            raise ImageLoadError(f"no images inside {self.root}")
+        self.stats_data = Path(stats_data).expanduser().resolve() if stats_data else None
+        if self.stats_data is not None:
+            list_images(self.stats_data)  # fails now on a bad folder, not at the first edit
+        if stats_samples is not None and stats_samples < 1:
+            raise RulewriterError(f"--stats-samples must be positive, got {stats_samples}")
+        self.stats_samples = stats_samples
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.model_lock = threading.RLock()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions_lock = threading.Lock()
+        self.jobs = JobRunner(workers)
+        self.predictions: dict[str, list[dict]] = {}
+        self._stats: dict[tuple[str, int], Any] = {}
+        self._stats_lock = threading.Lock()
+        self.topk = min(5, classifier.num_classes)
+
+    # ---------------------------------------------------------------- sessions
+    def new_session(self) -> Session:
+        s = Session(secrets.token_urlsafe(16))
+        with self.sessions_lock:
+            self.sessions[s.id] = s
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        return s
+
+    def session(self, sid: str) -> Session | None:
+        with self.sessions_lock:
+            s = self.sessions.get(sid)
+            if s is not None:
+                self.sessions.move_to_end(sid)
+                s.touched = time.time()
+            return s
+
+    # ---------------------------------------------------------------- images
+    def image_name(self, image_id: str, session: Session | None = None) -> str | None:
+        if image_id in self.images:
+            return self.images[image_id].relative_to(self.root).as_posix()
+        if session is not None and image_id in session.uploads:
+            return session.uploads[image_id][0]
+        return None
+
+    def image(self, image_id: str, session: Session | None = None) -> Image.Image:
+        """The RGB image behind an id (a folder image, or one of the session's uploads); KeyError if unknown."""
+        from ..models.data import load_image
+
+        if image_id in self.images:
+            return load_image(self.images[image_id])
+        if session is not None and image_id in session.uploads:
+            return session.uploads[image_id][1].convert("RGB")
+        raise KeyError(image_id)
+
+    def image_ids(self, session: Session | None = None) -> list[str]:
+        ids = sorted(self.images, key=lambda i: self.images[i].relative_to(self.root).as_posix())
+        return ids + (list(session.uploads) if session is not None else [])
+
+    # ---------------------------------------------------------------- model use (always under the lock)
+    def predict(self, images: list[Image.Image], edit=None) -> list[list[dict]]:
+        """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released)."""
+        if not images:
+            return []
+        x = self.clf.preprocess.batch(images)
+        with self.model_lock:
+            ctx = edit.applied(self.clf.model) if edit is not None else contextlib.nullcontext()
+            with ctx:
+                preds = self.clf.predict(x, topk=self.topk)
+        return [[{"index": int(i), "label": lab, "prob": round(float(p), 6)} for i, lab, p in row] for row in preds]
+
+    def cached_predictions(self, image_id: str, session: Session | None = None) -> list[dict]:
+        if image_id not in self.predictions:
+            top = self.predict([self.image(image_id, session)])[0]
+            if image_id in self.images:  # uploads are per session: keep them out of the shared cache
+                self.predictions[image_id] = top
+            return top
+        return self.predictions[image_id]
+
+    def stats_source(self) -> dict:
+        src = self.stats_data or self.root
+        return {"source": str(src), "kind": "stats-data" if self.stats_data else "image folder",
+                "samples": self.stats_samples, "layer": self.layer,
+                "ready": (self.layer, 2) in self._stats,
+                "note": ("C comes from the browsed image folder; a few thousand images of the model's domain "
+                         "(--stats-data DIR) give edits that generalise better") if not self.stats_data else
+                        "C comes from --stats-data"}
+
+    def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
+        """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
+        from ..models.data import ImageDataset, list_images, subsample
+        from ..core.stats import collect_second_moment
+
+        key = (self.layer, 2)
+        with self._stats_lock:
+            if key in self._stats:
+                return self._stats[key]
+            paths = list_images(self.stats_data or self.root)
+            if self.stats_samples is not None:
+                paths = subsample(paths, self.stats_samples)
+            ds = ImageDataset(paths, self.clf.preprocess)
+
+            def report(frac: float, msg: str) -> None:
+                if job is not None:
+                    job.report(lo + (hi - lo) * frac, msg)
+
+            if job is not None:
+                job.report(lo, f"statistics C of {self.layer}: {len(ds)} images")
+            with self.model_lock:
+                s = collect_second_moment(self.clf, self.layer, ProgressDataset(ds, report, "statistics C"),
+                                          cache_dir=self.cache_dir, progress=False, batch_size=16,
+                                          device=self.clf.device)  # never move the model
+            self._stats[key] = s
+            return s
+
+    def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:
+        from ..core.memory import LayerMemory
+        from ..core.rules import layer_io
+        from ..core.trace import get_module
+
+        mem = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer)
+        with self.model_lock:
+            x, _ = layer_io(self.clf, self.layer, self.clf.preprocess.batch(images))
+        return mem.keys(x)
+
+    def concept_rule(self, image: Image.Image, mask: np.ndarray):
+        """The masked keys and values of an image itself (a rule from the image to itself)."""
+        from ..core.rules import rule_from_images
+
+        with self.model_lock:
+            return rule_from_images(self.clf, self.layer, [image], [image], [mask])
+
+    def build_rule(self, session: Session, exemplars: list[Exemplar]):
+        """One rule from every exemplar: pasted targets pair keys and values per location; picked key
+        regions pair the region's mean key with the exemplar's mean value."""
+        from ..core.rules import Rule, rule_from_images
+
+        if not exemplars:
+            raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
+        keys, values, weights, desc = [], [], [], []
+        pasted = [e for e in exemplars if e.target in ("texture", "region")]
+        if pasted:
+            originals = [self.image(e.image_id, session) for e in pasted]
+            with self.model_lock:
+                r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
+                                     [e.mask for e in pasted])
+            keys.append(r.keys), values.append(r.values), weights.append(r.weights)
+        for e in exemplars:
+            if e.target == "key":
+                kr = self.concept_rule(self.image(e.key_image_id, session), e.key_mask)
+                vr = self.concept_rule(self.image(e.image_id, session), e.mask)
+                keys.append(kr.key()[None]), values.append(vr.value()[None])
+                # Weighted like the locations it stands for, so it counts as much as a pasted exemplar of its size.
+                weights.append(vr.weights.sum().reshape(1))
+        for e in exemplars:
+            desc.append({"image": self.image_name(e.image_id, session), "target": e.target, **e.spec})
+        view = 2
+        return Rule(self.layer, view, torch.cat(keys).double(), torch.cat(values).double(),
+                    torch.cat(weights).double(), {"method": "app", "exemplars": desc})
