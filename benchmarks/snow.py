@@ -389,10 +389,10 @@ ROW_HEAD = ["method", "snow errors fixed (held-out)", "by source", "originals ch
 
 
 def destinations_figure(counts: Counter, names: Sequence[str], total: int, path: Path) -> Path:
-    from rulewriter.studies.evaluate import _pyplot
+    from rulewriter.studies.report import pyplot
     from rulewriter.studies.report import save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     top = counts.most_common(15)
     fig, ax = plt.subplots(figsize=(7, 0.4 + 0.3 * max(len(top), 1)), dpi=110)
     y = np.arange(len(top))[::-1]
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", ADE_DIR, SNOW)
     C.setup_torch()
-    from rulewriter.studies.evaluate import _pyplot  # noqa: F401  (fail early without matplotlib)
+    from rulewriter.studies.report import pyplot  # noqa: F401  (fail early without matplotlib)
     from rulewriter.studies.report import save_figure
     from rulewriter.studies.spurious import METHODS, mitigate
     from rulewriter.studies.evaluate import predict

@@ -118,7 +118,8 @@ class TailCache:
                  desc: str = "cache") -> None:
         from tqdm.auto import tqdm
 
-        from rulewriter.studies.evaluate import Predictions, SourceDataset
+        from rulewriter.studies.metrics import Predictions
+        from rulewriter.studies.testsets import SourceDataset
         from rulewriter.core.trace import Trace
 
         self.clf, self.sources, self.labels, self.target = clf, list(sources), list(labels), target
@@ -166,7 +167,8 @@ class TailCache:
 
     def predictions(self, layer: str, change: Any) -> Any:
         """Predictions of every image with ``change`` applied (a change of ``layer``)."""
-        from rulewriter.studies.evaluate import Predictions, predict
+        from rulewriter.studies.evaluate import predict
+        from rulewriter.studies.metrics import Predictions
 
         start = self.start_for(layer)
         if start is None:
@@ -178,7 +180,7 @@ class TailCache:
 
 def replace_rows(base: Any, idx: Sequence[int], part: Any) -> Any:
     """``base`` predictions with rows ``idx`` taken from ``part`` (predictions of those rows only)."""
-    from rulewriter.studies.evaluate import Predictions
+    from rulewriter.studies.metrics import Predictions
 
     i = np.asarray(idx, dtype=np.int64)
     arrays = {f: getattr(base, f).copy() for f in ("topk", "topk_prob", "label_prob", "target_prob")}
@@ -189,7 +191,7 @@ def replace_rows(base: Any, idx: Sequence[int], part: Any) -> Any:
 
 
 def concat(*preds: Any) -> Any:
-    from rulewriter.studies.evaluate import Predictions
+    from rulewriter.studies.metrics import Predictions
 
     return Predictions.concat(list(preds))
 
@@ -215,7 +217,7 @@ def car_photos_with_wheels(clf: Any, shared: Path, split: str, wood: Any, limit:
     """Car-parts photos of ``split`` in natural order with a wheel inside the model's crop, wood on the wheels."""
     from rulewriter.models.data import load_image
     from rulewriter.concepts.manipulate import paste_texture
-    from rulewriter.models.registry import mask_for_image
+    from rulewriter.models.preprocess import mask_for_image
 
     paths, index = C.car_photos(shared, split)
     wheel = set(index.images("wheel"))
@@ -269,7 +271,7 @@ def all_predictions(sets: Sets, layer: str, change: Any | None) -> dict[str, Any
 
 def measure(sets: Sets, pre: dict[str, Any], post: dict[str, Any], n_exemplars: int) -> dict[str, Any]:
     """The experiment's metrics for one change (see the module docstring)."""
-    from rulewriter.studies.evaluate import accuracy, as_label_sets, errors_corrected, four_tests, roc
+    from rulewriter.studies.metrics import accuracy, as_label_sets, errors_corrected, four_tests, roc
 
     car_labels = [sets.car_set] * sets.n_cars
     conf = np.asarray(sets.confusing)
@@ -315,7 +317,7 @@ def oracle(sets: Sets, layer: str, masks: Sequence[torch.Tensor]) -> dict[str, A
     ``masks`` are the wheel masks on the network's input (S × S).
     """
     from rulewriter.concepts.masks import mask_to_grid
-    from rulewriter.studies.evaluate import Predictions, errors_corrected
+    from rulewriter.studies.metrics import Predictions, errors_corrected
     from rulewriter.core.trace import Trace
 
     cache, n = sets.cars, sets.n_cars
@@ -434,7 +436,7 @@ def roc_figure(results: dict[str, dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rulewriter.studies.evaluate import plot_roc
+    from rulewriter.studies.evaluation_report import plot_roc
     from rulewriter.studies.report import save_figure
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 8.6), dpi=100)
@@ -449,7 +451,7 @@ def roc_figure(results: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def shifts_figure(shifts: Any, title: str, path: Path) -> Path:
-    from rulewriter.studies.evaluate import plot_class_shifts
+    from rulewriter.studies.evaluation_report import plot_class_shifts
     from rulewriter.studies.report import save_figure
 
     return save_figure(path, plot_class_shifts(shifts, title, top=20))
@@ -466,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shared = C.require_shared("data/imagenet-samples", "data/car-parts")
     C.setup_torch()
-    from rulewriter.studies.evaluate import (MatchedPaste, accuracy, class_shifts, concept_matcher, concept_scores,
-                                     match_threshold, select_top)
+    from rulewriter.studies.metrics import accuracy, class_shifts
+    from rulewriter.studies.testsets import MatchedPaste, concept_matcher, concept_scores, match_threshold, select_top
     from rulewriter.studies.finetune import finetune_layer, retrain_last_layer
     from rulewriter.concepts.manipulate import texture_from
     from rulewriter.models.registry import load_classifier

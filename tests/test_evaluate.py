@@ -13,30 +13,29 @@ from torch import nn
 
 from rulewriter.cli import main
 from rulewriter.core.edit import Edit, LayerUpdate
-from rulewriter.studies.evaluate import (
-    Evaluation,
-    MatchedPaste,
+from rulewriter.studies.evaluate import Evaluation, evaluate_edit, load_change, predict
+from rulewriter.studies.evaluation_report import write_report
+from rulewriter.studies.metrics import (
     Predictions,
-    TestSet,
     accuracy,
     as_label_sets,
     class_shifts,
+    errors_corrected,
+    four_tests,
+    roc,
+    summarize,
+    target_set,
+)
+from rulewriter.studies.testsets import (
+    MatchedPaste,
+    TestSet,
     concept_heatmaps,
     concept_scores,
     confusing_set,
-    errors_corrected,
-    evaluate_edit,
-    four_tests,
     heat_to_mask,
-    load_change,
     match_threshold,
     mislabelled_set,
-    predict,
-    roc,
     select_top,
-    summarize,
-    target_set,
-    write_report,
 )
 from rulewriter.studies.finetune import WeightDelta
 from rulewriter.models.registry import Preprocess, load_classifier

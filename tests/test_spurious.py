@@ -11,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from rulewriter.errors import EditError, RulewriterError
-from rulewriter.studies.evaluate import TestSet, predict
+from rulewriter.studies.evaluate import predict
+from rulewriter.studies.testsets import TestSet
 from rulewriter.models.registry import Preprocess, load_classifier
 from rulewriter.core.rules import layer_io
 from rulewriter.core.memory import LayerMemory

@@ -9,7 +9,9 @@ from ..errors import RulewriterError
 import argparse
 import json
 import sys
-from ..studies.evaluate import TestSet, evaluate_edit, load_change, write_report
+from ..studies.evaluate import evaluate_edit, load_change
+from ..studies.evaluation_report import write_report
+from ..studies.testsets import TestSet
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -69,7 +69,7 @@ def _check_out(path: str) -> Path:
 def cmd_probe(args: argparse.Namespace) -> None:
     """``rulewriter probe``: every input is checked before any file is written."""
     from .common import emit, load_model
-    from ..studies.evaluate import TestSet
+    from ..studies.testsets import TestSet
     from ..studies.stylize import stylizer_from
 
     out = _check_out(args.out)
@@ -119,7 +119,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 def cmd_mitigate(args: argparse.Namespace) -> None:
     """``rulewriter mitigate``: every input is checked before any file is written."""
     from .common import emit, resolve_layer, load_model, load_stats
-    from ..studies.evaluate import TestSet
+    from ..studies.testsets import TestSet
 
     out = _check_out(args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -44,6 +44,7 @@ __all__ = [
     "image_data_uri",
     "paragraph",
     "prediction_table",
+    "pyplot",
     "save_figure",
     "save_png",
     "section",
@@ -303,6 +304,28 @@ def data_table(headers: Sequence[object], rows: Sequence[Sequence[object]]) -> s
         cells = "".join(f'<td class="p">{_esc(c)}</td>' if numeric(c) else f"<td>{_esc(c)}</td>" for c in row)
         body.append(f"<tr>{cells}</tr>")
     return f'<table class="preds"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported when a figure is first drawn.
+
+    Figures are an optional extra: without matplotlib this raises a clear
+    :class:`~rulewriter.errors.RulewriterError` instead of an ImportError deep in a report.
+
+    Example::
+
+        >>> fig, ax = pyplot().subplots(figsize=(2, 1))          # doctest: +SKIP
+    """
+    from ..errors import RulewriterError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)  # never open a window; a backend already chosen is kept
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RulewriterError("figures need matplotlib: pip install 'rulewriter[eval]'") from e
+    return plt
 
 
 def figure_image(fig, dpi: int | None = None) -> Image.Image:

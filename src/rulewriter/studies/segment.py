@@ -26,13 +26,13 @@ Spec forms (:data:`SPEC_FORMS` lists them; a bad spec raises :class:`SpecError` 
   or the stem with another image extension); black means
   absent. A missing file or a mask of another aspect ratio than its image is a MaskError.
 * ``context:CONCEPT.safetensors[?OPTIONS]``: where the classifier's layer context-matches a saved
-  :class:`~rulewriter.concepts.keys.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`)
-  thresholded and mapped back to the image (:func:`rulewriter.studies.evaluate.heat_to_mask`; the network sees the
+  :class:`~rulewriter.concepts.keys.Concept`: the heat ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.testsets.concept_matcher`)
+  thresholded and mapped back to the image (:func:`rulewriter.studies.testsets.heat_to_mask`; the network sees the
   centre crop only, so the rest of the image is zero). OPTIONS (``&``-separated, or keyword arguments of
   :func:`load_segmenter`): ``model=NAME``, ``weights=FILE``, ``stats=FILE``, ``threshold=X``,
   ``quantile=Q``, ``calibration=DIR``. The threshold is, in order: an explicit ``threshold``; with
   ``calibration`` images, the ``quantile`` (default 0.99, the thesis's top 1%) of all locations' heat over
-  them (:func:`rulewriter.studies.evaluate.match_threshold`); otherwise half the concept key's match with itself,
+  them (:func:`rulewriter.studies.testsets.match_threshold`); otherwise half the concept key's match with itself,
   ``½·k*·(C+εI)⁻¹k*``: a location matches when it responds at least half as strongly as the concept's
   average key, the half-maximum rule, which needs no data.
 * ``deeplab:CLASS[,CLASS...][@MODEL.tflite]``: DeepLabV3-MobileNetV2 on Pascal VOC (``pip install
@@ -330,7 +330,7 @@ class CocoSegmenter(Segmenter):
         self.name = name or f"coco:{self.index.source}:{category}"
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
-        from ..models.registry import mask_for_image
+        from ..models.preprocess import mask_for_image
 
         if source is None:
             raise MaskError(f"{self.name}: COCO masks are looked up by file name; pass source=<the image's path>")
@@ -346,7 +346,7 @@ class MaskFolderSegmenter(Segmenter):
     segment`` writes), else ``DIR/foo`` with another image extension.
     Files are read like :func:`rulewriter.concepts.masks.load_mask` (white = concept), except that an all-black
     file means the concept is absent (zeros). A mask may have another resolution than its image but not
-    another aspect ratio (:func:`rulewriter.models.registry.mask_for_image`).
+    another aspect ratio (:func:`rulewriter.models.preprocess.mask_for_image`).
 
     Example::
 
@@ -374,7 +374,7 @@ class MaskFolderSegmenter(Segmenter):
 
     def _segment(self, image: Image.Image, source: Path | None) -> np.ndarray:
         from ..concepts.masks import load_mask
-        from ..models.registry import mask_for_image
+        from ..models.preprocess import mask_for_image
 
         if source is None:
             raise MaskError(f"{self.name}: mask files are found by the image's file name; pass source=<path>")
@@ -417,9 +417,9 @@ def _calibration_images(calibration: Any) -> list[Any]:
 class ContextSegmenter(Segmenter):
     """Where a classifier's layer context-matches a concept (spec ``context:CONCEPT.safetensors``).
 
-    The heat at a key location ``k`` is ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.evaluate.concept_matcher`): how
+    The heat at a key location ``k`` is ``k·(C+εI)⁻¹k*`` (:func:`rulewriter.studies.testsets.concept_matcher`): how
     strongly a rank-one edit of the concept would fire there. Locations above :attr:`threshold` form the
-    mask, mapped back to the image through the preprocessing (:func:`rulewriter.studies.evaluate.heat_to_mask`).
+    mask, mapped back to the image through the preprocessing (:func:`rulewriter.studies.testsets.heat_to_mask`).
     The threshold is an explicit ``threshold``; or, with ``calibration`` images, the ``quantile`` (default
     0.99) of the heat of all their locations; or else half the concept key's own match ``½·k*·(C+εI)⁻¹k*``.
     :attr:`threshold_rule` says which.
@@ -688,9 +688,9 @@ class TorchvisionSegmenter(Segmenter):
 
     def __init__(self, model: str, classes: str | Sequence[str | int], *, weights: str | os.PathLike[str] | None = None,
                  size: int | None = None, device: str | torch.device = "cpu", name: str | None = None) -> None:
-        from ..models.registry import _hub_file, _is_random, _load_into, _read_state_dict, _torchvision
+        from ..models.registry import hub_checkpoint, is_random_weights, load_state_into, read_state_dict, torchvision_module
 
-        tv = _torchvision()
+        tv = torchvision_module()
         names = sorted(tv.models.list_models(module=tv.models.segmentation))
         key = model.strip().lower().replace("-", "_")
         if key not in names:
@@ -711,7 +711,7 @@ class TorchvisionSegmenter(Segmenter):
             return tv.models.get_model(key, **kw).float()
 
         member = default
-        if _is_random(weights):
+        if is_random_weights(weights):
             net = build(False)
         else:
             chosen = None
@@ -722,7 +722,7 @@ class TorchvisionSegmenter(Segmenter):
                 path = Path(weights).expanduser()
             else:
                 candidates = [chosen] if chosen is not None else [default] + [m for m in members if m is not default]
-                found = [(m, _hub_file(m.url)) for m in candidates]
+                found = [(m, hub_checkpoint(m.url)) for m in candidates]
                 hit = next(((m, p) for m, p in found if p.is_file()), None)
                 if hit is None:
                     looked = ", ".join(str(p) for _, p in found)
@@ -731,9 +731,9 @@ class TorchvisionSegmenter(Segmenter):
                         f"{candidates[0].url} there, or give torchvision:{key}:CLASS@/path/weights.pth, "
                         "or @none for a random init")
                 member, path = hit
-            sd = _read_state_dict(path)
+            sd = read_state_dict(path)
             net = build(any(k.startswith("aux_classifier.") for k in sd))
-            _load_into(net, sd, str(path))
+            load_state_into(net, sd, str(path))
         self.model = net.eval().to(device)
         t = member.transforms()
         resize = getattr(t, "resize_size", None) or [520]

@@ -67,7 +67,7 @@ Segmenter = Callable[..., np.ndarray]
 # ------------------------------------------------------------------------------------------ helpers
 def _pairs(images) -> list[tuple[Any, int]]:
     """(source, label) pairs from a TestSet or a sequence of pairs; labels must be single class indices."""
-    from .evaluate import TestSet
+    from .testsets import TestSet
 
     if isinstance(images, TestSet):
         pairs = list(zip(images.images, images.labels))
@@ -227,8 +227,8 @@ class FilteredSet:
         return (self.subset(train, split="train", seed=seed), self.subset(test, split="test", seed=seed))
 
     def testset(self, name: str = "filtered"):
-        """The originals with their labels and stylized copies as an :class:`~rulewriter.studies.evaluate.TestSet`."""
-        from .evaluate import TestSet
+        """The originals with their labels and stylized copies as an :class:`~rulewriter.studies.testsets.TestSet`."""
+        from .testsets import TestSet
 
         return TestSet(name, list(self.originals), list(self.labels), list(self.stylized),
                        info={"kind": "filtered", **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float))}})
@@ -349,9 +349,9 @@ class ProbeResult:
 
     def figure(self, top: int = 20):
         """Fig. 2-12: per class (most affected first), change in error rate and in mean top-1 probability."""
-        from .evaluate import _pyplot
+        from .report import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         rows = self.classes[:top]
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 1.4 + 0.28 * max(len(rows), 1)), dpi=110, sharey=True)
         if not rows:
@@ -438,7 +438,7 @@ def probe(
 
     Args:
         classifier: a :class:`~rulewriter.models.registry.Classifier`.
-        images: a :class:`~rulewriter.studies.evaluate.TestSet` or ``(image, class index)`` pairs
+        images: a :class:`~rulewriter.studies.testsets.TestSet` or ``(image, class index)`` pairs
             (e.g. :func:`rulewriter.models.data.labelled_images`); an image is a path or a PIL image.
         segmenter: ``segmenter(image, source=path) -> (H, W) float mask in [0, 1]`` with a ``name``
             (:func:`rulewriter.studies.segment.load_segmenter`).
@@ -458,7 +458,8 @@ def probe(
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import load_source, predict
+    from .evaluate import predict
+    from .testsets import load_source
 
     if not 0 <= min_area < 1:
         raise RulewriterError(f"min_area must be in [0, 1), got {min_area}")
@@ -537,7 +538,7 @@ class MitigationResult:
 
     ``rows[method][group]`` holds, on the held-out test split: ``n``; ``accuracy_gt`` (top-1 on the
     stylized images vs the ground truth) and ``corrected_gt`` (errors corrected w.r.t. the ground truth,
-    :func:`rulewriter.studies.evaluate.errors_corrected`); ``accuracy_pred`` and ``corrected_pred`` (the same
+    :func:`rulewriter.studies.metrics.errors_corrected`); ``accuracy_pred`` and ``corrected_pred`` (the same
     against the unedited model's top-1 on the original image); ``accuracy_original`` (top-1 on the
     originals vs the ground truth: what the change costs the unstylized images). ``overall[method]`` is
     top-1 on the accuracy set (``None`` without one). Groups: ``"target"`` (the most affected class),
@@ -634,7 +635,7 @@ class MitigationResult:
 def _group_scores(idx: np.ndarray, labels: np.ndarray, ref: np.ndarray, base_sty: np.ndarray,
                   sty: np.ndarray, orig: np.ndarray) -> dict[str, Any]:
     """Scores of one method on the images ``idx``: top-1 arrays of stylized/original under the method."""
-    from .evaluate import errors_corrected
+    from .metrics import errors_corrected
 
     y, r = labels[idx], ref[idx]
     right_gt, right_pred = sty[idx] == y, sty[idx] == r
@@ -707,7 +708,8 @@ def mitigate(
         >>> res = mitigate(clf, FilteredSet.load("probe-out"), 5, stats)        # doctest: +SKIP
         >>> print(res.to_markdown())                                           # doctest: +SKIP
     """
-    from .evaluate import TestSet, predict
+    from .evaluate import predict
+    from .testsets import TestSet
     from .finetune import finetune_layer, retrain_last_layer
     from ..core.rules import rewrite, rule_from_features, rule_from_images
 
