@@ -28,6 +28,11 @@ design rules that keep it safe to leave running:
 Statistics ``C`` are collected once per layer from the image folder (or ``--stats-data DIR``) with
 :func:`rulewriter.core.stats.collect_second_moment` and its on-disk cache; the page says where they came from.
 
+The server is built from one module per idea: :mod:`rulewriter.app.images` (decoding uploads and masks,
+size limits), :mod:`rulewriter.app.jobs` (work off the request thread), :mod:`rulewriter.app.state`
+(sessions, exemplars and :class:`~rulewriter.app.state.AppState`) and this module (the routes, the
+request-body limit and :func:`serve`).
+
 Programmatic use (e.g. in tests)::
 
     >>> from rulewriter.app.server import create_app
@@ -38,13 +43,9 @@ Programmatic use (e.g. in tests)::
 
 Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, python-multipart).
 """
-
-
-import base64
-import binascii
+# No ``from __future__ import annotations`` here: FastAPI resolves the route functions' annotations at
+# runtime, and the request models are local classes of create_app that a string annotation cannot find.
 import contextlib
-import hashlib
-import io
 import ipaddress
 import json
 import os
@@ -52,40 +53,28 @@ import re
 import secrets
 import sys
 import tempfile
-import threading
 import time
-import traceback
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
+from ..errors import EditError, ImageLoadError, RulewriterError
+from .images import MAX_UPLOAD_BYTES, decode_image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
+from .jobs import Job
+from .state import AppState, Exemplar, Session
 
-__all__ = ["AppState", "DEFAULT_PORT", "MAX_UPLOAD_BYTES", "TEXTURES", "add_cli", "create_app", "is_loopback", "serve"]
+__all__ = ["DEFAULT_PORT", "MAX_BODY_BYTES", "TEXTURES", "create_app", "is_loopback", "serve"]
 
 DEFAULT_PORT = 8765
-#: Uploads (images, edits, masks) larger than this are refused: a photo or an edit of one layer is far
-#: smaller, and the limit bounds what one request can make the server hold in memory.
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 #: Whole request bodies: one upload plus multipart overhead, or a JSON body with a base64 mask (4/3 larger).
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 3 // 2
-#: Decoded images larger than this many pixels are refused (PIL's own bomb guard is only a warning below 2×).
-MAX_PIXELS = 40_000_000
-#: Formats an upload may have; everything is decoded with PIL and re-checked, never trusted by name.
-UPLOAD_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 #: Textures offered by name (from scikit-image, which the demo extra installs).
 TEXTURES: tuple[str, ...] = ("skimage:gravel", "skimage:brick", "skimage:grass")
-#: Sessions kept at once; the least recently used one is dropped beyond this (its tab gets 404 and makes a new one).
-MAX_SESSIONS = 64
 MAX_UPLOADS_PER_SESSION = 24
 MAX_EXEMPLARS = 16
-MAX_JOBS_KEPT = 256
 #: The edit's before/after comparison covers the exemplars and at most this many other folder images,
 #: so a large folder does not make every edit slow; the HTML report covers the whole folder.
 COMPARE_LIMIT = 48
@@ -108,423 +97,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(img: Image.Image, quality: int = 88) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def decode_image_bytes(data: bytes, what: str = "upload") -> Image.Image:
-    """Bytes → an RGB PIL image, refusing anything that is not a whole, modest image of an allowed format.
-
-    Raises :class:`~rulewriter.errors.ImageLoadError` (size, format, corrupt data, too many pixels).
-
-    Example::
-
-        >>> decode_image_bytes(_png(Image.new("RGB", (4, 3)))).size
-        (4, 3)
-    """
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ImageLoadError(f"{what} is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}")
-    if not data:
-        raise ImageLoadError(f"{what} is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format
-            w, h = probe.size
-            probe.verify()  # structure check before any pixel is decoded
-        if fmt not in UPLOAD_FORMATS:
-            raise ImageLoadError(f"{what} is {fmt or 'not an image'}; allowed: {', '.join(sorted(UPLOAD_FORMATS))}")
-        if w * h > MAX_PIXELS or w < 1 or h < 1:
-            raise ImageLoadError(f"{what} is {w}×{h} pixels; the limit is {MAX_PIXELS} pixels")
-        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: open again
-            im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return im.convert("RGB") if im.mode not in ("RGBA", "LA") else im.copy()
-    except ImageLoadError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{what} is not a readable image ({e})") from None
-
-
-def decode_base64(text: str, what: str = "mask") -> bytes:
-    """A ``data:...;base64,`` URL or a bare base64 string → bytes (size-limited)."""
-    if "," in text[:100] and text.startswith("data:"):
-        text = text.split(",", 1)[1]
-    if len(text) > MAX_UPLOAD_BYTES * 4 // 3 + 8:
-        raise MaskError(f"{what} is larger than {MAX_UPLOAD_BYTES} bytes")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise MaskError(f"{what} is not valid base64 (send a PNG as a data: URL or base64 text)") from None
-
-
-def read_mask(text: str, image_size: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """A painted mask (PNG as base64) → (H, W) float32 in [0, 1] at the image's size.
-
-    The mask may have any resolution with the image's aspect ratio. Raises MaskError when it is not an
-    image, has another aspect ratio, or is empty.
-    """
-    from ..concepts.masks import load_mask
-    from ..models.registry import mask_for_image
-
-    data = decode_base64(text, what)
-    try:
-        img = decode_image_bytes(data, what)
-    except ImageLoadError as e:
-        raise MaskError(str(e)) from None
-    m = load_mask(img)  # MaskError when empty
-    m = mask_for_image(m, image_size)
-    if not (m > 0).any():
-        raise MaskError(f"{what} is empty after resizing to the image")
-    return m
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """The bounding box ``(left, top, right, bottom)`` of a mask's non-zero pixels.
-
-    Example::
-
-        >>> m = np.zeros((4, 6)); m[1:3, 2:5] = 1
-        >>> mask_box(m)
-        (2, 1, 5, 3)
-    """
-    ys, xs = np.nonzero(mask > 0)
-    if not len(xs):
-        raise MaskError("the mask is empty")
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-# ------------------------------------------------------------------------------------------ jobs
-@dataclass
-class Job:
-    """Work running off the request thread: progress in [0, 1], then a result or an error."""
-
-    id: str
-    kind: str
-    session: str | None
-    state: str = "queued"  # queued | running | done | error
-    progress: float = 0.0
-    message: str = ""
-    result: Any = None
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-
-    def report(self, progress: float, message: str | None = None) -> None:
-        self.progress = float(min(1.0, max(self.progress, progress)))
-        if message is not None:
-            self.message = message
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 4),
-                "message": self.message, "result": self.result, "error": self.error}
-
-
-class JobRunner:
-    """A small thread pool for jobs, keeping the most recent ones for polling."""
-
-    def __init__(self, workers: int = 2) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rulewriter-job")
-        self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def submit(self, kind: str, session: str | None, fn: Callable[[Job], Any]) -> Job:
-        job = Job(secrets.token_hex(8), kind, session)
-        with self.lock:
-            self.jobs[job.id] = job
-            while len(self.jobs) > MAX_JOBS_KEPT:
-                oldest = next(iter(self.jobs))
-                if self.jobs[oldest].state in ("queued", "running"):
-                    break
-                self.jobs.pop(oldest)
-
-        def run() -> None:
-            job.state = "running"
-            try:
-                job.result = fn(job)
-                job.progress, job.state = 1.0, "done"
-            except RulewriterError as e:
-                job.error, job.state = str(e), "error"
-            except Exception as e:  # noqa: BLE001 - a job must end in a state the page can show
-                traceback.print_exc()
-                job.error, job.state = f"internal error: {type(e).__name__}: {e}", "error"
-            finally:
-                job.finished = time.time()
-
-        self.pool.submit(run)
-        return job
-
-    def get(self, job_id: str) -> Job | None:
-        with self.lock:
-            return self.jobs.get(job_id)
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------------------ sessions
-@dataclass
-class Exemplar:
-    """One exemplar of the rule: the original image, its mask, and what the concept becomes there."""
-
-    id: str
-    image_id: str
-    mask: np.ndarray  # (H, W) float32 at the image's size
-    target: str  # texture | region | key
-    spec: dict
-    manipulated: Image.Image | None = None  # texture and region targets
-    key_image_id: str | None = None  # key target: the region whose keys the concept should map from
-    key_mask: np.ndarray | None = None
-    before: dict = field(default_factory=dict)
-
-
-@dataclass
-class Session:
-    """Per-tab state: uploads, exemplars, the current edit and its pictures."""
-
-    id: str
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    uploads: dict[str, tuple[str, Image.Image]] = field(default_factory=dict)
-    exemplars: dict[str, Exemplar] = field(default_factory=dict)
-    edit: Any = None  # rulewriter.core.edit.Edit
-    edit_source: str | None = None
-    comparison: dict | None = None
-    heatmaps: dict[str, bytes] = field(default_factory=dict)
-    report_dir: Path | None = None
-    touched: float = field(default_factory=time.time)
-
-
-# ------------------------------------------------------------------------------------------ state
-class _ProgressDataset(torch.utils.data.Dataset):
-    """Wraps a dataset to report how many items were read; keeps its fingerprint for the statistics cache."""
-
-    def __init__(self, inner, report: Callable[[float, str], None], what: str) -> None:
-        self.inner, self.report, self.what = inner, report, what
-        self.seen = 0
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int):
-        self.seen += 1
-        if self.seen % 8 == 0 or self.seen == len(self.inner):
-            self.report(self.seen / len(self.inner), f"{self.what}: {self.seen}/{len(self.inner)} images")
-        return self.inner[i]
-
-    def fingerprint(self) -> str:
-        return self.inner.fingerprint()
-
-
-class AppState:
-    """Everything the server holds: the classifier, the image folder, sessions, jobs, caches and the model lock.
-
-    Example::
-
-        >>> state = AppState(load_classifier("efficientnet-lite0"), "photos/")   # doctest: +SKIP
-        >>> sorted(state.images)[:1]                                              # doctest: +SKIP
-        ['3f1c9a0b2d4e']
-    """
-
-    def __init__(
-        self,
-        classifier,
-        images_dir: str | os.PathLike[str],
-        *,
-        layer: str | None = None,
-        stats_data: str | os.PathLike[str] | None = None,
-        stats_samples: int | None = None,
-        out_dir: str | os.PathLike[str] = "rulewriter-app",
-        cache_dir: str | os.PathLike[str] | None = None,
-        workers: int = 2,
-    ) -> None:
-        from ..models.data import list_images
-        from ..core.memory import LayerMemory
-        from ..core.trace import get_module
-
-        self.clf = classifier
-        self.layer = layer or classifier.default_layer
-        if not self.layer:
-            raise RulewriterError(f"model {classifier.name!r} has no default layer; pass --layer")
-        LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
-        self.root = Path(images_dir).expanduser().resolve()
-        if not self.root.is_dir():
-            raise ImageLoadError(f"--images {images_dir}: no such folder")
-        self.images: dict[str, Path] = {}
-        for p in list_images(self.root):
-            real = p.resolve()
-            # A symlink that leads out of the folder would make a file outside it readable: skip it.
-            if not real.is_relative_to(self.root) or not real.is_file():
-                continue
-            rel = real.relative_to(self.root).as_posix()
-            self.images[hashlib.sha256(rel.encode()).hexdigest()[:12]] = real
-        if not self.images:
-            raise ImageLoadError(f"no images inside {self.root}")
-        self.stats_data = Path(stats_data).expanduser().resolve() if stats_data else None
-        if self.stats_data is not None:
-            list_images(self.stats_data)  # fails now on a bad folder, not at the first edit
-        if stats_samples is not None and stats_samples < 1:
-            raise RulewriterError(f"--stats-samples must be positive, got {stats_samples}")
-        self.stats_samples = stats_samples
-        self.out_dir = Path(out_dir).expanduser().resolve()
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.model_lock = threading.RLock()
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.sessions_lock = threading.Lock()
-        self.jobs = JobRunner(workers)
-        self.predictions: dict[str, list[dict]] = {}
-        self._stats: dict[tuple[str, int], Any] = {}
-        self._stats_lock = threading.Lock()
-        self.topk = min(5, classifier.num_classes)
-
-    # ---------------------------------------------------------------- sessions
-    def new_session(self) -> Session:
-        s = Session(secrets.token_urlsafe(16))
-        with self.sessions_lock:
-            self.sessions[s.id] = s
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
-        return s
-
-    def session(self, sid: str) -> Session | None:
-        with self.sessions_lock:
-            s = self.sessions.get(sid)
-            if s is not None:
-                self.sessions.move_to_end(sid)
-                s.touched = time.time()
-            return s
-
-    # ---------------------------------------------------------------- images
-    def image_name(self, image_id: str, session: Session | None = None) -> str | None:
-        if image_id in self.images:
-            return self.images[image_id].relative_to(self.root).as_posix()
-        if session is not None and image_id in session.uploads:
-            return session.uploads[image_id][0]
-        return None
-
-    def image(self, image_id: str, session: Session | None = None) -> Image.Image:
-        """The RGB image behind an id (a folder image, or one of the session's uploads); KeyError if unknown."""
-        from ..models.data import load_image
-
-        if image_id in self.images:
-            return load_image(self.images[image_id])
-        if session is not None and image_id in session.uploads:
-            return session.uploads[image_id][1].convert("RGB")
-        raise KeyError(image_id)
-
-    def image_ids(self, session: Session | None = None) -> list[str]:
-        ids = sorted(self.images, key=lambda i: self.images[i].relative_to(self.root).as_posix())
-        return ids + (list(session.uploads) if session is not None else [])
-
-    # ---------------------------------------------------------------- model use (always under the lock)
-    def predict(self, images: list[Image.Image], edit=None) -> list[list[dict]]:
-        """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released)."""
-        if not images:
-            return []
-        x = self.clf.preprocess.batch(images)
-        with self.model_lock:
-            ctx = edit.applied(self.clf.model) if edit is not None else contextlib.nullcontext()
-            with ctx:
-                preds = self.clf.predict(x, topk=self.topk)
-        return [[{"index": int(i), "label": lab, "prob": round(float(p), 6)} for i, lab, p in row] for row in preds]
-
-    def cached_predictions(self, image_id: str, session: Session | None = None) -> list[dict]:
-        if image_id not in self.predictions:
-            top = self.predict([self.image(image_id, session)])[0]
-            if image_id in self.images:  # uploads are per session: keep them out of the shared cache
-                self.predictions[image_id] = top
-            return top
-        return self.predictions[image_id]
-
-    def stats_source(self) -> dict:
-        src = self.stats_data or self.root
-        return {"source": str(src), "kind": "stats-data" if self.stats_data else "image folder",
-                "samples": self.stats_samples, "layer": self.layer,
-                "ready": (self.layer, 2) in self._stats,
-                "note": ("C comes from the browsed image folder; a few thousand images of the model's domain "
-                         "(--stats-data DIR) give edits that generalise better") if not self.stats_data else
-                        "C comes from --stats-data"}
-
-    def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
-        """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
-        from ..models.data import ImageDataset, list_images, subsample
-        from ..core.stats import collect_second_moment
-
-        key = (self.layer, 2)
-        with self._stats_lock:
-            if key in self._stats:
-                return self._stats[key]
-            paths = list_images(self.stats_data or self.root)
-            if self.stats_samples is not None:
-                paths = subsample(paths, self.stats_samples)
-            ds = ImageDataset(paths, self.clf.preprocess)
-
-            def report(frac: float, msg: str) -> None:
-                if job is not None:
-                    job.report(lo + (hi - lo) * frac, msg)
-
-            if job is not None:
-                job.report(lo, f"statistics C of {self.layer}: {len(ds)} images")
-            with self.model_lock:
-                s = collect_second_moment(self.clf, self.layer, _ProgressDataset(ds, report, "statistics C"),
-                                          cache_dir=self.cache_dir, progress=False, batch_size=16,
-                                          device=self.clf.device)  # never move the model
-            self._stats[key] = s
-            return s
-
-    def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:
-        from ..core.memory import LayerMemory
-        from ..core.rules import layer_io
-        from ..core.trace import get_module
-
-        mem = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer)
-        with self.model_lock:
-            x, _ = layer_io(self.clf, self.layer, self.clf.preprocess.batch(images))
-        return mem.keys(x)
-
-    def concept_rule(self, image: Image.Image, mask: np.ndarray):
-        """The masked keys and values of an image itself (a rule from the image to itself)."""
-        from ..core.rules import rule_from_images
-
-        with self.model_lock:
-            return rule_from_images(self.clf, self.layer, [image], [image], [mask])
-
-    def build_rule(self, session: Session, exemplars: list[Exemplar]):
-        """One rule from every exemplar: pasted targets pair keys and values per location; picked key
-        regions pair the region's mean key with the exemplar's mean value."""
-        from ..core.rules import Rule, rule_from_images
-
-        if not exemplars:
-            raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
-        keys, values, weights, desc = [], [], [], []
-        pasted = [e for e in exemplars if e.target in ("texture", "region")]
-        if pasted:
-            originals = [self.image(e.image_id, session) for e in pasted]
-            with self.model_lock:
-                r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
-                                     [e.mask for e in pasted])
-            keys.append(r.keys), values.append(r.values), weights.append(r.weights)
-        for e in exemplars:
-            if e.target == "key":
-                kr = self.concept_rule(self.image(e.key_image_id, session), e.key_mask)
-                vr = self.concept_rule(self.image(e.image_id, session), e.mask)
-                keys.append(kr.key()[None]), values.append(vr.value()[None])
-                # Weighted like the locations it stands for, so it counts as much as a pasted exemplar of its size.
-                weights.append(vr.weights.sum().reshape(1))
-        for e in exemplars:
-            desc.append({"image": self.image_name(e.image_id, session), "target": e.target, **e.spec})
-        view = 2
-        return Rule(self.layer, view, torch.cat(keys).double(), torch.cat(values).double(),
-                    torch.cat(weights).double(), {"method": "app", "exemplars": desc})
 
 
 class _BodyLimit:
@@ -771,7 +343,7 @@ def create_app(
         img = get_image(image_id, s)
         if max_side and max(img.size) > max_side:
             img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        return Response(_jpeg(img), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return Response(jpeg_bytes(img), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/images/{image_id}/predictions", response_model=list[Prediction],
              summary="Top-5 predictions of the unedited model")
@@ -782,14 +354,14 @@ def create_app(
         return state.cached_predictions(image_id, s)
 
     @app.get("/api/textures/{name}.png", summary="A built-in texture", responses={200: {"content": {"image/png": {}}}})
-    def texture_png(name: str):
+    def texturepng_bytes(name: str):
         from ..concepts.manipulate import texture_from
 
         if f"skimage:{name}" not in TEXTURES:
             raise HTTPException(404, f"unknown texture {name[:40]!r}; built in: {', '.join(TEXTURES)}")
         img = texture_from(f"skimage:{name}")
         img.thumbnail((256, 256))
-        return Response(_png(img), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+        return Response(png_bytes(img), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
     # ---------------------------------------------------------------- sessions
     @app.post("/api/sessions", response_model=SessionOut, summary="Create a session (one per browser tab)")
@@ -909,13 +481,13 @@ def create_app(
         e = exemplar_or_404(get_session(sid), eid)
         if e.manipulated is None:
             raise HTTPException(404, "this exemplar maps a picked key region; it has no manipulated image")
-        return Response(_png(e.manipulated), media_type="image/png")
+        return Response(png_bytes(e.manipulated), media_type="image/png")
 
     @app.get("/api/sessions/{sid}/exemplars/{eid}/mask.png", summary="An exemplar's mask",
              responses={200: {"content": {"image/png": {}}}})
     def exemplar_mask(sid: str, eid: str):
         e = exemplar_or_404(get_session(sid), eid)
-        return Response(_png(Image.fromarray(np.rint(e.mask * 255).astype(np.uint8), "L")), media_type="image/png")
+        return Response(png_bytes(Image.fromarray(np.rint(e.mask * 255).astype(np.uint8), "L")), media_type="image/png")
 
     # ---------------------------------------------------------------- edit
     def comparison(s: Session, edit, exemplars: list[Exemplar], others: list[str], job: Job,
@@ -1080,7 +652,7 @@ def create_app(
         mask = read_mask(body.mask, img.size)
 
         def work(job: Job) -> dict:
-            from ..concepts.masks import overlay
+            from ..concepts.heatmap import overlay
             from ..core.edit import DEFAULT_RIDGE, regularize
             from ..studies.testsets import concept_heatmaps
 
@@ -1104,7 +676,7 @@ def create_app(
             rows, pictures = [], {}
             for i, hid in enumerate(ids):
                 shown = state.clf.preprocess.denormalize(state.clf.preprocess.image(state.image(hid, s)))
-                pictures[hid] = _png(overlay(shown, (heat[i].clamp_min(0) / vmax).numpy(), alpha=0.5, normalize="none"))
+                pictures[hid] = png_bytes(overlay(shown, (heat[i].clamp_min(0) / vmax).numpy(), alpha=0.5, normalize="none"))
                 rows.append({"image_id": hid, "name": state.image_name(hid, s), "score": round(float(heat[i].max()), 4),
                              "heatmap_url": f"/api/sessions/{s.id}/heatmaps/{hid}.png"})
             rows.sort(key=lambda r: -r["score"])
@@ -1117,7 +689,7 @@ def create_app(
 
     @app.get("/api/sessions/{sid}/heatmaps/{image_id}.png", summary="A heatmap from the last concept search",
              responses={200: {"content": {"image/png": {}}}})
-    def heatmap_png(sid: str, image_id: str):
+    def heatmappng_bytes(sid: str, image_id: str):
         s = get_session(sid)
         data = s.heatmaps.get(image_id)
         if data is None:
