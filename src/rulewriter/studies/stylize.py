@@ -61,7 +61,7 @@ def check_mask(image: Image.Image, mask) -> np.ndarray:
     W, H = image.size
     if m.shape != (H, W):
         raise MaskError(f"mask is {m.shape[0]}x{m.shape[1]} (HxW) but the image is {H}x{W}; "
-                        "give the mask at the image's size (rulewriter.models.registry.mask_for_image resizes one)")
+                        "give the mask at the image's size (rulewriter.models.preprocess.mask_for_image resizes one)")
     return m
 
 
