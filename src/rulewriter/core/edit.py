@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -138,12 +139,15 @@ def solve_lambda(
     if weights is not None:
         sw = weights.double().clamp_min(0).sqrt()[None, :]
         a, r = a * sw, r * sw
-    gram = a @ a.T
-    if torch.linalg.matrix_rank(gram) < gram.shape[0]:
+    # Least squares Aᵀ Λᵀ = Rᵀ through a QR factorisation of Aᵀ: this works with cond(A), where the normal
+    # equations (A Aᵀ) would square it and lose half the digits on nearly collinear rules.
+    sv = torch.linalg.svdvals(a)
+    if sv.numel() < a.shape[0] or sv.min() <= sv.max() * max(a.shape) * torch.finfo(a.dtype).eps:
         raise EditError(
             "the update directions are degenerate for these keys (Dᵀ K has dependent rows); lower the rank"
         )
-    return torch.linalg.solve(gram, (r @ a.T).T).T
+    q, rr = torch.linalg.qr(a.T)  # (n, r), (r, r)
+    return torch.linalg.solve_triangular(rr, q.T @ r.T, upper=True).T
 
 
 def _projector(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,6 +167,7 @@ def projected_gd(
     weights: torch.Tensor | None = None,
     steps: int = 500,
     tol: float = 0.0,
+    rtol: float = 1e-20,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
     """Eq. 2.20 by projected gradient descent: minimise ``‖V − post((W0 + ΔW) K)‖²``, project ΔW each step.
@@ -173,7 +178,9 @@ def projected_gd(
     tuning, then projects ``ΔW`` back onto ``span(Dᵀ)`` as the thesis does.
 
     Returns ``(Λ, losses)`` with ``Λ = ΔW D (DᵀD)⁻¹``, so that ``ΔW = Λ Dᵀ`` exactly; ``losses[t]`` is the
-    loss before step ``t``. Stops early when the loss falls to ``tol`` or stops decreasing.
+    loss before step ``t`` and ``losses[-1]`` the loss of the returned ``Λ``. Stops early when the loss
+    falls to ``tol`` or to ``rtol`` times its start (``rtol=1e-20`` on a squared loss is a residual of
+    1e-10 of the start, float64's working precision), or when a step no longer lowers it measurably.
     """
     from tqdm.auto import tqdm
 
@@ -196,8 +203,10 @@ def projected_gd(
         loss = objective(x)
         (grad,) = torch.autograd.grad(loss, x)
         losses.append(float(loss.detach()))
-        if tol and losses[-1] <= tol:
+        if losses[-1] <= max(tol, rtol * losses[0]):
             break
+        if len(losses) > 1 and losses[-2] - losses[-1] <= 1e-15 * losses[-2]:
+            break  # no measurable progress in float64
         g = p(grad)
         gg = float((g * g).sum())
         if gg == 0.0:
@@ -209,6 +218,9 @@ def projected_gd(
             if eta <= 1e-30:
                 break
             delta = p(delta - eta * g)  # the projection onto W0 + Λ Dᵀ
+    else:
+        with torch.no_grad():
+            losses.append(float(objective(delta)))  # the loss of the Λ returned, after the last step
     lam = torch.linalg.solve(d.T @ d, (delta @ d).T).T
     return lam, losses
 
@@ -301,15 +313,22 @@ class Edit(Reversible):
         the model untouched.
         """
         pairs = self._memories(model)
+        backup = self._add_to(pairs)
+        return AppliedEdit(model, backup, self)
+
+    def _add_to(self, pairs: list[tuple[LayerUpdate, LayerMemory]]) -> dict[str, torch.Tensor]:
+        """Add every update to its layer; returns the weights as they were. All or nothing."""
         backup = {u.layer: mem.weight.detach().clone() for u, mem in pairs}
         try:
             for u, mem in pairs:
                 m = mem.matrix().double() + u.delta().to(mem.weight.device)
                 mem.set_matrix(m)
         except BaseException:
-            AppliedEdit(model, backup).undo()
+            with torch.no_grad():
+                for u, mem in pairs:
+                    mem.weight.copy_(backup[u.layer])
             raise
-        return AppliedEdit(model, backup)
+        return backup
 
     # -------------------------------------------------------------- compose
     def __add__(self, other: "Edit") -> "Edit":
@@ -372,23 +391,53 @@ class Edit(Reversible):
         return cls(updates, desc.get("meta", {}))
 
 
-class AppliedEdit:
-    """Handle returned by :meth:`Edit.apply`; ``undo()`` restores the exact original weights."""
+#: The edits applied to each model, oldest first, so that any one of them can be undone in any order.
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[AppliedEdit]]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, model: nn.Module, backup: dict[str, torch.Tensor]) -> None:
+
+class AppliedEdit:
+    """Handle returned by :meth:`Edit.apply`; ``undo()`` takes that edit out again.
+
+    Handles may be undone in any order. Undoing the most recent edit restores the weights it found, bit
+    for bit; undoing an earlier one restores the weights it found and re-applies the edits made after it,
+    so the model ends exactly as if the undone edit had never been applied (assuming the edited layers
+    were changed only through edits in between).
+
+    Example:
+        >>> h1, h2 = e1.apply(net), e2.apply(net)       # doctest: +SKIP
+        >>> h1.undo(); h2.undo()                         # doctest: +SKIP  (net has its original weights)
+    """
+
+    def __init__(self, model: nn.Module, backup: dict[str, torch.Tensor], edit: "Edit | None" = None) -> None:
         self.model = model
         self.backup = backup
+        self.edit = edit
         self.active = True
+        if edit is not None:
+            _APPLIED.setdefault(model, []).append(self)
 
-    def undo(self) -> None:
+    def _restore(self) -> None:
         from .trace import get_module
 
-        if not self.active:
-            return
         with torch.no_grad():
             for layer, w in self.backup.items():
                 get_module(self.model, layer).weight.copy_(w)
+
+    def undo(self) -> None:
+        if not self.active:
+            return
+        stack = _APPLIED.get(self.model, [])
+        at = next((i for i, h in enumerate(stack) if h is self), None)
+        later = stack[at + 1:] if at is not None else []
+        for h in reversed(later):  # back to the weights this edit found
+            h._restore()
+        self._restore()
         self.active = False
+        if at is not None:
+            del stack[at:]
+        for h in later:  # the later edits again, on top of the weights without this one
+            h.backup = h.edit._add_to(h.edit._memories(self.model))
+            stack.append(h)
 
 
 def timestamp() -> str:
