@@ -29,7 +29,7 @@ from PIL import Image
 from rulewriter.concepts.masks import load_mask
 from rulewriter.errors import ImageLoadError, MaskError
 
-__all__ = ["TextureSource", "texture_from", "paste_texture", "paste_features"]
+__all__ = ["TextureSource", "texture_from", "texture_canvas", "paste_texture", "paste_features"]
 
 TextureSource = Union[str, Path, Image.Image]
 
@@ -109,8 +109,18 @@ def texture_from(source: TextureSource, *, crop_box: Sequence[int] | None = None
     return img
 
 
-def _texture_canvas(texture: Image.Image, size: tuple[int, int], scale: float | None) -> np.ndarray:
-    """The texture laid over an image of ``size`` (W, H): (H, W, 3) float64 in [0, 1]."""
+def texture_canvas(texture: Image.Image, size: tuple[int, int], scale: float | None = None) -> np.ndarray:
+    """The texture laid over an image of ``size`` (W, H): (H, W, 3) float64 in [0, 1].
+
+    With ``scale=None`` the texture is resized to cover the image once (aspect kept) and centre-cropped;
+    with a ``scale`` it is tiled, each tile's short side ``scale`` times the image's short side. This is
+    what :func:`paste_texture` blends in under the mask.
+
+    Example::
+
+        >>> texture_canvas(Image.new("RGB", (8, 4), (255, 0, 0)), (6, 6)).shape
+        (6, 6, 3)
+    """
     W, H = size
     tw, th = texture.size
     if scale is None:
@@ -178,7 +188,7 @@ def paste_texture(
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA") else None
     orig = np.asarray(image.convert("RGB"))
     base = orig.astype(np.float64) / 255.0
-    tex = _texture_canvas(tex_img, (W, H), scale)
+    tex = texture_canvas(tex_img, (W, H), scale)
     if keep_shading and shading_strength != 0:
         eps = 1e-3
         lum = base @ _LUMA

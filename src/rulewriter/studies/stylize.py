@@ -308,9 +308,9 @@ class GramStyle:
     def texture_grams(self, canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The texture's Gram matrix at each style layer, the texture covering a canvas of (W, H)."""
         if canvas not in self._texture_grams:
-            from ..concepts.manipulate import _texture_canvas
+            from ..concepts.manipulate import texture_canvas
 
-            tex = Image.fromarray(np.clip(np.rint(_texture_canvas(self.texture, canvas, None) * 255), 0, 255)
+            tex = Image.fromarray(np.clip(np.rint(texture_canvas(self.texture, canvas, None) * 255), 0, 255)
                                   .astype(np.uint8))
             with torch.no_grad():
                 f = self._feats(self._normalize(self._to_tensor(tex)))
