@@ -45,14 +45,20 @@ def test_conv_views_reproduce_layer(kw, view):
         b = conv.bias if conv.bias is not None else torch.zeros(5, dtype=x.dtype)
         torch.testing.assert_close(v + b[None, :, None, None], y)
         assert mem.grid(tuple(x.shape[2:])) == tuple(y.shape[2:])
+    # Inverse keys are the layer's output without its bias, computed independently of the view code.
+    b = conv.bias if conv.bias is not None else torch.zeros(5, dtype=x.dtype)
+    y_nobias = y - b[None, :, None, None]
     if view == 3:
         assert k.shape[2:] == y.shape[2:]
+        torch.testing.assert_close(k, y_nobias, rtol=1e-12, atol=1e-12)
+    if view in (3, 4):  # with y given or not, the keys are the same
+        torch.testing.assert_close(mem.keys(x, y), k, rtol=1e-12, atol=1e-12)
     if view == 4 and kw.get("padding_mode", "zeros") == "zeros":
-        # View 4 keys are the adjoint of view 1's fold: <fold(P), y> = <P, keys4>.
+        # View 4 keys are the adjoint of view 1's fold: <fold(P), y − b> = <P, keys4> for any per-pixel P.
+        # Take P = M1 x, the per-input-pixel patches, so that fold(P) = conv(x) − b, which the layer itself gives.
         m1 = LayerMemory(conv, 1)
-        p = torch.einsum("ok,bkhw->bohw", m1.matrix(), x)  # per-input-pixel patches
-        yb = mem._nobias(x, None)
-        lhs = (m1.forward(x, bias=False) * yb).sum()
+        p = torch.einsum("ok,bkhw->bohw", m1.matrix(), x)
+        lhs = (y_nobias * y_nobias).sum()
         rhs = (p * k).sum()
         torch.testing.assert_close(lhs, rhs)
 

@@ -306,8 +306,10 @@ class LayerMemory:
         return x
 
     def _nobias(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        y = self.forward(x, bias=False) if y is None else y
-        if y is not None and self.bias is not None:
+        """The layer's output without its bias: computed so from ``x``, or ``y`` with the bias taken off."""
+        if y is None:
+            return self.forward(x, bias=False)
+        if self.bias is not None:
             b = self.bias.to(y.dtype)
             y = y - (b[None, :, None, None] if self.kind == "conv" else b)
         return y
