@@ -44,11 +44,18 @@ def add_command(sub: argparse._SubParsersAction, name: str, summary: str, *, exa
                           formatter_class=HelpFormatter)
 
 
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: print ``what`` as one JSON document on stdout instead of text."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--weights`` and ``--device``."""
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `rulewriter models`)")
     p.add_argument("--weights", default=None,
-                   help="local weights file (safetensors or a torch state_dict); default: the model's own weights")
+                   help="local weights file (safetensors or a torch state_dict), a torchvision weights name "
+                        "(e.g. IMAGENET1K_V1), or none for random weights; default: the model's own weights "
+                        "(see `rulewriter models`)")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available), cpu, cuda, cuda:1 (under torchrun: each rank's own GPU)")
 

