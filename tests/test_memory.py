@@ -128,3 +128,19 @@ def test_bad_matrix_is_refused_and_changes_nothing():
     with pytest.raises(LayerError, match="NaN"):
         mem.set_matrix(bad)
     assert torch.equal(conv.weight, before)
+
+
+@pytest.mark.parametrize("wrap", ["parametrize.weight_norm", "parametrize.spectral_norm", "weight_norm", "spectral_norm"])
+def test_layers_that_recompute_their_weight_are_refused(wrap):
+    """An edit of .weight on a weight-normed layer would be overwritten by the next forward pass."""
+    import warnings
+
+    conv = nn.Conv2d(3, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook-based forms are deprecated
+        if wrap.startswith("parametrize."):
+            getattr(nn.utils.parametrizations, wrap.split(".")[1])(conv)
+        else:
+            getattr(nn.utils, wrap)(conv)
+    with pytest.raises(LayerError, match="recomputes its weight"):
+        LayerMemory(conv, 2)

@@ -67,3 +67,22 @@ def test_unknown_layer_suggests_names():
     net = Shared()
     with pytest.raises(LayerError, match="'a'|'b'|act"):
         Trace(net, "actt")
+
+
+def test_reentering_an_active_trace_is_refused_and_leaves_no_hook():
+    from rulewriter.errors import LayerError
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(2, 3)
+    y0 = net(x)
+    t = Trace(net, "0")
+    with t:
+        with pytest.raises(LayerError, match="already active"):
+            with t:
+                pass
+        net(x)
+    assert not net[0]._forward_hooks
+    torch.testing.assert_close(net(x), y0)
+    with t:  # used again after it closed: fine
+        net(x)
+    assert not net[0]._forward_hooks

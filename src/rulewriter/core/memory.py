@@ -48,6 +48,16 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _recomputed_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is recomputed from other parameters at each forward pass."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    # The older hook-based weight_norm / spectral_norm keep weight_g, weight_v or weight_orig.
+    return any(hasattr(module, n) for n in ("weight_g", "weight_v", "weight_orig"))
+
+
 class LayerMemory:
     """View a ``Conv2d`` (groups=1) or ``Linear`` layer as a key→value matrix in one of four views.
 
@@ -69,6 +79,13 @@ class LayerMemory:
         self.module = module
         self.view = view
         self.name = name or type(module).__name__
+        if _recomputed_weight(module):
+            raise LayerError(
+                f"layer {self.name!r} recomputes its weight on every forward pass (weight_norm, spectral_norm or "
+                "another parametrization), so an edit of .weight would not last; remove it first, e.g. "
+                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or "
+                "torch.nn.utils.remove_weight_norm(layer)"
+            )
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 kind = "depthwise" if module.groups == module.in_channels else "grouped"

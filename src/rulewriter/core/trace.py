@@ -112,6 +112,9 @@ class Trace:
         self.calls = 0
 
     def __enter__(self) -> "Trace":
+        if self._handle is not None:
+            # A second hook would replace the first handle, which could then never be removed.
+            raise LayerError(f"this Trace of {self.layer!r} is already active; use a new Trace to nest")
         self.reset()
         self._handle = self.module.register_forward_hook(self._hook)
         return self
