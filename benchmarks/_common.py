@@ -309,7 +309,7 @@ def cached_segmenter(seg: Any, folder: Path | None = None) -> Any:
     """
     import hashlib
 
-    from rulewriter.studies.segment import Segmenter
+    from rulewriter.studies.segmenters import Segmenter
 
     root = folder or CACHE_DIR / "masks"
 

@@ -5,7 +5,7 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
 1. **Vehicle photos and their ground.** Three sources, each with its own ground mask:
 
    * ``car-parts`` (real car photos with COCO part polygons): the whole car is the union of every part
-     (``_common.whole_car_mask``); the ground is ``below:car - car`` (segment.py's :class:`Below` and
+     (``_common.whole_car_mask``); the ground is ``below:car - car`` (segmenters.py's :class:`Below` and
      ``-``): every row from the car's centroid down, minus the car.
    * ``imagenet-samples`` photos of the road-vehicle classes in :data:`VEHICLES` (cars, vans, pickups,
      buses, trucks, motorbikes, tractor... one photo per class): the vehicle is what DeepLab calls
@@ -113,7 +113,8 @@ def _ade_ground(json_path: Path) -> np.ndarray:
 
 def ground_segmenter(shared: Path) -> Any:
     """One segmenter for the three sources, dispatching on the image's path (see the module docstring)."""
-    from rulewriter.studies.segment import Below, Segmenter, load_segmenter
+    from rulewriter.studies.segment import load_segmenter
+    from rulewriter.studies.segmenters import Below, Segmenter
 
     indices = {split: C.car_photos(shared, split)[1] for split in ("trainingset", "testset")}
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from rulewriter.cli import main
 from rulewriter.errors import ImageLoadError, MaskError, ModelError, RulewriterError
-from rulewriter.studies.segment import (
+from rulewriter.studies.segment import load_segmenter
+from rulewriter.studies.segmenters import (
     VOC_CLASSES,
     Below,
     ContextSegmenter,
@@ -24,7 +25,6 @@ from rulewriter.studies.segment import (
     Segmenter,
     SpecError,
     complement,
-    load_segmenter,
 )
 
 BUS = "n04146614_school_bus.jpg"

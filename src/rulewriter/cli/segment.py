@@ -1,4 +1,4 @@
-"""`rulewriter` commands of studies/segment.py."""
+"""`rulewriter segment`: masks from a segmenter spec (studies/segment.py, the sources in studies/segmenters.py)."""
 from __future__ import annotations
 
 from typing import Any

@@ -466,7 +466,7 @@ def probe(
     pairs = _pairs(images)
     seg_name = str(getattr(segmenter, "name", type(segmenter).__name__))
     sty_name = str(getattr(stylizer, "name", type(stylizer).__name__))
-    from .segment import MissingMaskError
+    from .segmenters import MissingMaskError
 
     originals, stylized, masks, kept = [], [], [], []
     no_mask_file = 0
