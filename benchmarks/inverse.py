@@ -27,7 +27,7 @@ Does the edit take hold? Checks, all on the rule's exemplars (cosines are per pi
   cosine over the wheel pixels; takes hold when closer to the wooden map.
 * **image** stage (eqs. 3.9–3.10, default layer only): reconstruct the image through the edited network
   (Adam, random start); the distance inside the wheel mask is the classifier-feature distance of
-  ``rulewriter.extensions.inverse.FeatureDistance`` (LPIPS form on EfficientNet-Lite0's own features, *not* LPIPS: the
+  ``rulewriter.extensions.reconstruct.FeatureDistance`` (LPIPS form on EfficientNet-Lite0's own features, *not* LPIPS: the
   ``lpips`` package and its AlexNet weights are not available offline); takes hold when closer to the
   wooden-wheel photo by more than the unedited margin changes between two random starts.
 
@@ -136,7 +136,7 @@ def _png(img: Image.Image) -> bytes:
 # ------------------------------------------------------------------------------------------ statistics
 def project_stats(clf, cache: torch.Tensor, batch: int = 100):
     """Second moments (views 2 and 3) and the key spectrum of the default layer, from cached block inputs."""
-    from rulewriter.extensions.inverse import KeySpectrum
+    from rulewriter.extensions.fourier import KeySpectrum
     from rulewriter.core.memory import LayerMemory
     from rulewriter.core.stats import SecondMoment
     from rulewriter.core.trace import StopForward, Trace, get_module
@@ -161,7 +161,7 @@ def project_stats(clf, cache: torch.Tensor, batch: int = 100):
 
 
 def stem_stats(clf, images: torch.Tensor, batch: int = 8):
-    from rulewriter.extensions.inverse import KeySpectrum
+    from rulewriter.extensions.fourier import KeySpectrum
     from rulewriter.core.memory import LayerMemory
     from rulewriter.core.rules import layer_io
     from rulewriter.core.stats import SecondMoment
@@ -256,7 +256,7 @@ def rule_errors(module, rule3, w0: torch.Tensor, c_in: torch.Tensor) -> dict[str
 
 
 def key_stage(module, d: LayerData, protocol: str, steps: int):
-    from rulewriter.extensions.inverse import reconstruct_key
+    from rulewriter.extensions.reconstruct import reconstruct_key
     from rulewriter.core.memory import LayerMemory
 
     mem2 = LayerMemory(module, 2)
@@ -273,7 +273,7 @@ def key_stage(module, d: LayerData, protocol: str, steps: int):
 
 
 def feature_stage(module, d: LayerData, protocol: str, steps: int, exemplars: int | None = None):
-    from rulewriter.extensions.inverse import reconstruct_features
+    from rulewriter.extensions.reconstruct import reconstruct_features
 
     with torch.no_grad():
         y_now = module(d.x_car) if protocol == "thesis" else d.y_car
@@ -287,7 +287,7 @@ def feature_stage(module, d: LayerData, protocol: str, steps: int, exemplars: in
 
 
 def image_stage(clf, layer: str, module, d: LayerData, protocol: str, steps: int, distance, seed: int = 0):
-    from rulewriter.extensions.inverse import reconstruct_image
+    from rulewriter.extensions.reconstruct import reconstruct_image
 
     with torch.no_grad():
         y_now = module(d.x_car[:1]) if protocol == "thesis" else d.y_car[:1]
@@ -335,7 +335,7 @@ def summarize(recs, tol: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ figures
 def save_curves(stage: str, layer_tag: str, protocol: str, runs: dict, title: str) -> str:
-    from rulewriter.extensions.inverse import plot_reconstructions
+    from rulewriter.extensions.reconstruct import plot_reconstructions
 
     path = C.RESULTS_DIR / f"{NAME}.curves.{layer_tag}.{stage}.{protocol}.png"
     plot_reconstructions(path, runs, title=title)
@@ -351,7 +351,7 @@ def save_heatmaps(layer_tag: str, clf, d: LayerData, recs: dict, car: Image.Imag
     import matplotlib.pyplot as plt
 
     from rulewriter.concepts.heatmap import overlay
-    from rulewriter.extensions.inverse import dot_similarity
+    from rulewriter.extensions.reconstruct import dot_similarity
 
     shown = clf.preprocess.denormalize(clf.preprocess.image(car))
     heats = {(s, t): dot_similarity(r.result, tgt) for s, r in recs.items()
@@ -400,7 +400,7 @@ def save_image_grid(clf, d: LayerData, recs: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ one layer
 def run_layer(clf, layer: str, tag: str, ex: Exemplars, stats: dict, variants, evaluate, st: Settings,
               log, image_stage_on: bool) -> dict[str, Any]:
-    from rulewriter.extensions.inverse import perceptual_distance
+    from rulewriter.extensions.reconstruct import perceptual_distance
     from rulewriter.core.memory import LayerMemory
     from rulewriter.core.trace import get_module
 
@@ -469,7 +469,7 @@ def run_layer(clf, layer: str, tag: str, ex: Exemplars, stats: dict, variants, e
                         row["image_held"]["seed1_margin_to_wood"] = other["margin_to_wood"]
                     curves.setdefault(("image", protocol), {})[name] = ir
                 if tag == "stem":  # the stem's input is the image: score its feature-map reconstruction so too
-                    from rulewriter.extensions.inverse import FeatureDistance
+                    from rulewriter.extensions.reconstruct import FeatureDistance
 
                     fd = FeatureDistance(clf, mask=d.masks_s[0])
                     rec = fr[0].result.float()

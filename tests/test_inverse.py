@@ -11,17 +11,11 @@ from torch import nn
 
 from rulewriter.core.edit import Edit
 from rulewriter.errors import EditError, LayerError, StatsError
-from rulewriter.extensions.inverse import (
-    KeySpectrum,
+from rulewriter.extensions.fourier import KeySpectrum, conv_lstsq_fourier, correlate, fourier_layer_update
+from rulewriter.extensions.inverse import factorize, inverse_rewrite, inverse_rule_from_images, pinv_update
+from rulewriter.extensions.reconstruct import (
     Reconstruction,
-    conv_lstsq_fourier,
-    correlate,
     dot_similarity,
-    factorize,
-    fourier_layer_update,
-    inverse_rewrite,
-    inverse_rule_from_images,
-    pinv_update,
     plot_reconstructions,
     reconstruct_features,
     reconstruct_image,
@@ -345,7 +339,7 @@ def test_feature_map_reconstruction_converges_and_heatmaps(tmp_path):
 
 
 def test_image_reconstruction_lowers_the_loss(tiny):
-    from rulewriter.extensions.inverse import FeatureDistance
+    from rulewriter.extensions.reconstruct import FeatureDistance
 
     x = tiny.preprocess.batch(_images(1))
     _, y = layer_io(tiny, "features.4", x)

@@ -14,7 +14,9 @@ import json
 from ..core.rules import layer_io
 from ..core.rules import prepare_mask
 import torch
-from ..extensions.inverse import INVERSE_VIEWS, KeySpectrum, SOLVERS, collect_key_spectrum, dot_similarity, inverse_rewrite, inverse_rule_from_images, reconstruct_features, reconstruct_image, reconstruct_key
+from ..extensions.fourier import KeySpectrum, collect_key_spectrum
+from ..extensions.inverse import INVERSE_VIEWS, SOLVERS, inverse_rewrite, inverse_rule_from_images
+from ..extensions.reconstruct import dot_similarity, reconstruct_features, reconstruct_image, reconstruct_key
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -29,7 +29,8 @@ from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask"]
+__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask",
+           "masked_pairs", "describe_sources"]
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | np.ndarray | Image.Image | torch.Tensor
@@ -108,8 +109,19 @@ def layer_io(classifier, layer: str, x: torch.Tensor,
     return tr.input, tr.output
 
 
-def _pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: torch.Tensor):
-    """Rows of (key, value, weight) at the key-grid locations the masks cover."""
+def masked_pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: torch.Tensor):
+    """Rows of (key, value, weight) at the key-grid locations the masks cover, float64.
+
+    ``keys`` (N, d, h, w) and ``values`` (N, e, h, w) are one view's keys and values of N exemplars;
+    ``masks_s`` (N, S, S) their masks on the input grid, averaged onto the key grid
+    (:func:`~rulewriter.concepts.masks.mask_to_grid`): a covered location gives a pair weighted by its coverage.
+
+    Example::
+
+        >>> k, v, w = masked_pairs(mem, keys, values, masks)         # doctest: +SKIP
+        >>> k.shape[0] == v.shape[0] == w.shape[0]                   # doctest: +SKIP
+        True
+    """
     from ..concepts.masks import mask_to_grid
 
     grid = tuple(keys.shape[2:])
@@ -123,7 +135,14 @@ def _pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: 
     return torch.cat(ks).double(), torch.cat(vs).double(), torch.cat(ws).double()
 
 
-def _describe_sources(items: Sequence) -> list[str]:
+def describe_sources(items: Sequence) -> list[str]:
+    """How exemplars are named in a rule's description: paths as given, other objects by type.
+
+    Example::
+
+        >>> describe_sources(["car.jpg", 3])
+        ['car.jpg', '<int>']
+    """
     return [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__}>" for i in items]
 
 
@@ -173,9 +192,9 @@ def rule_from_images(
     x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
     x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
     keys, values = mem.keys(x_m), mem.values(x_o)
-    k, v, w = _pairs(mem, keys, values, masks_s)
-    desc = {"method": "images", "originals": _describe_sources(originals),
-            "manipulated": _describe_sources(manipulated), "masks": _describe_sources(masks)}
+    k, v, w = masked_pairs(mem, keys, values, masks_s)
+    desc = {"method": "images", "originals": describe_sources(originals),
+            "manipulated": describe_sources(manipulated), "masks": describe_sources(masks)}
     return Rule(layer, view, k, v, w, desc)
 
 
@@ -211,9 +230,9 @@ def rule_from_features(
     m_in = torch.stack([mask_to_grid(m, grid_in) for m in masks_s]).to(x_o)
     x_p = paste_features(x_o, x_t, m_in)
     keys, values = mem.keys(x_p), mem.values(x_o)
-    k, v, w = _pairs(mem, keys, values, masks_s)
-    desc = {"method": "features", "originals": _describe_sources(originals), "masks": _describe_sources(masks),
-            "texture": _describe_sources([texture])[0]}
+    k, v, w = masked_pairs(mem, keys, values, masks_s)
+    desc = {"method": "features", "originals": describe_sources(originals), "masks": describe_sources(masks),
+            "texture": describe_sources([texture])[0]}
     return Rule(layer, view, k, v, w, desc)
 
 

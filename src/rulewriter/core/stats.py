@@ -31,6 +31,7 @@ from .memory import LayerMemory
 from .trace import Trace
 
 __all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "key_products",
+           "statistics_dataset", "dataset_fingerprint",
            "default_precision", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
@@ -338,7 +339,17 @@ def stats_cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _dataset(classifier, data, samples: int | None, seed: int):
+def statistics_dataset(classifier, data, samples: int | None, seed: int):
+    """The images statistics are collected from, as a dataset of preprocessed tensors.
+
+    ``data`` is a folder, a list of image paths, or a torch Dataset; ``samples`` draws a deterministic
+    subsample (``seed``), the same one for every statistic of the same data (so caches agree).
+
+    Example::
+
+        >>> len(statistics_dataset(clf, "photos/", 100, 0))        # doctest: +SKIP
+        100
+    """
     from ..models.data import ImageDataset, list_images, subsample
 
     if isinstance(data, torch.utils.data.Dataset):
@@ -353,7 +364,13 @@ def _dataset(classifier, data, samples: int | None, seed: int):
     return ImageDataset(paths, classifier.preprocess)
 
 
-def _fingerprint(ds) -> str:
+def dataset_fingerprint(ds) -> str:
+    """A string that changes when a statistics dataset's images (or the subsample of them) change: a cache key part.
+
+    Example::
+
+        >>> dataset_fingerprint(statistics_dataset(clf, "photos/", 100, 0))   # doctest: +SKIP
+    """
     fp = getattr(ds, "fingerprint", None)
     if callable(fp):
         return fp()
@@ -446,7 +463,7 @@ def collect_second_moment(
         channels_last = dev.type == "cuda"
     model = classifier.model
     mem = LayerMemory(_module(model, layer), view, name=layer)
-    ds = _dataset(classifier, data, samples, seed)
+    ds = statistics_dataset(classifier, data, samples, seed)
     if len(ds) == 0:
         raise StatsError("no images to collect statistics from")
     part = _parse_shard(shard)
@@ -456,7 +473,7 @@ def collect_second_moment(
         "layer": layer,
         "view": view,
         "key_dim": mem.key_dim,
-        "data": _fingerprint(ds),
+        "data": dataset_fingerprint(ds),
         "n_images": len(ds),
         "seed": seed,
         "preprocess": classifier.preprocess.describe(),
