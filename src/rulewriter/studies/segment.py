@@ -242,6 +242,7 @@ def load_segmenter(
 
     Example::
 
+        >>> from PIL import Image
         >>> seg = load_segmenter("lower:0.5 - all")
         >>> seg.name, float(seg(Image.new("RGB", (4, 4))).max())
         ('lower:0.5 - all', 0.0)
