@@ -106,9 +106,20 @@ def test_mantissa_rounding_keeps_the_asked_bits():
 
 
 def test_default_precision_is_within_tolerance_and_device_aware():
+    from rulewriter.core.stats import DEFAULT_TOLERANCE
+
     assert default_precision("cpu") == "fp32" and default_precision("cuda") == "tf32x2"
     with pytest.raises(StatsError, match="precision"):
         key_products(torch.ones(2, 2), "fp8")
+    # Keys like a real layer's: non-negative, heavy-tailed, a few near-dead channels, wide dynamic range.
+    g = torch.Generator().manual_seed(0)
+    k = torch.relu(torch.randn(2000, 1152, generator=g)) ** 2 * torch.logspace(-3, 1, 1152)
+    exact = k.double().T @ k.double()
+    for device in ("cpu", "cuda"):  # on a CPU the CUDA default's TF32 rounding is emulated
+        c = key_products(k, default_precision(device))
+        assert float((c - exact).norm() / exact.norm()) <= DEFAULT_TOLERANCE, device
+    # The tolerance separates the modes: bf16 products are well outside it on these keys.
+    assert float((key_products(k, "bf16") - exact).norm() / exact.norm()) > DEFAULT_TOLERANCE
 
 
 def test_bf16_autocast_and_channels_last_forward(tmp_path):
@@ -151,3 +162,98 @@ def test_symmetric_blocks_equal_the_full_product(precision, monkeypatch):
     s = S.SecondMoment(precision)
     s.add(k)
     torch.testing.assert_close(s.moment(), full / 300, rtol=tol, atol=tol * float(full.abs().max()))
+
+
+def test_merge_refuses_other_settings_and_images_counted_twice(tmp_path):
+    base = {"model": "m", "weights": "w", "layer": "l", "view": 2, "key_dim": 7, "preprocess": {},
+            "precision": "fp64", "data": "folder-A"}
+
+    def part(name, **meta):
+        s = SecondMoment()
+        s.add(_keys(50))
+        return s.save(tmp_path / f"{name}.safetensors", {**base, **meta})
+
+    whole, shard0, shard1 = part("whole"), part("s0", shard="0/2"), part("s1", shard="1/2")
+    merged, meta = merge_files([shard0, shard1])
+    assert meta["count"] == 100 and meta["precision"] == "fp64" and not meta["missing_shards"]
+    for bad, why in (([whole, shard0], "counted twice"), ([whole, part("again")], "already in the sum"),
+                     ([shard0, part("s1b", shard="1/2", precision="fp32")], "differ"),
+                     ([shard0, part("s1c", shard="1/2", amp="bf16")], "differ")):
+        with pytest.raises(StatsError, match=why):
+            merge_files(bad)
+    # Whole files of different images add up, and say which.
+    merged, meta = merge_files([whole, part("other", data="folder-B")])
+    assert meta["count"] == 100 and meta["data"] == ["folder-A", "folder-B"]
+
+
+def test_cache_keys_on_content_not_type_and_length(tmp_path):
+    """Two different TensorDatasets of one length must not share a cache entry."""
+    from rulewriter.core.stats import dataset_fingerprint
+
+    a = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8))
+    b = torch.utils.data.TensorDataset(torch.ones(4, 3, 8, 8))
+    assert dataset_fingerprint(a) != dataset_fingerprint(b)
+    assert dataset_fingerprint(a) == dataset_fingerprint(torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8)))
+    assert dataset_fingerprint(torch.utils.data.Subset(a, [0, 1])) != dataset_fingerprint(torch.utils.data.Subset(a, [0, 2]))
+
+    class Opaque(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 8, 8), 0
+
+    assert dataset_fingerprint(Opaque()) is None
+
+
+def test_generic_datasets_never_share_a_cache_entry_and_the_model_comes_back_as_it_was(tmp_path):
+    from rulewriter.core.stats import collect_second_moment
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    clf = load_classifier(net, preprocess=Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3))
+    kw = dict(view=2, precision="fp64", progress=False, cache_dir=tmp_path / "cache")
+    a = torch.utils.data.TensorDataset(torch.randn(20, 3, 8, 8), torch.zeros(20))
+    b = torch.utils.data.TensorDataset(torch.randn(20, 3, 8, 8) * 3, torch.zeros(20))
+    ca, cb = (collect_second_moment(clf, "2", d, **kw).moment() for d in (a, b))
+    fresh = collect_second_moment(clf, "2", b, **{**kw, "cache_dir": None}).moment()
+    torch.testing.assert_close(cb, fresh)  # the second dataset gets its own C, not the first's
+    assert not torch.allclose(ca, cb)
+
+    class Opaque(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            return self.base[i]
+
+    with pytest.warns(UserWarning, match="not cached"):
+        co = collect_second_moment(clf, "2", Opaque(b), **kw).moment()
+    torch.testing.assert_close(co, fresh)
+    # A channels_last model stays channels_last.
+    net.to(memory_format=torch.channels_last)
+    collect_second_moment(clf, "2", a, **{**kw, "cache_dir": None, "channels_last": False})
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last) and not net[0].weight.is_contiguous()
+
+
+def test_cuda_tf32_uses_the_current_api_and_restores_it():
+    """The legacy allow_tf32 flag raises once the newer fp32_precision setting has been used (torch ≥ 2.9)."""
+    from rulewriter.core.stats import cuda_tf32
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flag")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"  # as any other library in the process may have done
+        with cuda_tf32(True):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
+        with cuda_tf32(False):
+            assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before

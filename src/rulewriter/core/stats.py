@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -79,18 +81,58 @@ def _round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
     return i.view(torch.float32)
 
 
+#: Held while cuBLAS's TF32 setting is changed for one product, so two threads never restore each other's value.
+_TF32_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled: bool):
+    """cuBLAS float32 products with (``True``) or without TF32 inside the block, the previous setting after.
+
+    Uses ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (2.9+): the legacy ``allow_tf32``
+    flag raises once anything in the process has used the newer setting. The setting is process-wide in
+    torch; a lock keeps concurrent callers of this function from interleaving, and the block is kept to one
+    GEMM, so other threads' float32 products are affected for that long at most.
+
+    Example::
+
+        >>> with cuda_tf32(False):
+        ...     pass
+    """
+    matmul = torch.backends.cuda.matmul
+    with _TF32_LOCK:
+        if hasattr(matmul, "fp32_precision"):
+            prev = matmul.fp32_precision
+            matmul.fp32_precision = "tf32" if enabled else "ieee"
+            try:
+                yield
+            finally:
+                matmul.fp32_precision = prev
+        else:  # older torch: only the legacy flag exists
+            prev = matmul.allow_tf32
+            matmul.allow_tf32 = enabled
+            try:
+                yield
+            finally:
+                matmul.allow_tf32 = prev
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, tf32: bool) -> torch.Tensor:
-    """``a @ b`` in float32 with or without TF32 inputs: cuBLAS's switch on CUDA (restored after), the same
-    input rounding emulated elsewhere (CPUs have no TF32)."""
+    """``a @ b`` in float32 with or without TF32 inputs: cuBLAS's setting on CUDA (see :func:`cuda_tf32`), the
+    same input rounding emulated elsewhere (CPUs have no TF32)."""
     if a.is_cuda:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with cuda_tf32(tf32):
             return a @ b
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
     return _round_mantissa(a, 10) @ _round_mantissa(b, 10) if tf32 else a @ b
 
+
+#: Whether ``torch.mm`` takes ``out_dtype`` (bf16 inputs, float32 sums on CUDA): newer torch only; without it
+#: the bf16 rounding is emulated and the product formed in float32.
+try:
+    _MM_OUT_DTYPE = torch.mm(torch.ones(1, 1, dtype=torch.bfloat16), torch.ones(1, 1, dtype=torch.bfloat16),
+                             out_dtype=torch.float32).dtype == torch.float32
+except (TypeError, RuntimeError):
+    _MM_OUT_DTYPE = False
 
 #: From this key dimension on, ``kᵀk`` is formed one block row at a time, upper triangle only, and mirrored:
 #: half the multiply-adds (measured at 4608-d on 2 CPU cores: 312 vs 658 ms in fp32, 492 vs 800 ms in fp64).
@@ -119,7 +161,7 @@ def _block_products(k: torch.Tensor, precision: str):
             return sum(_gemm(a[:, I].T, b[:, J], tf32=True).double() for a, b in parts)
         return split
     if precision == "bf16":
-        if k.is_cuda:
+        if k.is_cuda and _MM_OUT_DTYPE:
             kb = k.bfloat16()
             return lambda I, J: torch.mm(kb[:, I].T, kb[:, J], out_dtype=torch.float32).double()
         kb = _round_mantissa(k, 7)
@@ -364,20 +406,34 @@ def statistics_dataset(classifier, data, samples: int | None, seed: int):
     return ImageDataset(paths, classifier.preprocess)
 
 
-def dataset_fingerprint(ds) -> str:
-    """A string that changes when a statistics dataset's images (or the subsample of them) change: a cache key part.
+def dataset_fingerprint(ds) -> str | None:
+    """A string that changes when a statistics dataset's images (or the subsample of them) change: a cache key
+    part; ``None`` when the dataset cannot say (then nothing about it may be cached).
+
+    Folders and path lists fingerprint their paths, sizes and times (``ImageDataset.fingerprint``); a
+    ``TensorDataset`` hashes its tensors' contents; a ``Subset`` adds its indices to its dataset's
+    fingerprint; any other Dataset can define ``fingerprint()``. A type and a length are not enough: two
+    different datasets of one length would share a cache entry.
 
     Example::
 
-        >>> dataset_fingerprint(statistics_dataset(clf, "photos/", 100, 0))   # doctest: +SKIP
+        >>> dataset_fingerprint(torch.utils.data.TensorDataset(torch.zeros(2, 3)))[:7]
+        'tensors'
     """
     fp = getattr(ds, "fingerprint", None)
     if callable(fp):
         return fp()
-    inner = getattr(ds, "dataset", None)
-    if inner is not None and callable(getattr(inner, "fingerprint", None)):
-        return f"{inner.fingerprint()}:{stats_cache_key({'idx': list(getattr(ds, 'indices', []))})[:16]}"
-    return f"{type(ds).__name__}:{len(ds)}"
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        h = hashlib.sha256()
+        for t in ds.tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return f"tensors:{h.hexdigest()}"
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = dataset_fingerprint(ds.dataset)
+        return None if inner is None else f"{inner}:{stats_cache_key({'idx': list(ds.indices)})[:16]}"
+    return None
 
 
 def _resolve_device(device: str | torch.device | None, classifier) -> torch.device:
@@ -467,13 +523,18 @@ def collect_second_moment(
     if len(ds) == 0:
         raise StatsError("no images to collect statistics from")
     part = _parse_shard(shard)
+    fingerprint = dataset_fingerprint(ds)
+    if fingerprint is None and cache_dir is not None:
+        warnings.warn(f"{type(ds).__name__} has no fingerprint() and is not a TensorDataset, so its statistics are "
+                      "not cached (define fingerprint() to cache them)", stacklevel=2)
+        cache_dir = None
     meta = {
         "model": classifier.name,
         "weights": classifier.weights_id,
         "layer": layer,
         "view": view,
         "key_dim": mem.key_dim,
-        "data": dataset_fingerprint(ds),
+        "data": fingerprint,
         "n_images": len(ds),
         "seed": seed,
         "preprocess": classifier.preprocess.describe(),
@@ -514,6 +575,10 @@ def collect_second_moment(
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
     was_training = model.training
+    # Put the model back as it came: its device and, for conv weights, its memory format.
+    home = next((p.device for p in model.parameters()), dev)
+    was_nhwc = next((p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                     for p in model.parameters() if p.dim() == 4), False)
     model.eval().to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -539,8 +604,9 @@ def collect_second_moment(
                     stats.save(partial, {**meta, "key": key, "images_done": done, "rank": rank, "world": world})
     finally:
         bar.close()
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        if channels_last != was_nhwc:
+            model.to(memory_format=torch.channels_last if was_nhwc else torch.contiguous_format)
+        model.to(home)
         model.train(was_training)
     stats.all_reduce()
     if stats.count == 0:
@@ -576,20 +642,37 @@ def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
 def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
     """Merge statistics saved by several processes or machines; their settings must agree.
 
+    Every file must be of the same model, weights, layer, view, preprocessing, product precision and amp
+    setting. The same images may enter the sum only once: a shard given twice, two whole-data files of the
+    same images, or a whole-data file together with one of its own shards are refused. Whole-data files
+    of *different* images add up (their fingerprints are listed under ``data``).
+
     Returns the merged statistics and the first file's metadata with the merged count.
     """
     merged: SecondMoment | None = None
     first: dict = {}
     shards: dict[tuple[str, str], set[int]] = {}  # (data fingerprint, N) -> shard indices seen
+    whole: list[str] = []  # data fingerprints of files that hold all of their images
     for p in paths:
         s, meta = SecondMoment.load(p)
-        check = {k: meta.get(k) for k in ("model", "weights", "layer", "view", "key_dim", "preprocess")}
+        check = {k: meta.get(k) for k in ("model", "weights", "layer", "view", "key_dim", "preprocess",
+                                          "precision", "amp")}
+        data = str(meta.get("data"))  # files that do not say what they hold are not checked for overlap
         if "shard" in meta:
             i, n = _parse_shard(meta["shard"])
-            seen = shards.setdefault((str(meta.get("data")), str(n)), set())
+            seen = shards.setdefault((data, str(n)), set())
             if i in seen:
                 raise StatsError(f"cannot merge {p}: shard {i}/{n} of these images is already in the sum")
             seen.add(i)
+        elif meta.get("data") is None:
+            pass
+        elif data in whole:
+            raise StatsError(f"cannot merge {p}: statistics of the same images are already in the sum")
+        else:
+            whole.append(data)
+        if data in whole and any(d == data for d, _ in shards):
+            raise StatsError(f"cannot merge {p}: it and another file hold the same images, whole and as a shard "
+                             "(they would be counted twice)")
         if merged is None:
             merged, first, ref = s, meta, check
         else:
@@ -601,6 +684,8 @@ def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
         raise StatsError("no statistics files to merge")
     out = {k: v for k, v in first.items() if k not in ("shard", "key")}
     out.update(count=merged.count, merged=True)
+    if len(whole) > 1:
+        out["data"] = whole
     if shards:
         out["shards"] = {f"{data[:16]}…/{n}": sorted(seen) for (data, n), seen in shards.items()}
         out["missing_shards"] = sorted(f"{i}/{n}" for (_, n), seen in shards.items()
