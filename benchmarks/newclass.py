@@ -115,7 +115,7 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
 
     When the features of ``superset`` (whose first photos are ``paths``) are cached, they are used instead.
     """
-    from rulewriter.extensions.newclass import Features, collect_features
+    from rulewriter.extensions.class_filter import Features, collect_features
     from rulewriter.core.stats import read_safetensors
 
     names = [str(p) for p in paths]
@@ -169,14 +169,14 @@ class Case:
 
 # ------------------------------------------------------------------------------------------ one case
 def restrict(feats: Any, keep: list[int]):
-    from rulewriter.extensions.newclass import Features
+    from rulewriter.extensions.class_filter import Features
 
     return Features(feats.layer, feats.x, feats.logits[:, keep], feats.head, feats.names)
 
 
 def metrics(pos_ext: torch.Tensor, neg_ext: torch.Tensor, groups: list[int], look: list[bool]) -> dict[str, Any]:
     """AUC (softmax and logit), TPR at 1 % FPR, TP/FP, and AUC against the look-alike classes only."""
-    from rulewriter.extensions.newclass import evaluate
+    from rulewriter.extensions.class_baselines import evaluate
 
     r = evaluate(pos_ext, neg_ext, neg_groups=groups)
     r["auc_logit"] = evaluate(pos_ext, neg_ext, neg_groups=groups, score="logit")["auc"]
@@ -194,7 +194,8 @@ def _line(label: str, r: dict[str, Any]) -> str:
 
 
 def run_case(clf: Any, case: Case, quick: bool, log=print) -> dict[str, Any]:
-    from rulewriter.extensions.newclass import add_class, class_feature_vector, compositional_vector, random_vector, vector_class
+    from rulewriter.extensions.class_baselines import class_feature_vector, compositional_vector, random_vector, vector_class
+    from rulewriter.extensions.newclass import add_class
 
     fclf, hook, keep = forget(clf, case.drop)
     try:

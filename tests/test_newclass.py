@@ -12,22 +12,17 @@ from torch import nn
 from rulewriter.core.edit import Edit, LayerUpdate
 from rulewriter.errors import EditError, LayerError, MaskError, RulewriterError
 from rulewriter.models.registry import Preprocess, load_classifier
-from rulewriter.extensions.newclass import (
-    NewClass,
-    add_class,
-    calibrate,
+from rulewriter.extensions.class_baselines import (
     class_feature_vector,
-    collect_features,
     compositional_vector,
     evaluate,
-    is_new_class_file,
-    pool_map,
     random_vector,
     roc_curve,
-    train_filter,
     vector_class,
     weighted_roc_auc,
 )
+from rulewriter.extensions.class_filter import calibrate, collect_features, pool_map, train_filter
+from rulewriter.extensions.newclass import NewClass, add_class, is_new_class_file
 
 S = 32  # input size of the fixture model
 
@@ -156,7 +151,7 @@ def test_filter_learns_the_pattern(tiny, task, mode):
 def test_training_objective_and_lambda(tiny, task):
     """Eq. 4.4 goes down monotonically; λ=None means 1/N; λ=0 ignores the negatives."""
     from rulewriter.core.memory import LayerMemory
-    from rulewriter.extensions.newclass import silhouette_target
+    from rulewriter.extensions.class_filter import silhouette_target
 
     pos, mask, pool, _, _ = task
     mem = LayerMemory(tiny.model.conv2)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..errors import ImageLoadError
 from pathlib import Path
 from ..errors import RulewriterError
-from ..extensions.newclass import DEFAULT_FPR, POOLS, add_class
+from ..extensions.class_filter import DEFAULT_FPR, POOLS
+from ..extensions.newclass import add_class
 
 
 def _cmd_add_class(args) -> None:

@@ -30,7 +30,7 @@ from .memory import LayerMemory
 from .trace import Trace, get_module
 
 __all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask",
-           "masked_pairs", "describe_sources"]
+           "masked_pairs", "describe_sources", "as_image"]
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | np.ndarray | Image.Image | torch.Tensor
@@ -72,7 +72,14 @@ class Rule:
         return (self.values.double() * w[:, None]).sum(0) / w.sum()
 
 
-def _load_image(img: ImageLike) -> Image.Image:
+def as_image(img: ImageLike) -> Image.Image:
+    """An image given as a path or a PIL image, as RGB (files read by :func:`rulewriter.models.data.load_image`).
+
+    Example::
+
+        >>> as_image(Image.new("L", (4, 4))).mode
+        'RGB'
+    """
     if isinstance(img, Image.Image):
         return img.convert("RGB")
     from ..models.data import load_image
@@ -155,8 +162,8 @@ def load_exemplars(
             f"need one manipulated image and one mask per original; got {len(originals)} originals, "
             f"{len(manipulated)} manipulated, {len(masks)} masks"
         )
-    orig = [_load_image(o) for o in originals]
-    man = [_load_image(m) for m in manipulated]
+    orig = [as_image(o) for o in originals]
+    man = [as_image(m) for m in manipulated]
     for o, m, src in zip(orig, man, manipulated):
         if o.size != m.size:
             raise EditError(f"manipulated image {src} is {m.size}, its original is {o.size}; they must align")
@@ -222,10 +229,10 @@ def rule_from_features(
         raise EditError("rules from features are forward-direction edits: use view 1 or 2")
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
     pre = classifier.preprocess
-    orig = [_load_image(o) for o in originals]
+    orig = [as_image(o) for o in originals]
     masks_s = torch.stack([prepare_mask(classifier, m, o) for m, o in zip(masks, orig)])
     x_o, _ = layer_io(classifier, layer, pre.batch(orig))
-    x_t, _ = layer_io(classifier, layer, pre.batch([_load_image(texture)]))
+    x_t, _ = layer_io(classifier, layer, pre.batch([as_image(texture)]))
     grid_in = tuple(x_o.shape[2:])
     m_in = torch.stack([mask_to_grid(m, grid_in) for m in masks_s]).to(x_o)
     x_p = paste_features(x_o, x_t, m_in)
