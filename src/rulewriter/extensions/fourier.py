@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -269,8 +270,14 @@ def collect_key_spectrum(
     ds = statistics_dataset(classifier, data, samples, seed)
     if len(ds) == 0:
         raise StatsError("no images to collect statistics from")
+    fingerprint = dataset_fingerprint(ds)
+    if fingerprint is None and cache_dir is not None:
+        # As collect_second_moment: a dataset that cannot say what it holds must not share a cache entry.
+        warnings.warn(f"{type(ds).__name__} has no fingerprint() and is not a TensorDataset, so its spectrum is "
+                      "not cached (define fingerprint() to cache it)", stacklevel=2)
+        cache_dir = None
     meta = {"kind": "key_spectrum", "model": classifier.name, "weights": classifier.weights_id, "layer": layer,
-            "data": dataset_fingerprint(ds), "n_images": len(ds), "seed": seed,
+            "data": fingerprint, "n_images": len(ds), "seed": seed,
             "preprocess": classifier.preprocess.describe()}
     cache = None
     if cache_dir is not None:
