@@ -115,6 +115,45 @@ def test_rule_from_features_pastes_texture_features(tiny):
     assert rule.description["method"] == "features"
 
 
+def test_float64_models_read_rules_and_rewrite(tiny):
+    """Inputs follow the model's dtype (they came through Preprocess as float32)."""
+    clf = load_classifier(tiny.model.double(), preprocess=tiny.preprocess)
+    layer = "features.4"
+    orig, man, masks = _images(2), _images(2, seed=1), _masks(2)
+    rule = rule_from_images(clf, layer, orig, man, masks)
+    assert rule.keys.dtype == torch.float64
+    feat = rule_from_features(clf, layer, orig, masks, _images(1, seed=5)[0])
+    edit = rewrite(clf, [rule, feat], _stats(clf, layer))
+    with edit.applied(clf.model):
+        x, y = layer_io(clf, layer, clf.preprocess.batch(man))
+    assert y.dtype == torch.float64
+
+
+def test_zca_directions_are_whitened_with_the_ridge_the_solve_uses(tiny):
+    """rewrite(context="zca") updates along (C + εI)^{-1/2} Q for the same ε as its C⁻¹ (one ridge, not two)."""
+    from rulewriter.concepts.keys import context
+    from rulewriter.core.edit import DEFAULT_RIDGE, regularize
+
+    layer = "features.4"
+    rule = rule_from_images(tiny, layer, _images(3), _images(3, seed=1), _masks(3))
+    stats = _stats(tiny, layer)
+    edit = rewrite(tiny, rule, stats, context="zca", rank=2)
+    d = edit.updates[0].direction
+    creg = regularize(stats.moment(), DEFAULT_RIDGE)
+    evals, evecs = torch.linalg.eigh(creg)
+    z = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    kw = rule.keys.double() * rule.weights.double().sqrt()[:, None]
+    q = torch.linalg.svd(kw @ z, full_matrices=False)[2][:2].T
+    want = torch.linalg.qr(z @ q)[0]
+    got = torch.linalg.qr(d)[0]
+    cosines = torch.linalg.svdvals(want.T @ got)  # cosines of the principal angles between the spans
+    assert float(cosines.min()) > 1 - 1e-8
+    # The same directions from context(space="update") with that ridge.
+    upd = context(rule.keys, 2, method="zca", C=stats.moment(), weights=rule.weights, ridge=DEFAULT_RIDGE,
+                  space="update")
+    assert float(torch.linalg.svdvals(upd.T @ got).min()) > 1 - 1e-8
+
+
 def test_bad_inputs_are_clear_and_change_nothing(tiny):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     orig, man = _images(1), _images(1, seed=1)

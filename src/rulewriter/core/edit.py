@@ -125,7 +125,9 @@ def solve_lambda(
         direction: ``D`` (d × r).
         weights: optional (n,) non-negative weights of the pairs.
     """
-    w0, k, v, d = (t.double() for t in (w0, keys, values, direction))
+    # Everything on the memory's device: statistics are often loaded on the CPU for a CUDA model.
+    w0 = w0.double()
+    k, v, d = (t.double().to(w0.device) for t in (keys, values, direction))
     if d.dim() == 1:
         d = d[:, None]
     for name, t in (("keys", k), ("values", v), ("direction", d)):
@@ -137,7 +139,7 @@ def solve_lambda(
     a = d.T @ k  # (r, n): how strongly each key drives the update
     r = v - w0 @ k
     if weights is not None:
-        sw = weights.double().clamp_min(0).sqrt()[None, :]
+        sw = weights.double().to(w0.device).clamp_min(0).sqrt()[None, :]
         a, r = a * sw, r * sw
     # Least squares Aᵀ Λᵀ = Rᵀ through a QR factorisation of Aᵀ: this works with cond(A), where the normal
     # equations (A Aᵀ) would square it and lose half the digits on nearly collinear rules.
@@ -184,10 +186,11 @@ def projected_gd(
     """
     from tqdm.auto import tqdm
 
-    w0, k, v = w0.double(), keys.double(), values.double()
-    d = direction.double().reshape(direction.shape[0], -1)
+    w0 = w0.double()
+    k, v = keys.double().to(w0.device), values.double().to(w0.device)
+    d = direction.double().reshape(direction.shape[0], -1).to(w0.device)
     p = _projector(d)
-    wts = None if weights is None else weights.double()[:, None]
+    wts = None if weights is None else weights.double().to(w0.device)[:, None]
     post = post or (lambda z: z)
     target = v.T
 

@@ -108,8 +108,10 @@ def layer_io(classifier, layer: str, x: torch.Tensor,
     if edit_input is not None:
         handle = module.register_forward_pre_hook(lambda m, args: (edit_input(args[0]), *args[1:]))
     try:
+        p = next(model.parameters())
         with torch.no_grad(), Trace(model, layer, stop=True) as tr:
-            tr(x.to(next(model.parameters()).device))
+            # Inputs follow the model: its device, and its dtype (a float64 model gets float64 images).
+            tr(x.to(p.device, p.dtype if x.is_floating_point() else None))
     finally:
         if handle is not None:
             handle.remove()
@@ -300,9 +302,11 @@ def rewrite(
         if rank is not None and rank != len(rules):
             raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
     else:
-        u = context_dirs(k, rank or 1, method=context, C=c, weights=w)
+        # One ridge for both: zca's whitening C^{-1/2} and the solve's C⁻¹ must be of the same C + εI.
+        u = context_dirs(k, rank or 1, method=context, C=c, weights=w, ridge=ridge)
     d = update_direction(c, u, ridge)
     w0 = mem.matrix().double()
+    d = d.to(w0.device)
     if fit == "mean":
         kk, vv, ww = u, torch.stack([r.value() for r in rules], 1), None
     else:
