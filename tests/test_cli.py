@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,67 @@ def test_heatmap_writes_overlays(capsys, files, tmp_path):
     rows = json.loads(out)
     img = Image.open(rows[0]["heatmap"])
     assert img.size == (224, 224)
+
+
+# ------------------------------------------------------------------------------------------ help and `models`
+def _subcommands() -> dict:
+    import argparse
+
+    from rulewriter.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"parser": parser, **sub.choices}
+
+
+@pytest.mark.parametrize("name", [n for n in _subcommands() if n != "parser"])
+def test_every_command_has_a_description_a_runnable_example_and_shows_defaults(name):
+    import argparse
+    import shlex
+
+    cmds = _subcommands()
+    p = cmds[name]
+    assert p.description and len(p.description) > 10
+    assert (p.epilog or "").startswith("example:\n  rulewriter "), p.epilog
+    example = shlex.split(p.epilog.split("\n", 1)[1])
+    assert example[:2] == ["rulewriter", name]
+    cmds["parser"].parse_args(example[1:])  # every option in the example exists and the required ones are given
+    assert "example:" in p.format_help()
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name} {action.dest}: no help text"
+        fmt = p.formatter_class(prog=p.prog)
+        fmt.add_argument(action)
+        shown = "".join(fmt.format_help().split())  # wrapping may break a line inside the default
+        if action.option_strings and action.default not in (None, False, []):
+            assert "".join(f"(default: {action.default})".split()) in shown, shown
+            assert shown.count("(default") == 1, f"{name}: the default is written twice: {shown}"
+
+
+def test_models_labels_its_columns_and_says_where_weights_are(capsys, tmp_path, monkeypatch):
+    import torch
+
+    from rulewriter.models.registry import list_models, weights_available
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    has_tv = "resnet18" in list_models()
+    if has_tv:  # a published file in the (redirected) hub cache is found; another model's is not
+        fake = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        fake.parent.mkdir(parents=True)
+        fake.write_bytes(b"")
+    code, out, _ = _run(capsys, "models")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["MODEL", "DEFAULT", "LAYER", "WEIGHTS", "HERE"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:] if ln and not ln.startswith("missing:")}
+    lite = rows["efficientnet-lite0"]
+    assert lite[1] == "_blocks.15._project_conv" and lite[2] == weights_available("efficientnet-lite0")
+    assert Path(lite[2]).is_file()
+    code, out, _ = _run(capsys, "models", "--json")
+    js = {r["name"]: r for r in json.loads(out)}
+    assert set(js) == set(rows) and all(set(r) == {"name", "default_layer", "weights"} for r in js.values())
+    assert js["efficientnet-lite0"]["weights"] == lite[2]
+    if has_tv:
+        assert rows["resnet18"][1:] == ["layer4.1.conv2", str(fake)] and js["resnet18"]["weights"] == str(fake)
+        assert rows["resnet50"][2] == "missing" and js["resnet50"]["weights"] is None
+        assert lines[-1].startswith("missing: pass --weights FILE")

@@ -36,10 +36,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..core import distributed
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "ridge", "unset") is None:
-        from ..core.edit import DEFAULT_RIDGE
-
-        args.ridge = DEFAULT_RIDGE
     if getattr(args, "device", None) == "auto":
         import torch
 

@@ -1,21 +1,24 @@
-"""`rulewriter` commands of app/server.py."""
+"""``rulewriter app``: the interactive editor in the browser (see :mod:`rulewriter.app.server`)."""
 from __future__ import annotations
 
-from ..errors import ImageLoadError
-from pathlib import Path
-from ..errors import RulewriterError
 import argparse
 import sys
-from ..app.server import DEFAULT_PORT, create_app, serve
+from pathlib import Path
+
+from ..errors import ImageLoadError, RulewriterError
+from .common import DEFAULT_CACHE, add_command, add_model_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``rulewriter app`` to the ``rulewriter`` command's subparsers."""
-    from .common import DEFAULT_CACHE, add_model_args
+    from ..app.server import DEFAULT_PORT
 
-    p = sub.add_parser("app", help="an interactive editor in the browser",
-                       description="Serve a local web app to browse a folder's images, paint a concept, rewrite "
-                                   "a rule and compare predictions before and after.")
+    p = add_command(sub, "app", "an interactive editor in the browser",
+                    description="Serve a local web app to browse a folder's images, paint a concept, rewrite a "
+                                "rule and compare predictions before and after. Only --images is ever read; "
+                                "saved edits and reports go to --out. Needs the app extra: "
+                                "pip install 'rulewriter[app]'.",
+                    example="rulewriter app --images photos/ --stats-data ~/imagenet/val --stats-samples 2000")
     add_model_args(p)
     p.add_argument("--images", required=True, help="the image folder to browse (the only folder the app reads)")
     p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
@@ -24,13 +27,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="rulewriter-app", help="folder for saved edits and reports")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback lets other machines reach the unauthenticated app")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port to serve on")
     p.set_defaults(func=cmd_app)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
     """The ``app`` subcommand: check every input, load the model, serve."""
+    from ..app.server import create_app, serve
     from ..models.registry import load_classifier
 
     if not 0 < args.port < 65536:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from ..errors import RulewriterError
-from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
-                     emit, load_model, load_stats, resolve_layer)
+from .common import add_command, add_json_arg
 
 
 def cmd_demo(args) -> None:
@@ -27,7 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     example="rulewriter demo --out rulewriter-demo")
     p.add_argument("--out", default="rulewriter-demo", help="output folder (HTML page, edit, heatmaps)")
     p.add_argument("--stats-data", default=None, help="an image folder for statistics (default: augmented skimage photos)")
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--samples", type=int, default=None, help="number of images for the statistics (default: all of --stats-data, or 400 augmentations)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_json_arg(p, "the summary (the story goes to stderr)")
     p.set_defaults(func=cmd_demo)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Sequence
 
+from ..core.edit import DEFAULT_RIDGE
 from ..errors import RulewriterError
-from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
+from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args, check_rule_args,
                      emit, load_model, load_stats, resolve_layer)
 
 
@@ -87,34 +86,47 @@ def cmd_heatmap(args) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``edit``, ``heatmap``."""
     p = add_command(sub, "edit", "rewrite one rule and save the edit",
-                    example="rulewriter edit --original car.jpg --mask wheels.png --texture skimage:gravel --stats-data photos/ --out gravel-wheel.safetensors")
+                    description="Read a rule k* → v* from exemplars (each photo, its concept's mask, and the photo "
+                                "with the concept changed, or a texture pasted into the mask), then solve the "
+                                "rank-r update W1 = W0 + Λ (C⁻¹k*)ᵀ with the statistics C of the layer's keys. "
+                                "The model's weights file is never written; apply the edit with "
+                                "`rulewriter predict --edit` or `rulewriter evaluate --edit`.",
+                    example="rulewriter edit --original car.jpg --mask wheels.png --texture skimage:gravel "
+                            "--stats-data photos/ --out gravel-wheel.safetensors")
     add_model_args(p)
     add_edit_args(p)
-    p.add_argument("--original", action="append", default=[], help="exemplar photo (repeat)")
-    p.add_argument("--manipulated", action="append", default=[], help="the exemplar with the concept changed (repeat)")
-    p.add_argument("--mask", action="append", default=[], help="mask PNG, white where the concept is (repeat)")
-    p.add_argument("--texture", default=None,
-                   help="instead of --manipulated: a texture (path or skimage:NAME) pasted into the masks")
+    add_exemplar_args(p)
     p.add_argument("--from-features", action="store_true", help="paste the texture's features at the layer, not pixels")
     p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
     p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--ridge", type=float, default=None)
-    p.add_argument("--context", default="mean", choices=["mean", "svd", "zca"])
-    p.add_argument("--fit", default="pairs", choices=["pairs", "mean"])
-    p.add_argument("--solver", default="closed-form", choices=["closed-form", "projected-gd"])
+    p.add_argument("--rank", type=int, default=None,
+                   help="update directions: with --context mean, one per rule (always); with svd/zca, the top N "
+                        "directions of the masked keys (default 1)")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="C + εI with ε = ridge · tr(C)/d")
+    p.add_argument("--context", default="mean", choices=["mean", "svd", "zca"],
+                   help="where the update directions come from: each rule's mean key k*, or the top "
+                        "directions of all masked keys (svd, or zca: whitened by C)")
+    p.add_argument("--fit", default="pairs", choices=["pairs", "mean"],
+                   help="pairs: least squares over every masked key/value pair; mean: map each k* exactly to "
+                        "its v* (needs --context mean)")
+    p.add_argument("--solver", default="closed-form", choices=["closed-form", "projected-gd"],
+                   help="closed-form solve, or projected gradient descent (eq. 2.20)")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_edit)
     p = add_command(sub, "heatmap", "overlay a concept's key-match heatmap on images",
-                    example="rulewriter heatmap --concept-image car.jpg --concept-mask wheels.png --out-dir heat/ photo1.jpg photo2.jpg")
+                    description="The concept's key k* is the masked mean of its exemplars' keys; each image's "
+                                "heat is kᵀk* per location (kᵀC⁻¹k* with statistics: where an edit would act). "
+                                "Writes <stem>.heatmap.png per image into --out-dir.",
+                    example="rulewriter heatmap --concept-image car.jpg --concept-mask wheels.png --out-dir heat/ "
+                            "photo1.jpg photo2.jpg")
     add_model_args(p)
     add_edit_args(p)
     p.add_argument("--concept-image", action="append", default=[], help="image showing the concept (repeat)")
     p.add_argument("--concept-mask", action="append", default=[], help="mask of the concept in it (repeat)")
     p.add_argument("--stats-data", default=None, help="with statistics, the heat is kᵀC⁻¹k*: where an edit would act")
-    p.add_argument("--stats-samples", type=int, default=None)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("images", nargs="+")
+    p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
+    p.add_argument("--out-dir", required=True, help="folder for the heatmap PNGs")
+    add_json_arg(p, "per-image heatmap file, peak and mean")
+    p.add_argument("images", nargs="+", help="the photos to overlay the heatmap on")
     p.set_defaults(func=cmd_heatmap)

@@ -1,39 +1,39 @@
-"""`rulewriter` commands of studies/evaluate.py."""
+"""``rulewriter evaluate``: accuracy on a labelled folder before and after an edit (studies/evaluate.py)."""
 from __future__ import annotations
 
-from ..studies.report import percent
-
-from ..errors import ImageLoadError
-from pathlib import Path
-from ..errors import RulewriterError
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from ..errors import ImageLoadError, RulewriterError
 from ..studies.evaluate import evaluate_edit, load_change
 from ..studies.evaluation_report import write_report
+from ..studies.report import percent
 from ..studies.testsets import TestSet
+from .common import add_command, add_json_arg, add_model_args
 
 
 # ------------------------------------------------------------------------------------------ command line
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``rulewriter evaluate`` to the ``rulewriter`` command's subparsers."""
-    from .common import add_model_args
-
-    p = sub.add_parser("evaluate", help="accuracy of a model on a labelled image folder, before and after an edit",
-                       description="Evaluate a model on a labelled folder (wnid or class-name subfolders, or flat "
-                                   "nXXXXXXXX_*.jpg files), optionally before and after an edit or a baseline's "
-                                   "weight delta; writes evaluation.json, figures and index.html to --out.")
+    p = add_command(sub, "evaluate", "accuracy of a model on a labelled image folder, before and after an edit",
+                    description="Evaluate a model on a labelled folder (wnid or class-name subfolders, or flat "
+                                "nXXXXXXXX_*.jpg files), optionally before and after an edit or a baseline's "
+                                "weight delta; writes evaluation.json, figures and index.html to --out.",
+                    example="rulewriter evaluate --data ~/imagenet/val --edit gravel-wheel.safetensors "
+                            "--target 'car wheel' --samples 2000 --out eval-gravel")
     add_model_args(p)
     p.add_argument("--data", required=True, help="labelled image folder")
     p.add_argument("--edit", default=None, help="an edit or weight delta (.safetensors) to apply in memory")
     p.add_argument("--target", action="append", default=[],
                    help="the edit's target class (index, wnid or name; repeat for a set): four tests and ROC")
     p.add_argument("--samples", type=int, default=None, help="evaluate a deterministic sample of N images")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--out", default="rulewriter-eval", help="report folder (default: ./rulewriter-eval)")
+    p.add_argument("--out", default="rulewriter-eval", help="report folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_arg(p, "the summary")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -151,35 +151,46 @@ def cmd_reconstruct(args) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``inverse-edit`` and ``reconstruct`` to the ``rulewriter`` command."""
-    from .common import DEFAULT_CACHE, add_model_args
+    from ..core.edit import DEFAULT_RIDGE
+    from .common import DEFAULT_CACHE, add_command, add_exemplar_args, add_json_arg, add_model_args
 
-    p = sub.add_parser("inverse-edit", help="rewrite one rule in the inverse direction (thesis Chapter 3)")
+    p = add_command(sub, "inverse-edit", "rewrite one rule in the inverse direction (thesis Chapter 3)",
+                    description="Like `rulewriter edit`, but the rule is read through the layer's inverse "
+                                "memory: Wᵀ (transpose), W† (pinv) or the layer as a convolution (fourier, "
+                                "with a KeySpectrum as statistics).",
+                    example="rulewriter inverse-edit --original car.jpg --mask wheels.png --texture skimage:gravel "
+                            "--stats-data photos/ --out gravel-wheel.inverse.safetensors")
     add_model_args(p)
     p.add_argument("--solver", default="transpose", choices=list(SOLVERS),
                    help="transpose: edit Wᵀ (3.1); pinv: edit W† (3.2); fourier: the layer as a convolution (3.3)")
     p.add_argument("--view", type=int, default=3, choices=list(INVERSE_VIEWS), help="inverse memory view")
     p.add_argument("--layer", default=None, help="dotted layer name (default: the model's default layer)")
-    p.add_argument("--original", action="append", default=[], help="photo of the concept as it is (repeat)")
-    p.add_argument("--manipulated", action="append", default=[], help="the photo with the concept changed (repeat)")
-    p.add_argument("--mask", action="append", default=[], help="mask PNG, white where the concept is (repeat)")
-    p.add_argument("--texture", default=None, help="instead of --manipulated: a texture pasted into the masks")
+    add_exemplar_args(p)
     p.add_argument("--stats", default=None, help="precomputed statistics (SecondMoment, or KeySpectrum for fourier)")
     p.add_argument("--stats-data", default=None, help="image folder for the statistics")
-    p.add_argument("--stats-samples", type=int, default=None)
-    p.add_argument("--ridge", type=float, default=None)
-    p.add_argument("--fit", default="mean", choices=["mean", "pairs"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="C + εI with ε = ridge · tr(C)/d")
+    p.add_argument("--fit", default="mean", choices=["mean", "pairs"],
+                   help="mean: map each k* exactly to its v*; pairs: least squares over every masked pair")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_inverse_edit)
 
-    p = sub.add_parser("reconstruct", help="invert a layer's output by gradient descent (keys, features, image)")
+    p = add_command(sub, "reconstruct", "invert a layer's output by gradient descent (keys, features, image)",
+                    description="Find the key, input features or image whose layer output matches the photo's "
+                                "(Section 3.2), optionally through an edited network, and measure how close "
+                                "the reconstruction is to the photo and to each --compare photo. Writes curves, "
+                                "heatmaps and <stage>.json into --out-dir.",
+                    example="rulewriter reconstruct --stage key --image car.jpg --mask wheels.png "
+                            "--compare gravel=gravel.jpg --out-dir recon/")
     add_model_args(p)
-    p.add_argument("--stage", default="features", choices=["key", "features", "image"])
-    p.add_argument("--layer", default=None)
+    p.add_argument("--stage", default="features", choices=["key", "features", "image"],
+                   help="what to reconstruct: one key pixel, the layer's input features, or the image")
+    p.add_argument("--layer", default=None, help="dotted layer name (default: the model's default layer)")
     p.add_argument("--image", required=True, help="the photo whose output is inverted")
     p.add_argument("--mask", default=None, help="where to look (the key pixel is the most covered one)")
     p.add_argument("--compare", action="append", default=[],
@@ -187,8 +198,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edit", default=None, help="an edit to apply to the network being inverted")
     p.add_argument("--target", default="original", choices=["original", "edited"],
                    help="invert the unedited network's output (original) or the edited one's (Section 3.2)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--steps", type=int, default=300, help="gradient descent steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the starting point")
+    p.add_argument("--out-dir", required=True, help="folder for the curves, images and summary")
+    add_json_arg(p, "the summary")
     p.set_defaults(func=cmd_reconstruct)

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Sequence
 
-from ..errors import RulewriterError
-from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
-                     emit, load_model, load_stats, resolve_layer)
+from .common import add_command, add_json_arg, add_model_args, emit, load_model
 
 
 def predict_paths(clf, paths: Sequence[str], topk: int = 5) -> list[dict]:
@@ -54,11 +50,13 @@ def is_new_class(path: str) -> bool:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``predict``."""
     p = add_command(sub, "predict", "top-k predictions, optionally with edits applied",
-                    example="rulewriter predict --edit wood-wheel.safetensors --json car.jpg")
+                    description="Each --edit (a rule edit or an added class) is applied in memory, in order; "
+                                "the model's weights file is never written.",
+                    example="rulewriter predict --edit gravel-wheel.safetensors --topk 3 car.jpg")
     add_model_args(p)
     p.add_argument("--edit", action="append", default=[],
                    help="an edit or an added class (.safetensors) to apply in memory first (repeat to compose)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to show per image")
+    add_json_arg(p, "each image's top-k (index, label, probability)")
+    p.add_argument("images", nargs="+", help="the photos to classify")
     p.set_defaults(func=cmd_predict)

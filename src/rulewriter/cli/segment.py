@@ -1,14 +1,17 @@
 """`rulewriter segment`: masks from a segmenter spec (studies/segment.py, the sources in studies/segmenters.py)."""
 from __future__ import annotations
 
-from typing import Any
-from PIL import Image
-from pathlib import Path
-from ..errors import RulewriterError
 import argparse
 import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+from PIL import Image
+
+from ..errors import RulewriterError
 from ..studies.segment import SPEC_FORMS, load_segmenter
+from .common import add_command, add_json_arg
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -55,12 +58,13 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``rulewriter segment`` to the command's subparsers."""
-    p = sub.add_parser(
-        "segment", help="write concept masks for images (COCO, mask files, context match, DeepLab, torchvision)",
-        description="Write one mask PNG per image (white = concept) into --out-dir.",
-        epilog=SPEC_FORMS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--segmenter", required=True, help="segmenter spec (forms below)")
-    p.add_argument("--out-dir", default="rulewriter-masks", help="output folder (default: rulewriter-masks)")
+    p = add_command(
+        sub, "segment", "write concept masks for images (COCO, mask files, context match, DeepLab, torchvision)",
+        description="Write one mask PNG per image (white = concept), <stem>.mask.png, into --out-dir.\n\n"
+                    + SPEC_FORMS,
+        example="rulewriter segment --segmenter deeplab:car --overlay --out-dir masks/ car1.jpg car2.jpg")
+    p.add_argument("--segmenter", required=True, help="segmenter spec (forms above)")
+    p.add_argument("--out-dir", default="rulewriter-masks", help="output folder")
     p.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png")
     p.add_argument("--model", default=None, help="context: the classifier (default: the concept's model)")
     p.add_argument("--weights", default=None, help="context: the classifier's weights file")
@@ -69,7 +73,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantile", type=float, default=None, help="context: quantile of the calibration heat (0.99)")
     p.add_argument("--calibration", default=None, help="context: image folder to take the quantile over")
     p.add_argument("--size", type=int, default=None, help="torchvision: short side of the input (default 520)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print per-image file, mask and area fraction as JSON")
-    p.add_argument("images", nargs="+")
+    p.add_argument("--device", default="cpu", help="torch device for model-based segmenters: cpu, cuda, cuda:1")
+    add_json_arg(p, "per-image file, mask and area fraction")
+    p.add_argument("images", nargs="+", help="the photos to segment")
     p.set_defaults(func=cmd_segment)

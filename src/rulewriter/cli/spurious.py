@@ -1,25 +1,25 @@
 """`rulewriter` commands of studies/spurious.py."""
 from __future__ import annotations
 
-from ..studies.report import percent
-
-from ..errors import ImageLoadError
-from pathlib import Path
-from ..errors import RulewriterError
 import argparse
 import sys
-from ..studies.spurious import DEFAULT_MIN_AREA, FilteredSet, METHODS, mitigate, probe
+from pathlib import Path
+
+from ..errors import ImageLoadError, RulewriterError
+from ..studies.report import percent
+from ..studies.spurious import DEFAULT_MIN_AREA, METHODS, FilteredSet, mitigate, probe
+from .common import add_command, add_edit_args, add_json_arg, add_model_args
 
 
 # ------------------------------------------------------------------------------------------ command line
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``rulewriter probe`` and ``rulewriter mitigate``."""
-    from .common import add_model_args, add_edit_args
-
-    p = sub.add_parser("probe", help="stylize a concept in labelled photos and rank the classes it hurts",
-                       description="Segment a concept, repaint it with a texture, and measure per class how the "
-                                   "model's errors change (thesis Fig. 2-12). Writes probe.json, probe.png, "
-                                   "index.html and the filtered set (filtered/) of the most affected classes.")
+    p = add_command(sub, "probe", "stylize a concept in labelled photos and rank the classes it hurts",
+                    description="Segment a concept, repaint it with a texture, and measure per class how the "
+                                "model's errors change (thesis Fig. 2-12). Writes probe.json, probe.png, "
+                                "index.html and the filtered set (filtered/) of the most affected classes.",
+                    example="rulewriter probe --data ~/imagenet/val --segmenter deeplab:car "
+                            "--stylize paste:skimage:gravel --samples 2000 --out probe-car-gravel")
     add_model_args(p)
     p.add_argument("--data", required=True, help="labelled image folder (wnid/class subfolders or nXXXXXXXX_*.jpg)")
     p.add_argument("--segmenter", required=True, help="deeplab:CLASS, coco:ANN.json:CATEGORY or masks:DIR")
@@ -29,16 +29,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="instead of --top: keep every class whose error rate rose by at least this fraction")
     p.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA,
-                   help=f"smallest share of an image the concept must cover (default 1/49 = {DEFAULT_MIN_AREA:.4f})")
+                   help="smallest share of an image the concept must cover (1/49: one cell of a 7×7 grid)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps of a gram: stylizer")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_arg(p, "the summary")
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("mitigate", help="compare rewriting, fine-tuning and last-layer retraining on a probe's "
-                                        "filtered set (Tables 2.3-2.4)")
+    p = add_command(sub, "mitigate", "compare rewriting, fine-tuning and last-layer retraining on a probe's "
+                                     "filtered set (Tables 2.3-2.4)",
+                    description="Split the probe's filtered set into a few training exemplars and the rest, fix "
+                                "the model with each method on the exemplars, and measure the errors on the rest "
+                                "(and overall accuracy on --accuracy-data). Writes a JSON, Markdown and HTML report.",
+                    example="rulewriter mitigate --probe probe-car-gravel --stats-data ~/imagenet/val "
+                            "--stats-samples 5000 --out mitigate-car-gravel")
     add_model_args(p)
     add_edit_args(p)
     p.add_argument("--probe", required=True, help="a probe output folder (or its filtered/ folder)")
@@ -47,15 +52,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--texture", default=None, help="texture for rewriting with features (default: the probe's)")
     p.add_argument("--target", default=None, help="target class (default: the most affected class)")
     p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
-    p.add_argument("--stats-samples", type=int, default=None)
+    p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
     p.add_argument("--accuracy-data", default=None, help="labelled folder for overall top-1 accuracy")
-    p.add_argument("--accuracy-samples", type=int, default=None)
+    p.add_argument("--accuracy-samples", type=int, default=None,
+                   help="a deterministic sample of N --accuracy-data images (default: all)")
     p.add_argument("--finetune-steps", type=int, default=100, help="most SGD steps of the two baselines")
     p.add_argument("--train-to-convergence", action="store_true",
                    help="train the baselines for all --finetune-steps instead of stopping once the exemplars are right")
     p.add_argument("--seed", type=int, default=0, help="for the train/test split")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the summary")
     p.set_defaults(func=cmd_mitigate)
 
 

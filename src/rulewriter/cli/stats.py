@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import RulewriterError
-from .common import (DEFAULT_CACHE, add_command, add_edit_args, add_exemplar_args, add_model_args, check_rule_args,
-                     emit, load_model, load_stats, resolve_layer)
+from .common import add_command, add_edit_args, add_json_arg, add_model_args, emit, load_model, load_stats, resolve_layer
 
 
 def cmd_stats(args) -> None:
@@ -49,6 +46,9 @@ def cmd_merge_stats(args) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``stats``, ``merge-stats``."""
     p = add_command(sub, "stats", "collect the second moment of a layer's keys",
+                    description="C = E[k kᵀ] over the layer's keys at every location of every image (summed in "
+                                "float64), cached under --cache-dir and optionally saved with --out for `edit "
+                                "--stats`. Under torchrun each rank reads its share of the images.",
                     example="rulewriter stats --data ~/imagenet/val --samples 5000 --out C.safetensors")
     add_model_args(p)
     add_edit_args(p)
@@ -58,11 +58,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only the I-th of N shards of the images (for machines without a shared process group; "
                         "add the parts with merge-stats)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the layer, key dimension and count")
     p.set_defaults(func=cmd_stats)
     p = add_command(sub, "merge-stats", "add up statistics files from several processes or machines",
+                    description="Sums the statistics of `rulewriter stats --shard I/N` runs (same model, "
+                                "layer and view) into one file and names any missing shard.",
                     example="rulewriter merge-stats --out C.safetensors part0.safetensors part1.safetensors")
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("parts", nargs="+")
+    p.add_argument("--out", required=True, help="the merged statistics file (.safetensors)")
+    add_json_arg(p, "the merged count and parts")
+    p.add_argument("parts", nargs="+", help="statistics files from `rulewriter stats --shard I/N --out PART`")
     p.set_defaults(func=cmd_merge_stats)
