@@ -116,6 +116,36 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(cached.moment(), single.moment(), rtol=1e-12, atol=1e-12)
 
 
+def _worker_own_cache(rank: int, world: int, port: int, folder: str, caches: list, out: str) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A short timeout: a rank left waiting in all_reduce fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        paths = sorted(Path(folder).glob("*.png"))
+        s = collect_second_moment(tiny_classifier(), "conv2", paths, view=2, precision="fp64", batch_size=2,
+                                  cache_dir=caches[rank], progress=False)
+        save_file({"C": s.moment(), "count": torch.tensor(s.count)}, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_cache_file_only_one_rank_sees_does_not_hang_the_others(tmp_path):
+    paths = write_images(tmp_path / "imgs", 6)
+    seen, unseen, out = tmp_path / "seen", tmp_path / "unseen", tmp_path / "out"
+    out.mkdir()
+    single = collect_second_moment(tiny_classifier(), "conv2", paths, view=2, precision="fp64", batch_size=2,
+                                   cache_dir=seen, progress=False)  # only rank 0's folder has the file
+    mp.start_processes(_worker_own_cache, args=(2, free_port(), str(tmp_path / "imgs"), [str(seen), str(unseen)],
+                                                str(out)), nprocs=2, join=True, start_method="spawn")
+    for r in range(2):
+        res = load_file(out / f"rank{r}.safetensors")
+        assert int(res["count"]) == single.count
+        torch.testing.assert_close(res["C"], single.moment(), rtol=1e-12, atol=1e-12)
+
+
 class Flaky(torch.utils.data.Dataset):
     """Images that can be told to fail at one index, as a crash or an interruption would."""
 

@@ -119,6 +119,18 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself on one process).
+
+    Every rank must call it, and then all take the same branch: a decision one rank makes alone (say, a
+    cache file only it can see) would leave the others waiting in a collective it never joins.
+    """
+    if not is_distributed():
+        return bool(flag)
+    (n,) = all_reduce_sum([torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)])
+    return int(round(float(n[0]))) == world_size()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` on one process). Objects must be picklable in memory;
     nothing read from disk is ever unpickled."""

@@ -551,11 +551,16 @@ def collect_second_moment(
     if cache_dir is not None:
         safe_layer = layer.replace("/", "_")
         cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
+        hit = None
         if cache.is_file():
             stats, saved = SecondMoment.load(cache)
             if saved.get("key") == key:
                 stats.meta = saved
-                return stats
+                hit = stats
+        # Under torchrun all ranks use the cache or none does (a file some ranks cannot see must not leave
+        # the others waiting in all_reduce).
+        if D.all_ranks(hit is not None):
+            return hit
         partial = _partial_path(cache, rank, world)
 
     mine = D.shard_indices(len(ds), rank_=rank, world=world)
