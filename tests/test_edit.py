@@ -298,3 +298,16 @@ def test_valid_file_whose_first_byte_looks_like_a_pickle_loads(tmp_path):
     else:
         pytest.skip("no padding gave a 0x80 first byte")
     assert Edit.load(path).meta == edit.meta
+
+
+def test_repr_is_one_short_line_whatever_the_tensors(tmp_path):
+    lam, d = torch.randn(1280, 1, dtype=torch.float64), torch.randn(320, 1, dtype=torch.float64)
+    edit = Edit([LayerUpdate("_blocks.15._project_conv", 2, lam, d)], {"rules": [{"method": "images"}], "n_pairs": 37})
+    assert repr(edit) == "Edit(layer=_blocks.15._project_conv, view=2, rank=1, rules=1, pairs=37)"
+    assert repr(Edit.load(edit.save(tmp_path / "e.safetensors"))) == repr(edit)
+    other = Edit([LayerUpdate("fc", 1, torch.randn(10, 2), torch.randn(5, 2))], {"rules": [{}, {}], "n_pairs": 4})
+    both = repr(edit + other)
+    assert both == ("Edit(layers=[_blocks.15._project_conv (view 2, rank 1), fc (view 1, rank 2)], "
+                    "rules=3, pairs=41)")
+    assert repr(Edit([LayerUpdate("fc", 1, torch.randn(10, 2), torch.randn(5, 2))])) == "Edit(layer=fc, view=1, rank=2)"
+    assert "\n" not in repr(edit.updates[0]) and "tensor" not in repr(edit.updates[0])

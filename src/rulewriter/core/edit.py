@@ -256,6 +256,10 @@ class LayerUpdate:
         """``ΔW = Λ Dᵀ`` (float64), in the view's matrix layout."""
         return self.lam.double() @ self.direction.double().T
 
+    def __repr__(self) -> str:  # the factors' shapes, not their numbers
+        return (f"LayerUpdate(layer={self.layer}, view={self.view}, rank={self.rank}, "
+                f"value_dim={self.lam.shape[0]}, key_dim={self.direction.shape[0]})")
+
 
 class Reversible:
     """A change whose ``apply(model)`` returns a handle with ``undo()``; adds the two ways to use it briefly."""
@@ -357,6 +361,28 @@ class Edit(Reversible):
                     order.append(key)
         meta = {"composed": [e.meta for e in (self, *others)]}
         return Edit([merged[k] for k in order], meta)
+
+    def __repr__(self) -> str:
+        """One short line: the layer(s), view and rank, and how many rules and key/value pairs made it.
+
+        Example::
+
+            >>> Edit([LayerUpdate("fc", 2, torch.ones(3, 1), torch.ones(4, 1))], {"rules": [{}], "n_pairs": 9})
+            Edit(layer=fc, view=2, rank=1, rules=1, pairs=9)
+        """
+        if len(self.updates) == 1:
+            u = self.updates[0]
+            parts = [f"layer={u.layer}", f"view={u.view}", f"rank={u.rank}"]
+        else:
+            parts = ["layers=[" + ", ".join(f"{u.layer} (view {u.view}, rank {u.rank})" for u in self.updates) + "]"]
+
+        def count(meta: dict, key: str) -> int:  # composed edits keep each part's meta
+            own = len(meta.get(key) or []) if key == "rules" else int(meta.get(key) or 0)
+            return own + sum(count(m, key) for m in meta.get("composed", []) if isinstance(m, dict))
+
+        rules, pairs = count(self.meta, "rules"), count(self.meta, "n_pairs")
+        parts += [f"rules={rules}"] * bool(rules) + [f"pairs={pairs}"] * bool(pairs)
+        return f"Edit({', '.join(parts)})"
 
     # -------------------------------------------------------------- save / load
     def describe(self) -> dict:
