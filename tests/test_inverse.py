@@ -265,7 +265,8 @@ def test_key_spectrum_save_load_merge(tmp_path):
     s1.merge(s2)
     torch.testing.assert_close(s1.autocorrelation(), both.autocorrelation(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both.autocorrelation(), correlate(torch.cat([a, b])) / 5, rtol=1e-10, atol=1e-10)
-    loaded, meta = KeySpectrum.load(s1.save(tmp_path / "s.safetensors", {"layer": "x"}))
+    loaded = KeySpectrum.load(s1.save(tmp_path / "s.safetensors", {"layer": "x"}))
+    meta = loaded.meta
     assert meta == {"layer": "x"} and loaded.count == 5
     assert torch.equal(loaded.spec, s1.spec) and loaded.grid == s1.grid
     with pytest.raises(StatsError):
@@ -364,6 +365,36 @@ def test_image_reconstruction_lowers_the_loss(tiny):
     assert "not LPIPS" in dist.label
     rec = reconstruct_image(tiny, "features.4", y, {"truth": x}, steps=5, distance=dist)
     assert rec.distances["truth"][-1] == pytest.approx(dist(rec.result, dist.features(x)), rel=1e-9)
+
+
+def test_float64_models_in_the_inverse_direction(tiny):
+    """Rules, spectra and image reconstructions follow the model's dtype."""
+    from rulewriter.extensions.fourier import collect_key_spectrum
+
+    clf = load_classifier(tiny.model.double(), preprocess=tiny.preprocess)
+    rule = _rule(clf, "features.6", 3)
+    assert rule.keys.dtype == torch.float64
+    data = torch.utils.data.TensorDataset(clf.preprocess.batch(_images(4, seed=3)))  # float32 images
+    spec = collect_key_spectrum(clf, "features.6", data, progress=False)
+    assert spec.count > 0
+    assert next(clf.model.parameters()).dtype == torch.float64  # the model stays as it came
+    edit = inverse_rewrite(clf, rule, spec, solver="fourier")
+    with edit.applied(clf.model):
+        pass
+    x = clf.preprocess.batch(_images(1))
+    _, y = layer_io(clf, "features.4", x)
+
+    class L2:
+        label = "pixel L2 (test)"
+
+        def features(self, t):
+            return [t]
+
+        def compare(self, a, b):
+            return float((a[0] - b[0]).pow(2).mean())
+
+    rec = reconstruct_image(clf, "features.4", y, {"truth": x.double()}, steps=3, distance=L2())
+    assert rec.result.dtype == torch.float64 and rec.losses[-1] < rec.losses[0]
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -171,6 +171,7 @@ class KeySpectrum:
         self.spec: torch.Tensor | None = None  # (f, f, H, W//2+1) complex128
         self.grid: tuple[int, int] | None = None
         self.count = 0
+        self.meta: dict = {}  # what the spectrum was computed from; saved and loaded with it
 
     @property
     def dim(self) -> int:
@@ -224,19 +225,22 @@ class KeySpectrum:
             raise StatsError(f"key spectrum file is malformed ({e})") from None
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write atomically as safetensors (real and imaginary parts); ``metadata`` goes in the header."""
-        header = {"format": SPECTRUM_FORMAT, "meta": json.dumps(metadata or {}, sort_keys=True, default=str)}
+        """Write atomically as safetensors (real and imaginary parts); ``metadata`` (default :attr:`meta`)
+        goes in the header."""
+        header = {"format": SPECTRUM_FORMAT,
+                  "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True, default=str)}
         return atomic_save(self.state_dict(), Path(path), header)
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["KeySpectrum", dict]:
-        """Read a spectrum saved by :meth:`save`; returns it and its metadata."""
+    def load(cls, path: str | Path) -> "KeySpectrum":
+        """Read a spectrum saved by :meth:`save`; its metadata is on :attr:`meta`."""
         tensors, header = read_safetensors(Path(path), StatsError)
         if header.get("format") != SPECTRUM_FORMAT:
             raise StatsError(f"{path} is not a rulewriter key spectrum (format {header.get('format')!r})")
         s = cls()
         s.load_state_dict(tensors)
-        return s, json.loads(header.get("meta", "{}"))
+        s.meta = json.loads(header.get("meta", "{}"))
+        return s
 
 
 def _output_maps(mem: LayerMemory, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -251,7 +255,7 @@ def collect_key_spectrum(
     *,
     samples: int | None = None,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -259,7 +263,8 @@ def collect_key_spectrum(
     """Stream images to ``layer`` and collect the :class:`KeySpectrum` of its output maps (for ``fourier``).
 
     Arguments as :func:`~rulewriter.core.stats.collect_second_moment` (same data sources, subsampling and cache
-    keys). Example:
+    keys); ``device=None`` runs the model where it is, and the model is back on its own device afterwards.
+    Images are fed in the model's dtype. Example:
 
         >>> spec = collect_key_spectrum(clf, "_conv_stem", "photos/", samples=200)       # doctest: +SKIP
     """
@@ -284,20 +289,24 @@ def collect_key_spectrum(
         key = stats_cache_key(meta)
         cache = Path(cache_dir).expanduser() / f"spectrum-{classifier.name}-{layer.replace('/', '_')}-{key[:16]}.safetensors"
         if cache.is_file():
-            spec, saved = KeySpectrum.load(cache)
-            if saved.get("key") == key:
+            spec = KeySpectrum.load(cache)
+            if spec.meta.get("key") == key:
                 return spec
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     spec = KeySpectrum()
     was_training = model.training
-    model.eval().to(device)
+    p0 = next(model.parameters())
+    home, dtype = p0.device, p0.dtype
+    dev = home if device is None else torch.device(device)
+    model.eval().to(dev)
     try:
         with torch.no_grad(), Trace(model, layer, stop=True) as tr:
             for batch in tqdm(loader, desc=f"spectrum {layer}", disable=not progress, unit="batch"):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                tr(x.to(device))
+                tr(x.to(dev, dtype))
                 spec.add(_output_maps(mem, tr.input, tr.output))
     finally:
+        model.to(home)
         model.train(was_training)
     if cache is not None:
         spec.save(cache, {**meta, "key": stats_cache_key(meta), "count": spec.count})
@@ -368,7 +377,7 @@ def fourier_layer_update(
         c = _toeplitz(r_y, offsets)
         m0 = w0[:, :, ah, aw].permute(1, 0, 2).reshape(mem.c, -1)  # (c, (f, t))
         kappa = keys.repeat_interleave(len(taps), dim=0)
-        d = update_direction(c, kappa, ridge)
+        d = update_direction(c, kappa, ridge).to(m0.device)  # the spectrum may live on the CPU, the layer on a GPU
         lam = solve_lambda(m0, kappa, values, d)
         dw[:, :, ah, aw] = (lam @ d.T).reshape(mem.c, mem.f, len(taps)).permute(1, 0, 2)
     return dw.reshape(mem.weight.shape)

@@ -178,7 +178,7 @@ def pinv_update(
     u = keys if directions is None else directions
     kw = {} if rcond is None else {"rtol": rcond}
     p0 = torch.linalg.pinv(m0.T, **kw)
-    d = update_direction(c, u.double(), ridge)
+    d = update_direction(c, u.double(), ridge).to(m0.device)  # C may live on the CPU, the memory on a GPU
     lam = solve_lambda(p0, keys, values, d, weights)
     p1 = p0 + lam @ (d if d.dim() == 2 else d[:, None]).T
     return torch.linalg.pinv(p1, **kw).T - m0

@@ -477,10 +477,15 @@ def reconstruct_image(
     tfeat = {n: dist.features(t if t.dim() == 4 else t[None]) for n, t in (targets or {}).items()}
     target = target_output.detach()
     target = target if target.dim() == 4 else target[None]
-    lo = torch.tensor([(0 - m) / s for m, s in zip(pre.mean, pre.std)])[None, :, None, None]
-    hi = torch.tensor([(1 - m) / s for m, s in zip(pre.mean, pre.std)])[None, :, None, None]
+    # The image lives where the model does, in its dtype (a float64 model inverts in float64).
+    p0 = next(model.parameters())
+    dev, dt = p0.device, p0.dtype
+    target = target.to(dev, dt)
+    lo = torch.tensor([(0 - m) / s for m, s in zip(pre.mean, pre.std)], dtype=dt, device=dev)[None, :, None, None]
+    hi = torch.tensor([(1 - m) / s for m, s in zip(pre.mean, pre.std)], dtype=dt, device=dev)[None, :, None, None]
     g = torch.Generator().manual_seed(seed)
-    x = (lo + (hi - lo) * torch.rand(1, 3, pre.size, pre.size, generator=g)).requires_grad_(True)
+    start = torch.rand(1, 3, pre.size, pre.size, generator=g, dtype=torch.float64).to(dev, dt)
+    x = (lo + (hi - lo) * start).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
