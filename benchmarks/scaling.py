@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = (n - k) / (wall - startup) if wall - startup > 5.0 else float("nan")
                 r[cmd] = {"wall_s": wall, "startup_s": startup, "images_per_s": rate, "end_to_end_images_per_s": n / wall}
                 if cmd == "stats":
-                    s, _ = SecondMoment.load(f"{tmp}/{cmd}-{k}-{procs}.safetensors")
+                    s = SecondMoment.load(f"{tmp}/{cmd}-{k}-{procs}.safetensors")
                     if ref_stats is None:
                         ref_stats = s
                     r["stats"]["max_rel_diff_vs_reference"] = float(

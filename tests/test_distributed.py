@@ -112,7 +112,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(res["label_prob"].numpy(), preds.label_prob, rtol=1e-6)
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 1 and "partial" not in files[0]  # rank 0 wrote the one cache file; partials removed
-    cached, meta = SecondMoment.load(cache / files[0])
+    cached = SecondMoment.load(cache / files[0])
+    meta = cached.meta
     torch.testing.assert_close(cached.moment(), single.moment(), rtol=1e-12, atol=1e-12)
 
 
@@ -171,7 +172,7 @@ def test_an_interrupted_run_resumes_from_its_partial_file(tmp_path):
         collect_second_moment(clf, "conv2", Flaky(clf, paths, fail_at=5), **kw)
     partial = [p for p in cache.iterdir() if "partial" in p.name]
     assert len(partial) == 1
-    _, meta = SecondMoment.load(partial[0])
+    meta = SecondMoment.load(partial[0]).meta
     assert json.loads(json.dumps(meta))["images_done"] == 4  # two whole batches were checkpointed
 
     again = Flaky(clf, paths, fail_at=None)
@@ -224,8 +225,8 @@ def test_torchrun_stats_command_equals_single_process(tmp_path, five_photos):
     one = subprocess.run([sys.executable, "-m", "rulewriter", *common, "--out", str(tmp_path / "one.safetensors")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, _ = SecondMoment.load(tmp_path / "two.safetensors")
-    b, _ = SecondMoment.load(tmp_path / "one.safetensors")
+    a = SecondMoment.load(tmp_path / "two.safetensors")
+    b = SecondMoment.load(tmp_path / "one.safetensors")
     assert a.count == b.count
     torch.testing.assert_close(a.moment(), b.moment(), rtol=1e-10, atol=1e-12)
 

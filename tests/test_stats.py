@@ -54,8 +54,11 @@ def test_save_load_roundtrip_and_refuses_pickles(tmp_path):
     s = SecondMoment()
     s.add(_keys())
     p = s.save(tmp_path / "s.safetensors", {"layer": "x"})
-    t, meta = SecondMoment.load(p)
-    assert torch.equal(t.moment(), s.moment()) and meta["layer"] == "x"
+    t = SecondMoment.load(p)
+    assert isinstance(t, SecondMoment)  # the object itself, its metadata on it
+    assert torch.equal(t.moment(), s.moment()) and t.meta == {"layer": "x"}
+    s.meta = {"layer": "y", "view": 2}  # without metadata=, save writes the object's own
+    assert SecondMoment.load(s.save(tmp_path / "own.safetensors")).meta == {"layer": "y", "view": 2}
     assert not list(tmp_path.glob("*.tmp"))
     torch.save(s.state_dict(), tmp_path / "evil.safetensors")
     with pytest.raises(StatsError, match="pickle"):

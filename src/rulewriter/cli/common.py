@@ -103,7 +103,8 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
     from ..core.stats import SecondMoment, collect_second_moment
 
     if getattr(args, "stats", None):
-        s, meta = SecondMoment.load(args.stats)
+        s = SecondMoment.load(args.stats)
+        meta = s.meta
         if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
             raise RulewriterError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
         return s

@@ -26,13 +26,13 @@ def _stats_for(args, clf, layer: str):
 
     if args.solver == "fourier":
         if args.stats:
-            spec, _ = KeySpectrum.load(args.stats)
-            return spec
+            return KeySpectrum.load(args.stats)
         return collect_key_spectrum(clf, layer, args.stats_data, samples=args.stats_samples,
                                     batch_size=args.batch_size, device=args.device,
                                     cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
     if args.stats:
-        s, meta = SecondMoment.load(args.stats)
+        s = SecondMoment.load(args.stats)
+        meta = s.meta
         if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
             raise StatsError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
         return s

@@ -211,7 +211,7 @@ class SecondMoment:
         self.count = 0
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
-        self.meta: dict = {}  # what collect_second_moment computed these from (model, layer, data, ...)
+        self.meta: dict = {}  # what these were computed from (model, layer, data, ...); saved and loaded with them
 
     @classmethod
     def zeros(cls, dim: int, precision: str = "fp64", device: str | torch.device = "cpu") -> "SecondMoment":
@@ -302,19 +302,28 @@ class SecondMoment:
         self.count, self.sum, self.outer = count, s.double(), o.double()
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write atomically as safetensors; ``metadata`` (JSON-able) goes in the header."""
-        meta = {"format": FORMAT, "precision": self.precision, "meta": json.dumps(metadata or {}, sort_keys=True)}
+        """Write atomically as safetensors; ``metadata`` (JSON-able, default :attr:`meta`) goes in the header."""
+        meta = {"format": FORMAT, "precision": self.precision,
+                "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True)}
         return atomic_save(self.state_dict(), Path(path), meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["SecondMoment", dict]:
-        """Read statistics saved by :meth:`save`; returns the object and its metadata."""
+    def load(cls, path: str | Path) -> "SecondMoment":
+        """Read statistics saved by :meth:`save`; their metadata is on :attr:`meta`.
+
+        Example::
+
+            >>> s = SecondMoment.load("C.safetensors")        # doctest: +SKIP
+            >>> s.dim, s.count, s.meta["layer"]               # doctest: +SKIP
+            (320, 1254400, '_blocks.15._project_conv')
+        """
         tensors, header = read_safetensors(Path(path), StatsError)
         if header.get("format") != FORMAT:
             raise StatsError(f"{path} is not a rulewriter statistics file (format {header.get('format')!r})")
         s = cls(header.get("precision", "fp64"))
         s.load_state_dict(tensors)
-        return s, json.loads(header.get("meta", "{}"))
+        s.meta = json.loads(header.get("meta", "{}"))
+        return s
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
@@ -553,9 +562,8 @@ def collect_second_moment(
         cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
         hit = None
         if cache.is_file():
-            stats, saved = SecondMoment.load(cache)
-            if saved.get("key") == key:
-                stats.meta = saved
+            stats = SecondMoment.load(cache)
+            if stats.meta.get("key") == key:
                 hit = stats
         # Under torchrun all ranks use the cache or none does (a file some ranks cannot see must not leave
         # the others waiting in all_reduce).
@@ -567,7 +575,8 @@ def collect_second_moment(
     stats, done = SecondMoment.zeros(mem.key_dim, precision, dev), 0
     if partial is not None and partial.is_file():
         try:
-            saved_stats, saved = SecondMoment.load(partial)
+            saved_stats = SecondMoment.load(partial)
+            saved = saved_stats.meta
         except StatsError:
             saved_stats, saved = None, {}  # a damaged partial file is only a lost head start
         if saved_stats is not None and saved.get("key") == key and saved_stats.dim == mem.key_dim:
@@ -659,7 +668,8 @@ def merge_files(paths: Iterable[str | Path]) -> tuple[SecondMoment, dict]:
     shards: dict[tuple[str, str], set[int]] = {}  # (data fingerprint, N) -> shard indices seen
     whole: list[str] = []  # data fingerprints of files that hold all of their images
     for p in paths:
-        s, meta = SecondMoment.load(p)
+        s = SecondMoment.load(p)
+        meta = s.meta
         check = {k: meta.get(k) for k in ("model", "weights", "layer", "view", "key_dim", "preprocess",
                                           "precision", "amp")}
         data = str(meta.get("data"))  # files that do not say what they hold are not checked for overlap

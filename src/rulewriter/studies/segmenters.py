@@ -345,7 +345,8 @@ def _as_moment(stats: Any, layer: str) -> torch.Tensor | None:
         return stats
     if isinstance(stats, SecondMoment):
         return stats.moment()
-    s, meta = SecondMoment.load(stats)
+    s = SecondMoment.load(stats)
+    meta = s.meta
     if meta.get("layer") not in (None, layer):
         raise StatsError(f"{stats} holds statistics of layer {meta.get('layer')!r}, the concept is at {layer!r}")
     return s.moment()
