@@ -146,3 +146,30 @@ def test_stop_when_fitted_stops_early(tiny):
     with early.applied(clf.model), torch.no_grad():
         assert clf.model(x).argmax(1).tolist() == y  # every exemplar gets its label, with the least training
     assert early.norm() < full.norm()
+
+
+def test_smallest_fitting_lr_picks_the_first_rate_that_fits(tiny):
+    clf, x, _ = tiny
+    from rulewriter.studies.finetune import LEARNING_RATES, smallest_fitting_lr
+
+    y = [2] * len(x)  # reachable: every exemplar one class
+    seen = []
+
+    def train(lr):
+        seen.append(lr)
+        return finetune_layer(clf, "conv2", x, y, steps=50, lr=lr, stop_when_fitted=True)
+
+    delta, tried = smallest_fitting_lr(train, (10.0, 1e-6, 1.0))
+    assert seen == sorted(seen) and seen[0] == 1e-6           # smallest first, whatever the order given
+    fits = [lr for lr, d in tried.items() if d.meta["fitted"]]
+    assert fits and delta.meta["lr"] == fits[0] == seen[-1]   # stops at the first that fits
+    assert not tried[1e-6].meta["fitted"]                     # 50 steps at 1e-6 do not fit the exemplars
+    assert "smallest of" in delta.meta["lr_rule"] and set(delta.meta["lr_tried"]) == {f"{lr:g}" for lr in seen}
+    _, every = smallest_fitting_lr(train, (1e-6, 1.0, 10.0), try_all=True)
+    assert set(every) == {1e-6, 1.0, 10.0}
+    # None fits: the largest rate's delta is kept (it came closest), and the rule says so.
+    none, _ = smallest_fitting_lr(lambda lr: finetune_layer(clf, "conv2", x, y, steps=1, lr=lr), (1e-7, 1e-6))
+    assert none.meta["lr"] == 1e-6 and not none.meta["fitted"]
+    assert LEARNING_RATES == tuple(sorted(LEARNING_RATES))
+    with pytest.raises(Exception, match="positive"):
+        smallest_fitting_lr(train, (0.0, 1e-3))

@@ -16,7 +16,7 @@ from rulewriter.studies.testsets import TestSet
 from rulewriter.models.registry import Preprocess, load_classifier
 from rulewriter.core.rules import layer_io
 from rulewriter.core.memory import LayerMemory
-from rulewriter.studies.spurious import FilteredSet, mitigate, probe
+from rulewriter.studies.spurious import FilteredSet, FixedSplit, mitigate, probe
 from rulewriter.core.stats import SecondMoment
 from rulewriter.studies.stylize import TexturePaste
 
@@ -233,6 +233,91 @@ def test_mitigate_groups_target_and_other_and_checks_inputs(clf, scenes, tmp_pat
         mitigate(clf, fs, 3, _stats(clf, pairs), methods=["features"], progress=False)
 
 
+def test_probe_min_area_is_measured_on_the_models_centre_crop(scenes):
+    """A concept outside the centre crop counts for nothing; one inside counts at its share of the crop."""
+    pairs, seg = scenes
+    # 24×24 photos, the model sees the central 12×12 (pixels 6..17).
+    cropped = load_classifier(ColourNet(), labels=["red", "green", "blue"], default_layer="conv2",
+                              preprocess=Preprocess(12, 24, (0.5,) * 3, (0.5,) * 3))
+    masks = {"corner": np.zeros((24, 24), np.float32), "centre": np.zeros((24, 24), np.float32)}
+    masks["corner"][0:6, 0:12] = 1    # 12.5 % of the photo, none of the crop
+    masks["centre"][8:12, 8:12] = 1   # 2.8 % of the photo, 11 % of the crop
+
+    def seg2(image, source=None):
+        return masks["corner" if Path(source).stem == "img00" else "centre"]
+
+    seg2.name = "two masks"
+    res = probe(cropped, pairs[:2], seg2, TexturePaste(_blue()), min_area=0.05, progress=False)
+    assert [Path(it["source"]).stem for it in res.items] == ["img01"]
+    assert res.items[0]["area"] == pytest.approx(16 / 144, abs=0.01)
+
+
+def test_fixed_split_keeps_exemplars_and_test_apart(clf, scenes, tmp_path):
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=5)
+    fixed = FixedSplit(fs.originals, fs.stylized, fs.masks, fs.labels, fs.sources, fs.classes, {"n_pool": 4})
+    for seed in (0, 1, 7):  # the seed does not move the split
+        train, test = fixed.split(3, seed=seed)
+        assert train.sources == fs.sources[:3] and test.sources == fs.sources[4:]
+    # eligible restricts the pool, in order; pool item 3, unused, is in neither split.
+    train, test = fixed.split(2, eligible=[1, 3, 5])
+    assert train.sources == [fs.sources[1], fs.sources[3]] and test.sources == fs.sources[4:]
+    with pytest.raises(EditError, match="only 2 exemplar candidates"):
+        fixed.split(3, eligible=[0, 2, 8])          # 8 is a test image: never an exemplar
+    fixed.save(tmp_path / "fixed")
+    back = FixedSplit.load(tmp_path / "fixed")
+    assert back.n_pool == 4 and back.split(1)[1].sources == fs.sources[4:]
+    with pytest.raises(RulewriterError, match="n_pool"):
+        FixedSplit(fs.originals, fs.stylized, fs.masks, fs.labels, fs.sources, fs.classes, {})
+    with pytest.raises(EditError, match="no test"):
+        FixedSplit(fs.originals, fs.stylized, fs.masks, fs.labels, fs.sources, fs.classes,
+                   {"n_pool": len(fs)}).split(1)
+    # mitigate honours the fixed split: its exemplars are the pool's first ones and it tests on the rest.
+    res = mitigate(clf, fixed, 2, _stats(clf, pairs), methods=["images"], progress=False)
+    assert res.meta["exemplars"] == fs.sources[:2] and res.meta["n_test"] == len(fs) - 4
+
+
+def test_mitigation_errors_corrected_counts_wrong_before_and_right_after(clf, scenes):
+    """The numerator of errors corrected, recounted by hand from each change's own predictions."""
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=2)
+    res = mitigate(clf, fs, 3, _stats(clf, pairs), methods=["images", "last-layer"], progress=False)
+    _, test = fs.split(3, 0, eligible=[i for i in range(len(fs))
+                                       if float(clf.preprocess.mask(fs.mask(i)).max()) > 0])
+    y = np.asarray(test.labels)
+    pre = predict(clf, list(test.originals) + list(test.stylized), list(y) * 2, progress=False)["before"].top1
+    ref, base = pre[:len(y)], pre[len(y):]
+    assert res.rows["no edit"]["all"]["n"] == len(y)
+    for m in ("images", "last-layer"):
+        with res.changes[m].applied(clf.model):
+            post = predict(clf, list(test.stylized), list(y), progress=False)["before"].top1
+        gt, pred = res.rows[m]["all"]["corrected_gt"], res.rows[m]["all"]["corrected_pred"]
+        assert gt["corrected"] == int(((base != y) & (post == y)).sum()), m
+        assert gt["n_errors_before"] == int((base != y).sum()), m
+        assert pred["corrected"] == int(((base != ref) & (post == ref)).sum()), m
+        assert pred["n_errors_before"] == int((base != ref).sum()), m
+        if gt["n_errors_before"]:
+            assert gt["fraction"] == gt["corrected"] / gt["n_errors_before"]
+    assert res.rows["images"]["all"]["corrected_gt"]["corrected"] > 0   # the count is not trivially zero
+
+
+def test_mitigate_baselines_use_the_fair_lr_rule_unless_given(clf, scenes):
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=1)
+    res = mitigate(clf, fs, 2, None, methods=["finetune", "last-layer"], finetune_steps=60, progress=False)
+    for m in ("finetune", "last-layer"):
+        meta = res.meta["change_meta"][m]
+        assert "smallest of" in meta["lr_rule"], m
+        tried = meta["lr_tried"]
+        fitted = [float(k) for k, v in tried.items() if v["fitted"]]
+        assert meta["lr"] == (min(fitted) if fitted else max(float(k) for k in tried)), m
+        assert all(not v["fitted"] for k, v in tried.items() if float(k) < meta["lr"]), m
+    res = mitigate(clf, fs, 2, None, methods=["finetune", "last-layer"], finetune_steps=5, finetune_lr=0.05,
+                   retrain_lr=0.002, progress=False)
+    assert res.meta["change_meta"]["finetune"]["lr"] == 0.05 and res.meta["change_meta"]["last-layer"]["lr"] == 0.002
+    assert "lr_rule" not in res.meta["change_meta"]["finetune"]
+
+
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture()
 def cli_env(clf, scenes, monkeypatch, tmp_path):
@@ -271,6 +356,14 @@ def test_cli_probe_then_mitigate(cli_env, tmp_path, capsys):
     assert d["meta"]["texture"] == str(tex) and set(d["rows"]) == {"no edit", "features", "images", "last-layer"}
     assert d["overall"]["no edit"] is not None
     assert (mit / "mitigation.md").is_file() and (mit / "index.html").is_file()
+    # The baselines' learning rates: the fair rule by default, or as given.
+    assert "smallest of" in d["meta"]["change_meta"]["last-layer"]["lr_rule"]
+    rc = cli.main(["mitigate", "--probe", str(out), "--exemplars", "3", "--methods", "finetune,last-layer",
+                   "--finetune-lr", "0.03", "--retrain-lr", "0.004", "--finetune-steps", "3",
+                   "--out", str(tmp_path / "mit2"), "--json", "--quiet"])
+    assert rc == 0
+    meta = json.loads(capsys.readouterr().out)["meta"]["change_meta"]
+    assert meta["finetune"]["lr"] == 0.03 and meta["last-layer"]["lr"] == 0.004
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(cli_env, tmp_path, capsys):
@@ -283,7 +376,11 @@ def test_cli_bad_input_exits_2_and_writes_nothing(cli_env, tmp_path, capsys):
                  ["probe", "--data", str(data), "--segmenter", f"masks:{masks}", "--stylize", f"paste:{tex}",
                   "--min-area", "0.99", "--out", str(out)],
                  ["mitigate", "--probe", str(tmp_path), "--stats-data", str(data), "--out", str(out)],
-                 ["mitigate", "--probe", str(tmp_path), "--out", str(out)]):
+                 ["mitigate", "--probe", str(tmp_path), "--out", str(out)],
+                 ["mitigate", "--probe", str(tmp_path), "--methods", "finetune", "--finetune-lr", "-1",
+                  "--out", str(out)],
+                 ["mitigate", "--probe", str(tmp_path), "--methods", "last-layer", "--retrain-lr", "nan",
+                  "--out", str(out)]):
         assert cli.main(argv) == 2, argv
         assert "rulewriter: error:" in capsys.readouterr().err
         assert not out.exists()

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from ..errors import ImageLoadError, RulewriterError
+from ..studies.finetune import LEARNING_RATES
 from ..studies.report import percent
 from ..studies.spurious import DEFAULT_MIN_AREA, METHODS, FilteredSet, mitigate, probe
 from .common import add_command, add_edit_args, add_json_arg, add_model_args
@@ -57,6 +59,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accuracy-samples", type=int, default=None,
                    help="a deterministic sample of N --accuracy-data images (default: all)")
     p.add_argument("--finetune-steps", type=int, default=100, help="most SGD steps of the two baselines")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="SGD learning rate of fine-tuning the layer (default: the smallest of "
+                        f"{', '.join(f'{v:g}' for v in LEARNING_RATES)} that fits the exemplars)")
+    p.add_argument("--retrain-lr", type=float, default=None,
+                   help="SGD learning rate of retraining the last layer (default: the smallest of "
+                        f"{', '.join(f'{v:g}' for v in LEARNING_RATES)} that fits the exemplars)")
     p.add_argument("--train-to-convergence", action="store_true",
                    help="train the baselines for all --finetune-steps instead of stopping once the exemplars are right")
     p.add_argument("--seed", type=int, default=0, help="for the train/test split")
@@ -134,6 +142,11 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
         raise RulewriterError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHODS)}")
     if args.exemplars < 1:
         raise RulewriterError(f"--exemplars must be at least 1, got {args.exemplars}")
+    for opt, v in (("--finetune-lr", args.finetune_lr), ("--retrain-lr", args.retrain_lr)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise RulewriterError(f"{opt} must be a positive number, got {v}")
+    if args.finetune_steps < 1:
+        raise RulewriterError(f"--finetune-steps must be at least 1, got {args.finetune_steps}")
     needs_stats = any(m in ("features", "images") for m in methods)
     if needs_stats and not args.stats and not args.stats_data:
         raise RulewriterError("rewriting needs key statistics: give --stats-data DIR or --stats FILE")
@@ -150,7 +163,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
     stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples) if needs_stats else None
     res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
                    target=target, accuracy_set=acc, view=args.view, seed=args.seed,
-                   finetune_steps=args.finetune_steps, stop_when_fitted=not args.train_to_convergence,
+                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, retrain_lr=args.retrain_lr,
+                   stop_when_fitted=not args.train_to_convergence,
                    batch_size=args.batch_size, progress=not args.quiet)
     paths = res.save(out)
     print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)

@@ -37,9 +37,12 @@ from ..errors import EditError, LayerError, RulewriterError
 from ..core.edit import Reversible
 from ..core.stats import load_described, save_described
 
-__all__ = ["FORMAT", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear", "retrain_last_layer"]
+__all__ = ["FORMAT", "LEARNING_RATES", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear",
+           "retrain_last_layer", "smallest_fitting_lr"]
 
 FORMAT = "rulewriter.weight_delta/1"
+#: The learning rates :func:`smallest_fitting_lr` tries, smallest first.
+LEARNING_RATES = (1e-4, 1e-3, 1e-2)
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -388,3 +391,53 @@ def retrain_last_layer(
     delta.meta.update(method="retrain_last_layer", trained_on="cached layer inputs" if head_is_output
                       else "full forward passes")
     return delta
+
+
+def smallest_fitting_lr(
+    train: Callable[[float], WeightDelta],
+    lrs: Sequence[float] = LEARNING_RATES,
+    *,
+    try_all: bool = False,
+) -> tuple[WeightDelta, dict[float, WeightDelta]]:
+    """The fair learning-rate rule for a baseline: the smallest of ``lrs`` whose training fits the exemplars.
+
+    Every baseline (fine-tuning a layer, retraining the last layer) is trained with ``train(lr)`` at each
+    learning rate, smallest first, and the first whose delta has ``meta["fitted"]`` (every exemplar gets its
+    label) is chosen: the gentlest change that does what the exemplars ask, a choice made on the training
+    data alone, never on held-out results. When none fits, the largest learning rate's delta is chosen
+    (it came closest). The chosen delta's ``meta`` records the rule, the grid and what each rate did.
+
+    Args:
+        train: ``lr -> WeightDelta``, e.g. ``lambda lr: finetune_layer(clf, layer, x, y, lr=lr,
+            stop_when_fitted=True)``.
+        lrs: the grid (default :data:`LEARNING_RATES`), tried in increasing order.
+        try_all: train at every rate even after one fits (for a sweep table); the choice is the same.
+
+    Returns:
+        ``(chosen, tried)``: the chosen delta and every delta trained, keyed by learning rate.
+
+    Example::
+
+        >>> delta, tried = smallest_fitting_lr(lambda lr: retrain_last_layer(clf, ims, ys, lr=lr,
+        ...                                                                   stop_when_fitted=True))  # doctest: +SKIP
+        >>> delta.meta["lr"], delta.meta["lr_rule"]                                               # doctest: +SKIP
+        (0.001, 'smallest of 0.0001, 0.001, 0.01 that fits the exemplars')
+    """
+    grid = sorted({float(v) for v in lrs})
+    if not grid or grid[0] <= 0:
+        raise RulewriterError(f"learning rates must be positive, got {list(lrs)}")
+    tried: dict[float, WeightDelta] = {}
+    chosen: WeightDelta | None = None
+    for lr in grid:
+        tried[lr] = delta = train(lr)
+        if chosen is None and delta.meta.get("fitted"):
+            chosen = delta
+            if not try_all:
+                break
+    if chosen is None:
+        chosen = tried[grid[-1]]
+    chosen.meta.update(lr_rule=f"smallest of {', '.join(f'{v:g}' for v in grid)} that fits the exemplars",
+                       lr_tried={f"{lr:g}": {k: d.meta.get(k) for k in ("fitted", "steps_run", "loss_first",
+                                                                         "loss_last")}
+                                 for lr, d in tried.items()})
+    return chosen, tried

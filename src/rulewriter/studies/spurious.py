@@ -44,9 +44,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
+from .filtered import FilteredSet, FixedSplit
 from .report import percent
 
-__all__ = ["ClassRow", "ProbeResult", "FilteredSet", "MitigationResult", "probe", "mitigate", "METHODS",
+__all__ = ["ClassRow", "ProbeResult", "FilteredSet", "FixedSplit", "MitigationResult", "probe", "mitigate", "METHODS",
            "DEFAULT_MIN_AREA", "add_cli"]
 
 #: Mitigations :func:`mitigate` knows, in the thesis's order.
@@ -58,8 +59,6 @@ _METHOD_TITLES = {"no edit": "pre (no edit)", "features": "rewriting using featu
 #: 7×7 grid that a 224-px ImageNet classifier ends with (1/49 ≈ 2%). A smaller concept barely reaches
 #: the final features, so stylizing it says little about the model.
 DEFAULT_MIN_AREA = 1 / 49
-MANIFEST = "manifest.json"
-FORMAT = "rulewriter.filtered_set/1"
 
 Segmenter = Callable[..., np.ndarray]
 
@@ -155,141 +154,6 @@ class ClassRow:
 
 
 @dataclass
-class FilteredSet:
-    """Images of the classes a stylization hurt most: originals, stylized copies, masks, labels.
-
-    The thesis's filtered test set (Table 2.2). ``classes`` are ranked, most affected first (the first is
-    the *target* class of Table 2.3). ``meta`` records how the set was made (model, segmenter, stylizer,
-    texture). Masks are (H, W) uint8 at their image's size (255 = concept).
-
-    Example::
-
-        >>> fs = res.filtered_set(k=5)                       # doctest: +SKIP
-        >>> train, test = fs.split(5)                         # doctest: +SKIP
-        >>> fs.save("probe-out/filtered"); FilteredSet.load("probe-out/filtered")   # doctest: +SKIP
-    """
-
-    originals: list[Image.Image]
-    stylized: list[Image.Image]
-    masks: list[np.ndarray]
-    labels: list[int]
-    sources: list[str]
-    classes: list[int]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = len(self.originals)
-        if not (len(self.stylized) == len(self.masks) == len(self.labels) == len(self.sources) == n):
-            raise RulewriterError("a filtered set needs one stylized copy, mask, label and source per original")
-        for o, s, m in zip(self.originals, self.stylized, self.masks):
-            if o.size != s.size or m.shape != (o.size[1], o.size[0]):
-                raise RulewriterError(f"original {o.size}, stylized {s.size} and mask {m.shape} do not align")
-
-    def __len__(self) -> int:
-        return len(self.originals)
-
-    def mask(self, i: int) -> np.ndarray:
-        """Mask ``i`` as float32 in [0, 1]."""
-        return self.masks[i].astype(np.float32) / 255.0
-
-    def subset(self, idx: Sequence[int], **meta: Any) -> "FilteredSet":
-        idx = [int(i) for i in idx]
-        return FilteredSet([self.originals[i] for i in idx], [self.stylized[i] for i in idx],
-                           [self.masks[i] for i in idx], [self.labels[i] for i in idx],
-                           [self.sources[i] for i in idx], list(self.classes), {**self.meta, **meta})
-
-    def split(self, n_train: int, seed: int = 0,
-              eligible: Sequence[int] | None = None) -> tuple["FilteredSet", "FilteredSet"]:
-        """(train, test): ``n_train`` exemplars drawn deterministically (:func:`rulewriter.models.data.subsample`)
-        and the disjoint rest. Exemplars never come from the test split. ``eligible`` restricts the
-        exemplars to some indices (e.g. images whose concept the model's centre crop shows).
-
-        Example::
-
-            >>> train, test = fs.split(5)                     # doctest: +SKIP
-            >>> set(train.sources) & set(test.sources)        # doctest: +SKIP
-            set()
-        """
-        from ..models.data import subsample
-
-        if n_train < 1:
-            raise EditError(f"need at least one exemplar, got {n_train}")
-        if n_train >= len(self):
-            raise EditError(f"the filtered set has {len(self)} images; {n_train} exemplars would leave no test "
-                            "images (probe more images or lower --exemplars)")
-        pool = list(range(len(self))) if eligible is None else sorted({int(i) for i in eligible})
-        if len(pool) < n_train:
-            raise EditError(f"only {len(pool)} images of the filtered set can serve as exemplars; "
-                            f"{n_train} asked (lower --exemplars)")
-        train = subsample(pool, n_train, seed=seed)
-        chosen = set(train)
-        test = [i for i in range(len(self)) if i not in chosen]
-        return (self.subset(train, split="train", seed=seed), self.subset(test, split="test", seed=seed))
-
-    def testset(self, name: str = "filtered"):
-        """The originals with their labels and stylized copies as an :class:`~rulewriter.studies.testsets.TestSet`."""
-        from .testsets import TestSet
-
-        return TestSet(name, list(self.originals), list(self.labels), list(self.stylized),
-                       info={"kind": "filtered", **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float))}})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "n": len(self), "classes": self.classes, "meta": self.meta,
-                "items": [{"source": s, "label": y} for s, y in zip(self.sources, self.labels)]}
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``originals/``, ``stylized/``, ``masks/`` (PNG, lossless) and ``manifest.json`` into ``folder``.
-
-        Every file is written atomically and the manifest last, so a folder without a manifest is
-        incomplete and :meth:`load` refuses it. Returns the manifest's path.
-        """
-        from ..atomic import atomic_bytes
-        from .report import save_png
-
-        out = Path(folder)
-        if out.exists() and not out.is_dir():
-            raise RulewriterError(f"{out} exists and is not a folder")
-        items = []
-        for i, (o, s, m, y, src) in enumerate(zip(self.originals, self.stylized, self.masks, self.labels,
-                                                  self.sources)):
-            names = {k: f"{k}/{i:05d}.png" for k in ("originals", "stylized", "masks")}
-            save_png(out / names["originals"], o.convert("RGB"))
-            save_png(out / names["stylized"], s.convert("RGB"))
-            save_png(out / names["masks"], Image.fromarray(m, "L"))
-            items.append({"original": names["originals"], "stylized": names["stylized"], "mask": names["masks"],
-                          "label": int(y), "source": src})
-        manifest = {"format": FORMAT, "classes": self.classes, "meta": self.meta, "items": items}
-        return atomic_bytes(out / MANIFEST, (json.dumps(manifest, indent=1, default=str) + "\n").encode())
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "FilteredSet":
-        """Read a folder written by :meth:`save` (or a probe output folder holding ``filtered/``)."""
-        from ..models.data import load_image
-
-        root = Path(folder)
-        if not (root / MANIFEST).is_file() and (root / "filtered" / MANIFEST).is_file():
-            root = root / "filtered"
-        path = root / MANIFEST
-        if not path.is_file():
-            raise RulewriterError(f"{folder} holds no filtered set ({MANIFEST} not found); run `rulewriter probe` first")
-        try:
-            man = json.loads(path.read_text())
-            if man.get("format") != FORMAT:
-                raise RulewriterError(f"{path} is not a rulewriter filtered set (format {man.get('format')!r})")
-            items = man["items"]
-            originals = [load_image(root / it["original"]) for it in items]
-            stylized = [load_image(root / it["stylized"]) for it in items]
-            masks = []
-            for it in items:
-                with Image.open(root / it["mask"]) as im:
-                    masks.append(np.asarray(im.convert("L"), dtype=np.uint8).copy())
-            return cls(originals, stylized, masks, [int(it["label"]) for it in items],
-                       [str(it["source"]) for it in items], [int(c) for c in man["classes"]], dict(man.get("meta", {})))
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            raise RulewriterError(f"{path}: malformed filtered set ({e})") from None
-
-
-@dataclass
 class ProbeResult:
     """What stylizing a concept did to a classifier, per image and per ground-truth class.
 
@@ -380,7 +244,7 @@ class ProbeResult:
 
         m = self.meta
         intro = [f"Model {m.get('model')}; segmenter {m.get('segmenter')}; stylizer {m.get('stylizer')}.",
-                 f"{m.get('n_images')} images scanned; the concept covered at least {100 * m.get('min_area', 0):.1f}% "
+                 f"{m.get('n_images')} images scanned; the concept covered at least {100 * m.get('min_area', 0):.1f}% of the centre crop "
                  f"of {m.get('n_probed')} of them. Error rate before: {percent(m.get('error_before'))}, "
                  f"after stylizing: {percent(m.get('error_after'))}."]
         items = []
@@ -443,8 +307,9 @@ def probe(
         segmenter: ``segmenter(image, source=path) -> (H, W) float mask in [0, 1]`` with a ``name``
             (:func:`rulewriter.studies.segment.load_segmenter`).
         stylizer: a :class:`~rulewriter.studies.stylize.Stylizer` (``stylizer_from("paste:skimage:gravel")``).
-        min_area: images where the mask's mean (the concept's share of the image) is below this are
-            skipped; default :data:`DEFAULT_MIN_AREA` (1/49, one cell of a 7×7 final grid).
+        min_area: images where the concept's share of the model's centre crop (the mean of the mask as
+            :meth:`Preprocess.mask` crops it) is below this are skipped; default :data:`DEFAULT_MIN_AREA`
+            (1/49, one cell of a 7×7 final grid). A concept outside the crop counts for nothing.
         batch_size: images per forward pass.
         progress: tqdm bars.
 
@@ -478,7 +343,8 @@ def probe(
         except MissingMaskError:
             no_mask_file += 1  # a user's mask folder covers only the images that show the concept
             continue
-        area = float(m.mean())
+        # The share of what the model sees: its centre crop, not the whole photo.
+        area = float(classifier.preprocess.mask(m).mean())
         if area < min_area or not (m > 0).any():
             continue
         originals.append(img)
@@ -661,7 +527,9 @@ def mitigate(
     view: int = 2,
     seed: int = 0,
     finetune_steps: int = 100,
-    finetune_lr: float = 0.01,
+    finetune_lr: float | None = None,
+    retrain_lr: float | None = None,
+    learning_rates: Sequence[float] | None = None,
     stop_when_fitted: bool = True,
     batch_size: int = 32,
     progress: bool = True,
@@ -695,11 +563,15 @@ def mitigate(
         accuracy_set: a TestSet or (image, label) pairs for "overall accuracy" (e.g. imagenet-samples).
         view: memory view of the rewrite.
         seed: for the split.
-        finetune_steps, finetune_lr: SGD settings of both fine-tuning baselines (``finetune_steps`` is
-            the most steps taken).
+        finetune_steps: the most SGD steps either baseline takes.
+        finetune_lr, retrain_lr: the learning rates of fine-tuning the layer and of retraining the last
+            layer. ``None`` (the default) applies the fair rule to each,
+            :func:`rulewriter.studies.finetune.smallest_fitting_lr`: the smallest of ``learning_rates``
+            (default :data:`~rulewriter.studies.finetune.LEARNING_RATES`, 1e-4, 1e-3, 1e-2) that fits the
+            exemplars, chosen on the exemplars alone. The chosen rate is in ``meta["change_meta"]``.
         stop_when_fitted: stop each baseline's training as soon as every exemplar is classified right:
             the least training that makes the exemplars right, as a rewrite makes exactly its exemplars'
-            rule hold. Training on to a near-zero loss over five images overfits: measured on
+            rule hold. Training on to a near-zero loss over a few images overfits: measured on
             EfficientNet-Lite0 (2 exemplars, 100 steps, lr 0.01), fine-tuning ``_blocks.15._project_conv``
             that way dropped top-1 on 100 imagenet-samples from 87% to 0%.
 
@@ -710,7 +582,7 @@ def mitigate(
     """
     from .evaluate import predict
     from .testsets import TestSet
-    from .finetune import finetune_layer, retrain_last_layer
+    from .finetune import LEARNING_RATES, finetune_layer, retrain_last_layer, smallest_fitting_lr
     from ..core.rules import rewrite, rule_from_features, rule_from_images
 
     methods = list(dict.fromkeys(methods))
@@ -746,12 +618,18 @@ def mitigate(
             rule = rule_from_images(classifier, layer, train.originals, train.stylized, ex_masks, view=view)
             rule.description.update(originals=train.sources, manipulated="stylized copies")
             changes[m] = rewrite(classifier, rule, stats)
-        elif m == "finetune":
-            changes[m] = finetune_layer(classifier, layer, train.stylized, train.labels, steps=finetune_steps,
-                                        lr=finetune_lr, stop_when_fitted=stop_when_fitted, progress=progress)
         else:
-            changes[m] = retrain_last_layer(classifier, train.stylized, train.labels, steps=finetune_steps,
-                                            lr=finetune_lr, stop_when_fitted=stop_when_fitted, progress=progress)
+            fit = finetune_layer if m == "finetune" else retrain_last_layer
+            args = (classifier, layer) if m == "finetune" else (classifier,)
+            x = classifier.preprocess.batch(list(train.stylized))  # preprocessed once for every rate tried
+
+            def train_at(lr: float, fit=fit, args=args, x=x):
+                return fit(*args, x, train.labels, steps=finetune_steps, lr=lr,
+                           stop_when_fitted=stop_when_fitted, progress=progress)
+
+            lr = finetune_lr if m == "finetune" else retrain_lr
+            changes[m] = train_at(lr) if lr is not None else \
+                smallest_fitting_lr(train_at, LEARNING_RATES if learning_rates is None else learning_rates)[0]
         seconds[m] = round(time.perf_counter() - t0, 3)
 
     n = len(test)
