@@ -429,6 +429,48 @@ def test_predictions_never_see_another_sessions_edit(client, tiny):
     assert all(s == reference for s in seen), "a prediction ran while another session's edit was applied"
 
 
+def test_identical_edits_under_concurrent_load(client, tmp_path):
+    """Issue 12.1: while another tab keeps its edit applied, sessions with identical inputs get identical edits
+    (every solve reads the original weights, under the model lock)."""
+    from rulewriter.core.edit import Edit
+
+    ids = _ids(client)
+    state = client.app.state.rulewriter
+    a = _session(client)
+    _exemplar(client, a, ids["img3.png"], target={"kind": "texture", "texture": "skimage:brick"})
+    assert _wait(client, client.post(f"/api/sessions/{a}/edit").json())["state"] == "done"
+    foreign = state.session(a).edit
+    imgs = [state.image(i) for i in ids.values()]
+    stop = threading.Event()
+
+    def hammer():  # tab A compares under its edit, over and over
+        while not stop.is_set():
+            state.predict(imgs, foreign)
+
+    sessions = [_session(client) for _ in range(8)]
+    for sid in sessions:
+        assert _exemplar(client, sid, ids["img0.png"]).status_code == 200
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        jobs = [client.post(f"/api/sessions/{sid}/edit").json() for sid in sessions]
+        jobs = [_wait(client, j) for j in jobs]
+    finally:
+        stop.set()
+        t.join()
+    assert [j["state"] for j in jobs] == ["done"] * len(jobs), [j["error"] for j in jobs]
+    lams = []
+    for i, sid in enumerate(sessions):
+        r = client.post(f"/api/sessions/{sid}/edit/save", json={"name": f"same-{i}"})
+        assert r.status_code == 200, r.text
+        lams.append(Edit.load(r.json()["path"]).updates[0].lam)
+    assert all(torch.equal(lam, lams[0]) for lam in lams), "identical inputs gave different edits"
+    alone = _session(client)
+    _exemplar(client, alone, ids["img0.png"])
+    assert _wait(client, client.post(f"/api/sessions/{alone}/edit").json())["state"] == "done"
+    assert torch.equal(state.session(alone).edit.updates[0].lam.double(), lams[0]), "not the edit made alone"
+
+
 def test_job_errors_are_reported(client, monkeypatch):
     from rulewriter.errors import EditError
 

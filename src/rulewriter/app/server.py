@@ -534,14 +534,12 @@ def create_app(
             raise HTTPException(400, "add at least one exemplar first")
 
         def work(job: Job) -> dict:
-            from ..core.rules import rewrite
-
             t0 = time.perf_counter()
             stats = state.stats(job, 0.0, 0.45)
             job.report(0.5, f"reading the rule from {len(exemplars)} exemplar(s)")
             rule = state.build_rule(s, exemplars)
             job.report(0.6, "solving the rank-one update")
-            edit = rewrite(state.clf, rule, stats)
+            edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
             edit.meta["stats_source"] = state.stats_source()["source"]
             with s.lock:
                 s.edit, s.edit_source = edit, "built in this session"

@@ -114,7 +114,9 @@ class AppState:
         self.layer = layer or classifier.default_layer
         if not self.layer:
             raise RulewriterError(f"model {classifier.name!r} has no default layer; pass --layer")
-        LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
+        mem = LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
+        # The layer's weights as loaded: every solve checks it reads these, never another session's edit.
+        self.original_weight = mem.weight.detach().clone()
         self.root = Path(images_dir).expanduser().resolve()
         if not self.root.is_dir():
             raise ImageLoadError(f"--images {images_dir}: no such folder")
@@ -185,6 +187,28 @@ class AppState:
         return ids + (list(session.uploads) if session is not None else [])
 
     # ---------------------------------------------------------------- model use (always under the lock)
+    def check_unedited(self) -> None:
+        """Raise unless the edited layer holds its original weights (call it holding the model lock)."""
+        from ..core.memory import LayerMemory
+        from ..core.trace import get_module
+
+        w = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer).weight
+        if not torch.equal(w.detach(), self.original_weight.to(w.device)):
+            raise RulewriterError(f"internal error: layer {self.layer} does not hold its original weights; "
+                                  "refusing to read a rule or solve against another edit")
+
+    def solve(self, rule, stats):
+        """The edit for ``rule``: :func:`~rulewriter.core.rules.rewrite` against the original weights.
+
+        ``rewrite`` reads the layer's live weights, so it runs holding the model lock, where no other
+        session's edit is applied (and :meth:`check_unedited` proves it).
+        """
+        from ..core.rules import rewrite
+
+        with self.model_lock:
+            self.check_unedited()
+            return rewrite(self.clf, rule, stats)
+
     def predict(self, images: list[Image.Image], edit=None) -> list[list[dict]]:
         """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released)."""
         if not images:
@@ -255,6 +279,7 @@ class AppState:
         from ..core.rules import rule_from_images
 
         with self.model_lock:
+            self.check_unedited()
             return rule_from_images(self.clf, self.layer, [image], [image], [mask])
 
     def build_rule(self, session: Session, exemplars: list[Exemplar]):
@@ -269,6 +294,7 @@ class AppState:
         if pasted:
             originals = [self.image(e.image_id, session) for e in pasted]
             with self.model_lock:
+                self.check_unedited()  # the values are the layer's outputs: its original weights
                 r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
                                      [e.mask for e in pasted])
             keys.append(r.keys), values.append(r.values), weights.append(r.weights)
