@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from PIL import Image, ImageOps
 
 from ..errors import ImageLoadError
-from .preprocess import Preprocess
+from .preprocess import Preprocess, load_image  # re-exported: reading a file is where every image starts
 from .registry import find_class
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "labelled_images", "list_images", "load_image", "subsample"]
@@ -41,39 +40,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _WNID_FILE = re.compile(r"^(n\d{8})(?=[_.\-]|$)")
 
 T = TypeVar("T")
-
-
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Read an image file as RGB, fully decoded, with the file closed again.
-
-    EXIF orientation is applied, so the pixels are the way a browser or photo viewer shows them (and a
-    mask drawn on the displayed photo lines up).
-
-    Raises:
-        ImageLoadError: the file is missing, a directory, not an image, corrupt or truncated.
-
-    Example::
-
-        >>> img = load_image("photos/cat.jpg")
-        >>> img.mode
-        'RGB'
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(f"cannot load image {p}: no such file")
-    if p.is_dir():
-        raise ImageLoadError(f"cannot load image {p}: it is a directory")
-    try:
-        with Image.open(p) as im:
-            im.load()  # decode now, inside the try, so truncation is caught here and not at first use
-            out = ImageOps.exif_transpose(im) or im
-            if out.mode == "P" and "transparency" in out.info:
-                out = out.convert("RGBA")
-            # convert() returns a new in-memory image, so nothing refers to the file once it is closed.
-            return out.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        reason = "not an image or unsupported format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
-        raise ImageLoadError(f"cannot load image {p}: {reason or type(e).__name__}") from e
 
 
 def _is_hidden(rel: Path) -> bool:

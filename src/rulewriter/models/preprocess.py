@@ -11,17 +11,19 @@ network's input::
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ..errors import MaskError, ModelError
+from ..errors import ImageLoadError, MaskError, ModelError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "imagenet_preprocess", "mask_for_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "imagenet_preprocess", "load_image", "mask_for_image"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -197,17 +199,30 @@ class Preprocess:
         out = np.asarray(self._resize_crop(Image.fromarray(arr), Image.Resampling.BILINEAR), dtype=np.float32)
         return torch.from_numpy(np.clip(out, 0.0, 1.0).copy())
 
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Several PIL images → a (B, 3, size, size) tensor.
+    def batch(self, images: Sequence[Image.Image | str | os.PathLike[str]]) -> torch.Tensor:
+        """Several images (PIL images, or paths read with :func:`load_image`) → a (B, 3, size, size) tensor.
+
+        Raises :class:`~rulewriter.errors.ImageLoadError` for a file that cannot be read and ``TypeError``
+        for anything that is neither an image nor a path (a bare string is not taken as a list of paths).
 
         Example::
 
-            >>> pre.batch([img1, img2]).shape
+            >>> pre.batch([img1, "photos/cat.jpg"]).shape
             torch.Size([2, 3, 224, 224])
         """
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"batch() takes a list of images or paths, got one {type(images).__name__}; "
+                            "wrap it in a list")
         if len(images) == 0:
             return torch.empty(0, 3, self.size, self.size)
-        return torch.stack([self.image(im) for im in images])
+        out = []
+        for i, im in enumerate(images):
+            if isinstance(im, (str, os.PathLike)):
+                im = load_image(im)
+            elif not isinstance(im, Image.Image):
+                raise TypeError(f"batch() item {i} is a {type(im).__name__}; give PIL images or paths to image files")
+            out.append(self.image(im))
+        return torch.stack(out)
 
     def denormalize(self, t: torch.Tensor) -> Image.Image:
         """Undo the normalisation of one (3, H, W) (or (1, 3, H, W)) tensor for display.
@@ -239,6 +254,39 @@ class Preprocess:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Read an image file as RGB, fully decoded, with the file closed again.
+
+    EXIF orientation is applied, so the pixels are the way a browser or photo viewer shows them (and a
+    mask drawn on the displayed photo lines up).
+
+    Raises:
+        ImageLoadError: the file is missing, a directory, not an image, corrupt or truncated.
+
+    Example::
+
+        >>> img = load_image("photos/cat.jpg")
+        >>> img.mode
+        'RGB'
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageLoadError(f"cannot load image {p}: no such file")
+    if p.is_dir():
+        raise ImageLoadError(f"cannot load image {p}: it is a directory")
+    try:
+        with Image.open(p) as im:
+            im.load()  # decode now, inside the try, so truncation is caught here and not at first use
+            out = ImageOps.exif_transpose(im) or im
+            if out.mode == "P" and "transparency" in out.info:
+                out = out.convert("RGBA")
+            # convert() returns a new in-memory image, so nothing refers to the file once it is closed.
+            return out.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        reason = "not an image or unsupported format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+        raise ImageLoadError(f"cannot load image {p}: {reason or type(e).__name__}") from e
 
 
 def imagenet_preprocess() -> Preprocess:
