@@ -56,6 +56,7 @@ __all__ = [
     "Edit",
     "AppliedEdit",
     "Reversible",
+    "applied_edits",
 ]
 
 FORMAT = "rulewriter.core.edit/1"
@@ -237,6 +238,10 @@ class LayerUpdate:
     view: int
     lam: torch.Tensor  # (value_dim, r)
     direction: torch.Tensor  # (key_dim, r)
+    #: The rules' mean keys k* (key_dim × m) and the values v* they must recall (value_dim × m), kept so that
+    #: a later edit can preserve them (:mod:`rulewriter.core.sequential`) and a library can re-check them.
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.lam.dim() == 1:
@@ -247,6 +252,17 @@ class LayerUpdate:
             raise EditError(f"Λ has rank {self.lam.shape[1]} but D has {self.direction.shape[1]}")
         _check_finite("Λ", self.lam)
         _check_finite("D", self.direction)
+        if (self.keys is None) != (self.values is None):
+            raise EditError("a layer update keeps its rules' keys and values together, or neither")
+        if self.keys is not None:
+            if self.keys.dim() == 1:
+                self.keys, self.values = self.keys[:, None], self.values[:, None]
+            if (self.keys.shape[0] != self.direction.shape[0] or self.values.shape[0] != self.lam.shape[0]
+                    or self.keys.shape[1] != self.values.shape[1]):
+                raise EditError(f"rule keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} do not "
+                                f"fit an update of {self.lam.shape[0]}×{self.direction.shape[0]}")
+            _check_finite("rule keys", self.keys)
+            _check_finite("rule values", self.values)
 
     @property
     def rank(self) -> int:
@@ -296,6 +312,51 @@ class Edit(Reversible):
     updates: list[LayerUpdate]
     meta: dict = field(default_factory=dict)
 
+    # -------------------------------------------------------------- which model
+    def made_for(self) -> list[tuple[str | None, str | None]]:
+        """The (model, weights id) pairs this edit and every part of a composed edit were made for."""
+        out: list[tuple[str | None, str | None]] = []
+
+        def walk(meta: dict) -> None:
+            if meta.get("model") is not None or meta.get("weights") is not None:
+                out.append((meta.get("model"), meta.get("weights")))
+            for m in meta.get("composed", []):
+                if isinstance(m, dict):
+                    walk(m)
+
+        walk(self.meta)
+        return list(dict.fromkeys(out))
+
+    def check_model(self, classifier, source: str | None = None) -> None:
+        """Refuse (EditError) an edit made for another model or other weights than ``classifier``'s.
+
+        The edit's ``meta["model"]``/``meta["weights"]`` (and those of each composed part) must equal the
+        classifier's ``name`` and ``weights_id``; an edit that records neither (built by hand) passes, as
+        nothing says what it was made for. ``source`` names the edit (its file) in the message.
+
+        Example::
+
+            >>> Edit.load("wood-wheel.safetensors").check_model(clf)      # doctest: +SKIP
+        """
+        name = source or "this edit"
+        for model, weights in self.made_for():
+            if model not in (None, classifier.name) or weights not in (None, classifier.weights_id):
+                raise EditError(
+                    f"{name} was made for model {model} with weights {weights}, but the model loaded is "
+                    f"{classifier.name} with weights {classifier.weights_id}; rewrite the rule for this model"
+                )
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex chars) of the updates' layers, views and factors: names this edit in ``meta["after"]``."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for u in self.updates:
+            h.update(f"{u.layer}|{u.view}|{tuple(u.lam.shape)}|{tuple(u.direction.shape)}|".encode())
+            for t in (u.lam, u.direction):
+                h.update(t.detach().double().cpu().contiguous().reshape(-1).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # -------------------------------------------------------------- apply / undo
     def _memories(self, model: nn.Module) -> list[tuple[LayerUpdate, LayerMemory]]:
         from .trace import get_module
@@ -342,22 +403,37 @@ class Edit(Reversible):
         return self.compose(other)
 
     def compose(self, *others: "Edit") -> "Edit":
-        """One edit equal to applying ``self`` then each of ``others``.
+        """One edit equal to applying ``self`` then each of ``others``: the sum of their updates.
 
         Updates of the same layer in the same view are merged into one update of higher rank by
-        concatenating their factors: ``Λ1 D1ᵀ + Λ2 D2ᵀ = [Λ1 Λ2] [D1 D2]ᵀ``.
+        concatenating their factors: ``Λ1 D1ᵀ + Λ2 D2ᵀ = [Λ1 Λ2] [D1 D2]ᵀ`` (the rules' stored keys and
+        values are concatenated too). The sum is exactly what applying the edits one after another gives.
+        Whether the rules still *hold* together depends on how the edits were solved: edits solved each
+        alone interfere (approximate); an edit solved with ``rewrite(..., on=[earlier])`` was solved for
+        the weights the earlier ones leave, so the sum keeps every earlier rule's key exactly
+        (see :mod:`rulewriter.core.sequential`).
         """
         merged: dict[tuple[str, int], LayerUpdate] = {}
         order: list[tuple[str, int]] = []
+
+        def cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None or b is None:  # keys are kept only when every part kept them
+                return None
+            return torch.cat([a, b.to(a)], 1)
+
         for e in (self, *others):
             for u in e.updates:
                 key = (u.layer, u.view)
                 if key in merged:
                     m = merged[key]
+                    keys, values = cat(m.keys, u.keys), cat(m.values, u.values)
                     merged[key] = LayerUpdate(u.layer, u.view, torch.cat([m.lam, u.lam.to(m.lam)], 1),
-                                              torch.cat([m.direction, u.direction.to(m.direction)], 1))
+                                              torch.cat([m.direction, u.direction.to(m.direction)], 1),
+                                              keys, None if keys is None else values)
                 else:
-                    merged[key] = LayerUpdate(u.layer, u.view, u.lam.clone(), u.direction.clone())
+                    merged[key] = LayerUpdate(u.layer, u.view, u.lam.clone(), u.direction.clone(),
+                                              None if u.keys is None else u.keys.clone(),
+                                              None if u.values is None else u.values.clone())
                     order.append(key)
         meta = {"composed": [e.meta for e in (self, *others)]}
         return Edit([merged[k] for k in order], meta)
@@ -390,7 +466,8 @@ class Edit(Reversible):
         return {
             "format": FORMAT,
             "updates": [{"layer": u.layer, "view": u.view, "rank": u.rank,
-                         "value_dim": u.lam.shape[0], "key_dim": u.direction.shape[0]} for u in self.updates],
+                         "value_dim": u.lam.shape[0], "key_dim": u.direction.shape[0],
+                         "rule_keys": 0 if u.keys is None else int(u.keys.shape[1])} for u in self.updates],
             "meta": self.meta,
         }
 
@@ -403,6 +480,9 @@ class Edit(Reversible):
         for i, u in enumerate(self.updates):
             tensors[f"updates.{i}.lam"] = u.lam.double()
             tensors[f"updates.{i}.direction"] = u.direction.double()
+            if u.keys is not None:
+                tensors[f"updates.{i}.keys"] = u.keys.double()
+                tensors[f"updates.{i}.values"] = u.values.double()
         return save_described(path, tensors, FORMAT, self.describe(), sidecar=sidecar)
 
     @classmethod
@@ -412,7 +492,8 @@ class Edit(Reversible):
         try:
             updates = [
                 LayerUpdate(u["layer"], int(u["view"]), tensors[f"updates.{i}.lam"],
-                            tensors[f"updates.{i}.direction"])
+                            tensors[f"updates.{i}.direction"], tensors.get(f"updates.{i}.keys"),
+                            tensors.get(f"updates.{i}.values"))
                 for i, u in enumerate(desc["updates"])
             ]
         except (KeyError, ValueError, TypeError) as e:
@@ -467,6 +548,17 @@ class AppliedEdit:
         for h in later:  # the later edits again, on top of the weights without this one
             h.backup = h.edit._add_to(h.edit._memories(self.model))
             stack.append(h)
+
+
+def applied_edits(model: nn.Module) -> list[Edit]:
+    """The edits applied to ``model`` through :meth:`Edit.apply` and not undone, oldest first.
+
+    Example::
+
+        >>> h = edit.apply(net); applied_edits(net) == [edit]          # doctest: +SKIP
+        True
+    """
+    return [h.edit for h in _APPLIED.get(model, []) if h.active and h.edit is not None]
 
 
 def timestamp() -> str:

@@ -257,6 +257,7 @@ def rewrite(
     solver: str = "closed-form",
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     steps: int = 2000,
+    on: Sequence[Edit] = (),
 ) -> Edit:
     """Solve for the update that makes the layer map each rule's keys to its values.
 
@@ -274,6 +275,11 @@ def rewrite(
             ``context="mean"``).
         solver: ``"closed-form"`` or ``"projected-gd"`` (eq. 2.20, through ``post`` when given).
         post: for projected GD, a map of value rows through what follows the layer.
+        on: earlier edits this one is written on (sequential editing, :mod:`rulewriter.core.sequential`):
+            the update is solved for the weights they leave and keeps every earlier rule's key ``k*``
+            mapping to its output exactly (``ΔW K_p = 0``). Apply the result together with them
+            (``sum``/``compose``, ``predict --edit A --edit B``). Without ``on`` the edit is solved alone,
+            and summing it with others is approximate.
 
     Returns:
         an :class:`~rulewriter.core.edit.Edit` with one rank-r update and a JSON description of the rules.
@@ -304,8 +310,15 @@ def rewrite(
     else:
         # One ridge for both: zca's whitening C^{-1/2} and the solve's C⁻¹ must be of the same C + εI.
         u = context_dirs(k, rank or 1, method=context, C=c, weights=w, ridge=ridge)
-    d = update_direction(c, u, ridge)
-    w0 = mem.matrix().double()
+    on = list(on)
+    if on:
+        from .sequential import edited_matrix, preserved_keys, preserving_direction
+
+        d = preserving_direction(c, u, preserved_keys(on, layer, view), ridge)
+        w0 = edited_matrix(classifier.model, layer, view, on)
+    else:
+        d = update_direction(c, u, ridge)
+        w0 = mem.matrix().double()
     d = d.to(w0.device)
     if fit == "mean":
         kk, vv, ww = u, torch.stack([r.value() for r in rules], 1), None
@@ -337,4 +350,14 @@ def rewrite(
     }
     if losses:
         meta["final_loss"] = losses[-1]
-    return Edit([LayerUpdate(layer, view, lam, d)], meta)
+    # Each rule's k* → v* is kept with the update, so later edits can preserve it and a library can re-check it.
+    from .sequential import restored_fraction
+
+    ks = torch.stack([r.key() for r in rules], 1).to(w0.device)
+    vs = torch.stack([r.value() for r in rules], 1).to(w0.device)
+    meta["restored"] = restored_fraction(w0 + lam @ d.T, w0, ks, vs).tolist()
+    if on:
+        meta["after"] = [e.fingerprint() for e in on]
+        meta["preserved_keys"] = int(sum(0 if u.keys is None else u.keys.shape[1] for e in on for u in e.updates
+                                         if (u.layer, u.view) == (layer, view)))
+    return Edit([LayerUpdate(layer, view, lam, d, ks, vs)], meta)
