@@ -3,6 +3,7 @@ page itself in a real browser (Debian's chromium driven by playwright-core)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -176,6 +177,51 @@ def test_images_by_id_only(client, folder):
     assert client.get(f"/api/images/{iid}/file?max_side=99999").status_code == 422
     assert client.get("/api/textures/gravel.png").status_code == 200
     assert client.get("/api/textures/..%2F..%2Fsecret.png").status_code == 404
+
+
+@pytest.mark.parametrize("stats_from", ["image folder", "stats-data"])
+def test_statistics_use_the_filtered_listing(tiny, folder, tmp_path, stats_from):
+    """Issue 12.3: the statistics read the same filtered listing as browsing (the symlink out is never opened)."""
+    clean = tmp_path / "clean"
+    shutil.copytree(folder, clean, ignore=shutil.ignore_patterns("link.png"))
+    kw = {"stats_data": folder} if stats_from == "stats-data" else {}
+    state = create_app(tiny, folder, out_dir=tmp_path / "out", **kw).state.rulewriter
+    assert [p.name for p in state.stats_paths] == ["img0.png", "img1.png", "img2.png", "img3.png", "img4.png"]
+    reference = create_app(tiny, clean, out_dir=tmp_path / "out2").state.rulewriter.stats()
+    assert torch.equal(state.stats().moment(), reference.moment())
+
+
+def test_a_file_swapped_for_a_symlink_is_refused(tiny, folder, tmp_path):
+    """Issue 12.3: a listed file replaced by a symlink (out of the folder) after start is refused everywhere."""
+    with TestClient(create_app(tiny, folder, out_dir=tmp_path / "out"), base_url="http://127.0.0.1") as client:
+        ids = _ids(client)
+        victim = folder / "img1.png"
+        victim.unlink()
+        victim.symlink_to(tmp_path / "secret.png")
+        for url in (f"/api/images/{ids['img1.png']}/file", f"/api/images/{ids['img1.png']}/predictions"):
+            r = client.get(url)
+            assert r.status_code == 400 and "no longer a file" in r.json()["detail"], (url, r.text)
+        r = client.get("/api/images")
+        assert r.status_code == 200 and "img1.png" not in [i["name"] for i in r.json()]
+        assert json.loads(r.headers["X-Skipped-Images"])[0]["name"] == "img1.png"
+        sid = _session(client)
+        _exemplar(client, sid, ids["img0.png"])
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+        assert job["state"] == "error" and "no longer a file" in job["error"], job
+
+
+def test_one_unreadable_image_is_skipped_and_named(tiny, folder, tmp_path):
+    """One-line errors: an unreadable image in the folder is skipped by the listing (which says so), not a 500."""
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with TestClient(create_app(tiny, folder, out_dir=tmp_path / "out"), base_url="http://127.0.0.1") as client:
+        r = client.get("/api/images")
+        assert r.status_code == 200 and len(r.json()) == 5
+        skipped = json.loads(r.headers["X-Skipped-Images"])
+        assert [x["name"] for x in skipped] == ["broken.png"] and skipped[0]["reason"]
+        bid = hashlib.sha256(b"broken.png").hexdigest()[:12]
+        for what in ("file", "predictions"):
+            r = client.get(f"/api/images/{bid}/{what}")
+            assert r.status_code == 400 and "broken.png" in r.json()["detail"], r.text
 
 
 def test_unknown_session_and_job(client):

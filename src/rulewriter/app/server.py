@@ -64,7 +64,7 @@ from PIL import Image
 from ..errors import EditError, ImageLoadError, RulewriterError
 from .images import MAX_UPLOAD_BYTES, decode_image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
 from .jobs import Job
-from .state import AppState, Exemplar, Session
+from .state import AppState, Exemplar, Session, checked_path
 
 __all__ = ["DEFAULT_PORT", "MAX_BODY_BYTES", "TEXTURES", "create_app", "is_loopback", "serve"]
 
@@ -282,7 +282,7 @@ def create_app(
 
     def image_info(image_id: str, session: Session | None = None) -> ImageInfo:
         if image_id in state.images:
-            with Image.open(state.images[image_id]) as im:  # the header only; no pixels are decoded
+            with Image.open(checked_path(state.images[image_id], state.root)) as im:  # the header only
                 w, h = im.size
                 if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # load_image turns these by 90°
                     w, h = h, w
@@ -331,9 +331,19 @@ def create_app(
                     max_upload_bytes=MAX_UPLOAD_BYTES, compare_limit=COMPARE_LIMIT, out_dir=str(state.out_dir))
 
     @app.get("/api/images", response_model=list[ImageInfo], summary="The folder's images (and a session's uploads)")
-    def list_images_(session: str | None = Query(None, description="include this session's uploads")):
+    def list_images_(response: Response,
+                     session: str | None = Query(None, description="include this session's uploads")):
         s = get_session(session) if session else None
-        return [image_info(i, s) for i in state.image_ids(s)]
+        out, skipped = [], []
+        for i in state.image_ids(s):
+            try:
+                out.append(image_info(i, s))
+            except (ImageLoadError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                # One unreadable file must not hide the others: skip it, and say so in a header the page shows.
+                skipped.append({"name": state.image_name(i, s), "reason": str(e)[:200] or type(e).__name__})
+        if skipped:
+            response.headers["X-Skipped-Images"] = json.dumps(skipped, ensure_ascii=True)
+        return out
 
     @app.get("/api/images/{image_id}/file", summary="An image as JPEG, optionally downscaled",
              responses={200: {"content": {"image/jpeg": {}}}})
@@ -712,7 +722,7 @@ def create_app(
             from ..studies.testsets import TestSet
 
             ids = state.image_ids(None)
-            paths = [state.images[i] for i in ids]
+            paths = [checked_path(state.images[i], state.root) for i in ids]
             try:  # a labelled folder gives real accuracies; otherwise the unedited model's own top-1 is the label
                 labels = dict(labelled_images(state.root, state.clf.labels, state.clf.wnids))
                 ys = [labels[p] for p in paths]

@@ -26,7 +26,8 @@ from PIL import Image
 from ..errors import EditError, ImageLoadError, RulewriterError
 from .jobs import Job, JobRunner
 
-__all__ = ["AppState", "Exemplar", "MAX_SESSIONS", "ProgressDataset", "Session"]
+__all__ = ["AppState", "CheckedImages", "Exemplar", "MAX_SESSIONS", "ProgressDataset", "Session", "checked_path",
+           "folder_images"]
 
 #: Sessions kept at once; the least recently used one is dropped beyond this (its tab gets 404 and makes a new one).
 MAX_SESSIONS = 64
@@ -61,6 +62,57 @@ class Session:
     heatmaps: dict[str, bytes] = field(default_factory=dict)
     report_dir: Path | None = None
     touched: float = field(default_factory=time.time)
+
+
+# ------------------------------------------------------------------------------------------ the folders
+def folder_images(root: Path) -> list[Path]:
+    """The image files inside ``root`` (already resolved), resolved, sorted by name, each once.
+
+    The one listing the app uses, for browsing and for the statistics: a symlink that leads out of the
+    folder (or to something that is not a file) would make a file outside it readable, so it is skipped.
+    """
+    from ..models.data import list_images
+
+    out: dict[Path, None] = {}
+    for p in list_images(root):
+        real = p.resolve()
+        if real.is_relative_to(root) and real.is_file():
+            out[real] = None
+    if not out:
+        raise ImageLoadError(f"no images inside {root}")
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def checked_path(path: Path, root: Path) -> Path:
+    """``path`` (resolved when the folder was listed) if it is still a plain file inside ``root``.
+
+    A file swapped for a symlink (or a folder on its way swapped for one) after the listing resolves
+    elsewhere now, and is refused with ImageLoadError instead of being opened.
+    """
+    real = Path(os.path.realpath(path))
+    if real != path or not real.is_relative_to(root) or not real.is_file():
+        raise ImageLoadError(f"{path.name} is no longer a file inside {root} (replaced by a link or removed); "
+                             "refused")
+    return path
+
+
+class CheckedImages(torch.utils.data.Dataset):
+    """An :class:`~rulewriter.models.data.ImageDataset` of listed files that re-checks each path as it reads it."""
+
+    def __init__(self, paths: list[Path], root: Path, preprocess) -> None:
+        from ..models.data import ImageDataset
+
+        self.inner, self.root = ImageDataset(paths, preprocess), root
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        checked_path(self.inner.paths[i], self.root)
+        return self.inner[i]
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -106,7 +158,6 @@ class AppState:
         cache_dir: str | os.PathLike[str] | None = None,
         workers: int = 2,
     ) -> None:
-        from ..models.data import list_images
         from ..core.memory import LayerMemory
         from ..core.trace import get_module
 
@@ -121,18 +172,13 @@ class AppState:
         if not self.root.is_dir():
             raise ImageLoadError(f"--images {images_dir}: no such folder")
         self.images: dict[str, Path] = {}
-        for p in list_images(self.root):
-            real = p.resolve()
-            # A symlink that leads out of the folder would make a file outside it readable: skip it.
-            if not real.is_relative_to(self.root) or not real.is_file():
-                continue
+        for real in folder_images(self.root):
             rel = real.relative_to(self.root).as_posix()
             self.images[hashlib.sha256(rel.encode()).hexdigest()[:12]] = real
-        if not self.images:
-            raise ImageLoadError(f"no images inside {self.root}")
         self.stats_data = Path(stats_data).expanduser().resolve() if stats_data else None
-        if self.stats_data is not None:
-            list_images(self.stats_data)  # fails now on a bad folder, not at the first edit
+        # The statistics images: the same filtered listing (made now, so a bad folder fails at start).
+        self.stats_paths = (folder_images(self.stats_data) if self.stats_data is not None
+                            else sorted(self.images.values(), key=lambda p: p.relative_to(self.root).as_posix()))
         if stats_samples is not None and stats_samples < 1:
             raise RulewriterError(f"--stats-samples must be positive, got {stats_samples}")
         self.stats_samples = stats_samples
@@ -177,7 +223,7 @@ class AppState:
         from ..models.data import load_image
 
         if image_id in self.images:
-            return load_image(self.images[image_id])
+            return load_image(checked_path(self.images[image_id], self.root))
         if session is not None and image_id in session.uploads:
             return session.uploads[image_id][1].convert("RGB")
         raise KeyError(image_id)
@@ -239,17 +285,17 @@ class AppState:
 
     def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
         """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
-        from ..models.data import ImageDataset, list_images, subsample
+        from ..models.data import subsample
         from ..core.stats import collect_second_moment
 
         key = (self.layer, 2)
         with self._stats_lock:
             if key in self._stats:
                 return self._stats[key]
-            paths = list_images(self.stats_data or self.root)
+            paths = self.stats_paths  # the filtered listing made at start, each file re-checked as it is read
             if self.stats_samples is not None:
                 paths = subsample(paths, self.stats_samples)
-            ds = ImageDataset(paths, self.clf.preprocess)
+            ds = CheckedImages(paths, self.stats_data or self.root, self.clf.preprocess)
 
             def report(frac: float, msg: str) -> None:
                 if job is not None:

@@ -454,7 +454,13 @@ async function main() {
   $("#model-info").textContent = `${state.info.model} · layer ${state.info.layer} · ${state.info.images} images`;
   await refreshStats();
   const sess = await api(sp());
-  state.images = [...(await api(`/api/images`)), ...sess.uploads];
+  const listing = await fetch(`/api/images`);
+  if (!listing.ok) throw new Error(`listing the images failed: ${listing.status}`);
+  state.images = [...(await listing.json()), ...sess.uploads];
+  const skipped = JSON.parse(listing.headers.get("X-Skipped-Images") || "[]");
+  if (skipped.length) {
+    toast(`skipped ${skipped.length} unreadable image(s): ` + skipped.map((x) => `${x.name} (${x.reason})`).join("; "));
+  }
   state.exemplars = sess.exemplars;
   state.edit = sess.edit;
   renderThumbs();
