@@ -156,6 +156,10 @@ class Flaky(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def fingerprint(self) -> str:
+        # What a custom dataset defines to be cached (and resumed): the same images give the same string.
+        return "flaky:" + ",".join(p.name for p in self.paths)
+
     def __getitem__(self, i):
         if i == self.fail_at:
             raise RuntimeError("interrupted")

@@ -515,7 +515,7 @@ class AppliedEdit:
 
     Example:
         >>> h1, h2 = e1.apply(net), e2.apply(net)       # doctest: +SKIP
-        >>> h1.undo(); h2.undo()                         # doctest: +SKIP  (net has its original weights)
+        >>> h1.undo(); h2.undo()  # net has its original weights again   # doctest: +SKIP
     """
 
     def __init__(self, model: nn.Module, backup: dict[str, torch.Tensor], edit: "Edit | None" = None) -> None:
