@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from rulewriter.app import server as appmod  # noqa: E402
 from rulewriter.app.images import MAX_UPLOAD_BYTES, decode_image_bytes, mask_box  # noqa: E402
 from rulewriter.app.server import create_app, is_loopback  # noqa: E402
+from rulewriter.app.state import MAX_SESSIONS  # noqa: E402
 from rulewriter.errors import ImageLoadError  # noqa: E402
 from rulewriter.models.registry import Preprocess, load_classifier  # noqa: E402
 
@@ -95,7 +96,7 @@ def tiny():
 @pytest.fixture()
 def client(tiny, folder, tmp_path):
     app = create_app(tiny, folder, out_dir=tmp_path / "out")
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -517,6 +518,52 @@ def test_identical_edits_under_concurrent_load(client, tmp_path):
     assert torch.equal(state.session(alone).edit.updates[0].lam.double(), lams[0]), "not the edit made alone"
 
 
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8765", "127.0.0.1.attacker.example",
+                                  "localhost.attacker.example", "", "[::2]:8765"])
+def test_dns_rebinding_is_refused(client, host):
+    """Issue 12.4: a Host the app does not serve (a rebound name) gets nothing, not even the image list."""
+    for method, url in (("GET", "/api/images"), ("GET", "/api/info"), ("GET", "/"), ("POST", "/api/sessions")):
+        r = client.request(method, url, headers={"host": host})
+        assert r.status_code == 400 and "not a name this app serves" in r.json()["detail"], (host, url, r.text)
+        assert b"img0.png" not in r.content
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765"])
+def test_loopback_names_are_served(client, host):
+    assert client.get("/api/info", headers={"host": host}).status_code == 200
+
+
+def test_allowed_hosts_and_the_bound_address(tiny, folder, tmp_path, monkeypatch):
+    app = create_app(tiny, folder, out_dir=tmp_path / "out", allowed_hosts=["photos.lan"])
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", type("U", (), {"run": staticmethod(lambda *a, **k: None)}))
+    appmod.serve(app, "192.168.7.9", 9003)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for host, code in (("photos.lan:8765", 200), ("192.168.7.9:9003", 200), ("evil.lan", 400)):
+            assert c.get("/api/info", headers={"host": host}).status_code == code, host
+
+
+@pytest.mark.parametrize("headers", [{"origin": "http://attacker.example"}, {"origin": "null"},
+                                     {"origin": "http://127.0.0.1:9999"}, {"origin": "https://127.0.0.1"},
+                                     {"origin": "http://localhost"}, {"sec-fetch-site": "cross-site"},
+                                     {"sec-fetch-site": "same-site"}])
+def test_foreign_origins_cannot_change_state_or_evict_sessions(client, headers):
+    """Issue 12.4: 64 POST /api/sessions from another origin (which used to evict the user's session) are refused,
+    as is every other state-changing call; reads and same-origin calls pass."""
+    ids = _ids(client)
+    mine = _session(client)
+    assert _exemplar(client, mine, ids["img0.png"]).status_code == 200
+    for _ in range(MAX_SESSIONS):
+        r = client.post("/api/sessions", headers=headers)
+        assert r.status_code == 403 and "refused" in r.json()["detail"], r.text
+    assert client.get(f"/api/sessions/{mine}").status_code == 200, "the user's session was evicted"
+    for method, url in (("DELETE", f"/api/sessions/{mine}/exemplars"), ("POST", f"/api/sessions/{mine}/edit"),
+                        ("POST", f"/api/sessions/{mine}/edit/revert")):
+        assert client.request(method, url, headers=headers).status_code == 403, url
+    assert len(client.get(f"/api/sessions/{mine}").json()["exemplars"]) == 1
+    same = {"origin": "http://127.0.0.1", "sec-fetch-site": "same-origin"}
+    assert client.post("/api/sessions", headers=same).status_code == 200
+
+
 def test_job_errors_are_reported(client, monkeypatch):
     from rulewriter.errors import EditError
 
@@ -586,7 +633,7 @@ def test_coffee_gravel_edit_through_the_api(lite0, skimage_folder, tmp_path):
     """The demo's known-good case, through the API: the gravel cup is not espresso before, espresso after."""
     from rulewriter.studies.demo import coffee_mask
 
-    with TestClient(create_app(lite0, skimage_folder, out_dir=tmp_path / "out")) as client:
+    with TestClient(create_app(lite0, skimage_folder, out_dir=tmp_path / "out"), base_url="http://127.0.0.1") as client:
         sid, ids = _session(client), _ids(client)
         r = _exemplar(client, sid, ids["coffee.jpg"], mask=_data_url(coffee_mask().resize((300, 200))))
         assert r.status_code == 200

@@ -18,6 +18,9 @@ design rules that keep it safe to leave running:
   and must decode with PIL as one of a few image formats.
 * **Long work runs as jobs** (statistics, edits, heatmaps, reports): ``POST`` returns a job id,
   ``GET /api/jobs/{id}`` reports progress in [0, 1] and the result.
+* **Only its own names and its own page.** A request whose Host is not a name the app serves is refused
+  (DNS rebinding), and state-changing calls from another origin are refused (no foreign page can evict
+  sessions or run edits).
 * **Sessions.** Each browser tab creates a session; exemplars, drafts, edits and uploads are keyed by it,
   so tabs cannot corrupt each other's state.
 * **One model lock.** Every forward pass holds it, and an edit is applied only inside
@@ -28,10 +31,11 @@ design rules that keep it safe to leave running:
 Statistics ``C`` are collected once per layer from the image folder (or ``--stats-data DIR``) with
 :func:`rulewriter.core.stats.collect_second_moment` and its on-disk cache; the page says where they came from.
 
-The server is built from one module per idea: :mod:`rulewriter.app.images` (decoding uploads and masks,
-size limits), :mod:`rulewriter.app.jobs` (work off the request thread), :mod:`rulewriter.app.state`
-(sessions, exemplars and :class:`~rulewriter.app.state.AppState`) and this module (the routes, the
-request-body limit and :func:`serve`).
+The server is built from one module per idea: :mod:`rulewriter.app.guards` (the host names it answers
+to, same-origin state changes, the request-body limit), :mod:`rulewriter.app.images` (decoding uploads and
+masks, size limits), :mod:`rulewriter.app.jobs` (work off the request thread), :mod:`rulewriter.app.state`
+(sessions, exemplars and :class:`~rulewriter.app.state.AppState`) and this module (the routes and
+:func:`serve`).
 
 Programmatic use (e.g. in tests)::
 
@@ -46,7 +50,6 @@ Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, py
 # No ``from __future__ import annotations`` here: FastAPI resolves the route functions' annotations at
 # runtime, and the request models are local classes of create_app that a string annotation cannot find.
 import contextlib
-import ipaddress
 import json
 import os
 import re
@@ -62,6 +65,7 @@ import torch
 from PIL import Image
 
 from ..errors import EditError, ImageLoadError, RulewriterError
+from .guards import LOOPBACK_NAMES, BodyLimit, HostOriginGuard, is_loopback, split_host  # noqa: F401 (re-export)
 from .images import MAX_UPLOAD_BYTES, decode_image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
 from .jobs import Job
 from .state import AppState, Exemplar, Session, checked_path
@@ -82,56 +86,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATIC_DIR = Path(__file__).with_name("static")
 
 
-# ------------------------------------------------------------------------------------------ small helpers
-def is_loopback(host: str) -> bool:
-    """True when ``host`` only accepts connections from this machine.
-
-    Example::
-
-        >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
-        (True, True, False)
-    """
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes (413), by header and while streaming."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return None
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:  # a chunked body without a length header
-                    from fastapi import HTTPException
-
-                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
-            return msg
-
-        return await self.app(scope, limited, send)
-
-
 # ------------------------------------------------------------------------------------------ the FastAPI app
 def create_app(
     classifier,
@@ -142,6 +96,7 @@ def create_app(
     stats_samples: int | None = None,
     out_dir: str | os.PathLike[str] = "rulewriter-app",
     cache_dir: str | os.PathLike[str] | None = None,
+    allowed_hosts: "list[str] | None" = None,
 ):
     """The FastAPI application serving the page (``/``) and the JSON API (``/api/...``, see ``/docs``).
 
@@ -152,6 +107,8 @@ def create_app(
         stats_data, stats_samples: where the statistics ``C`` come from (default: ``images_dir``, all images).
         out_dir: where saved edits and exported reports are written.
         cache_dir: statistics cache folder (``None``: no disk cache).
+        allowed_hosts: host names the app answers to besides the loopback names (:data:`LOOPBACK_NAMES`);
+            :func:`serve` adds the address it binds. Anything else is refused (DNS rebinding).
 
     Example::
 
@@ -262,7 +219,9 @@ def create_app(
                   description="Rewrite a rule of an image classifier from a few painted exemplars. Long work runs "
                               "as jobs: poll GET /api/jobs/{id}.")
     app.state.rulewriter = state
-    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.state.allowed_hosts = set(LOOPBACK_NAMES) | {split_host(h)[0] for h in allowed_hosts or ()}
+    app.add_middleware(HostOriginGuard, allowed=app.state.allowed_hosts)  # outermost: runs first
 
     @app.exception_handler(RulewriterError)
     async def _rulewriter_error(request: Request, exc: RulewriterError):
@@ -779,7 +738,16 @@ def serve(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, log_level: 
         import uvicorn
     except ImportError as e:  # pragma: no cover
         raise RulewriterError("the app needs uvicorn: pip install 'rulewriter[app]'") from e
+    allowed = app.state.allowed_hosts
+    bound = split_host(host)[0]
+    if bound in ("0.0.0.0", "::", ""):  # every interface: the names this machine is known by
+        import socket
+
+        allowed |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        allowed.add(bound.strip("[]"))
     if not is_loopback(host):
         print(f"rulewriter: warning: serving on {host}, reachable from other machines; the app has no "
-              "authentication. Use the default 127.0.0.1 unless you trust the network.", file=sys.stderr)
+              "authentication. Use the default 127.0.0.1 unless you trust the network. It answers to the "
+              f"host names {', '.join(sorted(allowed))} (add more with --allow-host).", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -30,7 +30,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback lets other machines reach the unauthenticated app")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port to serve on")
-    p.set_defaults(func=cmd_app)
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another host name the app answers to (repeatable); requests naming any other host are "
+                        "refused against DNS rebinding (default: loopback names and the bound address)")
+    p.set_defaults(func=cmd_app, out_kind="folder")
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -45,7 +48,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     clf = load_classifier(args.model, weights=args.weights, device=args.device)
     app = create_app(clf, args.images, layer=args.layer, stats_data=args.stats_data,
                      stats_samples=args.stats_samples, out_dir=args.out,
-                     cache_dir=None if args.no_cache else args.cache_dir)
+                     cache_dir=None if args.no_cache else args.cache_dir, allowed_hosts=args.allow_host)
     print(f"rulewriter app: {clf.name}, layer {app.state.rulewriter.layer}, "
           f"{len(app.state.rulewriter.images)} images; open http://{args.host}:{args.port}/", file=sys.stderr)
     serve(app, args.host, args.port)
