@@ -34,7 +34,6 @@ from rulewriter.studies.testsets import (
     confusing_set,
     heat_to_mask,
     match_threshold,
-    mislabelled_set,
     select_top,
 )
 from rulewriter.studies.finetune import WeightDelta
@@ -104,11 +103,18 @@ def test_roc_matches_scikit_learn_and_handles_one_class():
     r = roc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True]))
     assert r.auc == pytest.approx(0.75)  # scikit-learn's documented example, by hand: 3 of 4 pairs ordered
     fpr, tpr, _ = metrics.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    np.testing.assert_allclose(r.fpr, fpr) and np.testing.assert_allclose(r.tpr, tpr)
+    np.testing.assert_allclose(r.fpr, fpr)
+    np.testing.assert_allclose(r.tpr, tpr)
     assert (r.n_positive, r.n_negative) == (2, 2)
     assert roc(np.array([0.9, 0.2, 0.6]), np.array([True, False, False])).auc == 1.0
     assert roc(np.array([0.3, 0.4]), np.array([True, True])) is None
     assert json.dumps(r.to_dict())  # inf thresholds become null
+    # The figure says what its curves rest on: how many positives and negatives.
+    pytest.importorskip("matplotlib")
+    from rulewriter.studies.evaluation_report import plot_roc
+
+    fig = plot_roc({"before": r, "missing": None}, "cars vs confusing", positive="a car class")
+    assert fig.axes[0].get_title() == "cars vs confusing\n2 positive (a car class), 2 negative"
 
 
 def test_class_shifts_by_hand():
@@ -179,7 +185,7 @@ def test_matched_paste_changes_only_the_matched_region():
     assert np.array_equal(np.asarray(same), np.asarray(img))
 
 
-def test_confusing_and_mislabelled_sets_from_heatmaps(tiny):
+def test_confusing_sets_from_heatmaps(tiny):
     clf, images, labels = tiny
     ts = TestSet("t", images, labels)
     heat = torch.zeros(len(images), 2, 2)
@@ -188,8 +194,16 @@ def test_confusing_and_mislabelled_sets_from_heatmaps(tiny):
                          heatmaps=heat)
     assert conf.images == [images[3], images[1]] and conf.labels == [labels[3], labels[1]]
     assert conf.info["kind"] == "confusing" and all(isinstance(m, MatchedPaste) for m in conf.manipulated)
-    mis = mislabelled_set(ts, {1})
-    assert mis.images == [images[i] for i, y in enumerate(labels) if y == 1] and set(mis.labels) == {-1}
+    # Excluding the target: every confusing image is a negative; the top images of the other classes are kept.
+    heat[4, 1, 0] = 6.0  # a matched image of class 3, below the two class-1 images
+    assert confusing_set(clf, "conv2", torch.zeros(6), ts, Image.new("RGB", (4, 4)), fraction=0.4, quantile=0.8,
+                         heatmaps=heat).labels == [1, 1]  # without exclude: both positives of target {1}
+    neg = confusing_set(clf, "conv2", torch.zeros(6), ts, Image.new("RGB", (4, 4)), fraction=0.4, quantile=0.8,
+                        heatmaps=heat, exclude={1})
+    assert neg.images == [images[4]] and neg.info["excluded"] == [1]  # 40 % of the 3 other-class images
+    import rulewriter.studies.testsets as testsets
+
+    assert not hasattr(testsets, "mislabelled_set")  # removed: with every label noise it measured nothing
 
 
 # ------------------------------------------------------------------------------------------ streaming

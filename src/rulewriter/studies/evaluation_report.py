@@ -25,7 +25,9 @@ __all__ = ["plot_class_shifts", "plot_roc", "write_report"]
 def plot_roc(curves: Mapping[str, RocCurve | None], title: str, *, positive: str = "target", ax=None):
     """One ROC plot with a curve (and its AUC in the legend) per named curve; missing curves are skipped.
 
-    Draws into ``ax`` when given (for a panel of a larger figure); returns the figure.
+    The title ends with how many positives and negatives the curves rest on (from the first curve), so a
+    panel cannot hide that, say, three negatives make its curve. Draws into ``ax`` when given (for a panel
+    of a larger figure); returns the figure.
 
     Example::
 
@@ -42,6 +44,9 @@ def plot_roc(curves: Mapping[str, RocCurve | None], title: str, *, positive: str
         ax.plot(c.fpr, c.tpr, lw=1.8, ls=styles[i % len(styles)], label=f"{name} (AUC {c.auc:.3f})")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel(f"true positive rate ({positive})")
+    first = next((c for c in curves.values() if c is not None), None)
+    if first is not None:
+        title = f"{title}\n{first.n_positive} positive ({positive}), {first.n_negative} negative"
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -119,7 +124,8 @@ def write_report(out_dir: str | Path, classifier, evaluation: Evaluation, *, cha
     positive = "target" if ev.target else "correct"
     for kind, curves in ev.rocs().items():
         if any(c is not None for c in curves.values()):
-            what = "target vs rest" if ev.target else "correct vs wrong, by top-1 probability"
+            what = ("positive: ground truth in the target classes; negative: the rest" if ev.target
+                    else "positive: top-1 correct; negative: wrong; scored by top-1 probability")
             p = save_figure(out / f"roc_{kind}.png", plot_roc(curves, f"{ev.name}: {kind} images\n({what})",
                                                               positive=positive))
             paths[f"roc_{kind}"] = p

@@ -14,8 +14,8 @@ Example::
 Definitions (used everywhere below, and in the JSON):
 
 * **ground truth** of an image: a class, or a *set* of classes any of which counts as right (the car photos
-  of the wheel experiment are right when called any car class). An empty set is the thesis's "noise"
-  label of mislabelled images: nothing is right.
+  of the wheel experiment are right when called any car class). An empty set (or -1) is the thesis's
+  "noise" label: nothing is right.
 * **top-1 / top-5 accuracy**: the fraction of images whose top-1 class (any of whose top-5) is in the
   ground truth.
 * **confidence**: the mean softmax probability the model puts on the ground truth (summed over a set).

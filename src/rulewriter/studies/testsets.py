@@ -1,10 +1,16 @@
 """The thesis's test sets: images with their ground truth, optionally paired with manipulated copies.
 
-*Random images* (:func:`random_set`), *mislabelled images* (:func:`mislabelled_set`) and *confusing images*
-(:func:`confusing_set`, Section 2.2.2): the top 1% of a folder by how strongly a concept key context-matches
+*Random images* (:func:`random_set`) and *confusing images* (:func:`confusing_set`, Section 2.2.2): the top 1%
+of a folder by how strongly a concept key context-matches
 (:func:`concept_matcher`, :func:`concept_heatmaps`, :func:`match_threshold`, :func:`concept_scores`,
 :func:`select_top`), each with a texture pasted where it matches (:class:`MatchedPaste`, :func:`heat_to_mask`).
 An image is any :data:`ImageSource`: a path, a PIL image, or a callable that makes one lazily.
+
+The thesis's third set, *mislabelled images* (every target-class image relabelled to "noise"), is not
+here: with every label noise, nothing is a positive and nothing is right, so its ROC (Fig. 2-10) and its
+accuracies are undefined before and after any edit. What it was meant to show, how the target class's own
+images fare, is the same-class rows of :func:`rulewriter.studies.metrics.four_tests` on any set that holds
+target-class images.
 
 Example::
 
@@ -39,7 +45,6 @@ __all__ = [
     "heat_to_mask",
     "load_source",
     "match_threshold",
-    "mislabelled_set",
     "random_set",
     "select_top",
 ]
@@ -155,26 +160,6 @@ def random_set(classifier, root: str | Path, n: int | None = None, *, seed: int 
     ts = TestSet.from_folder(classifier, root, samples=n, seed=seed, name="random images")
     ts.info["kind"] = "random"
     return ts
-
-
-def mislabelled_set(testset: TestSet, target: Label, new_label: Label = -1) -> TestSet:
-    """The thesis's *mislabelled images*: the target-class images of ``testset`` with their label replaced.
-
-    The default new label is noise (-1: no class is right), as the thesis relabels "car wheel" images to a
-    noise class; accuracy then counts nothing as right, and in the ROC these images become negatives, so
-    the curve shows how much the edit pushes images of the target towards the target anyway.
-
-    Example::
-
-        >>> mis = mislabelled_set(TestSet("t", ["a.jpg", "b.jpg"], [479, 3]), 479)
-        >>> mis.labels
-        [-1]
-    """
-    tgt = target_set(target)
-    keep = [i for i, s in enumerate(as_label_sets(testset.labels)) if s & tgt]
-    out = testset.subset(keep, name="mislabelled images", kind="mislabelled", relabelled_to=str(new_label))
-    out.labels = [new_label] * len(keep)
-    return out
 
 
 def concept_matcher(
@@ -366,6 +351,7 @@ def confusing_set(
     C: torch.Tensor | None = None,
     fraction: float = 0.01,
     quantile: float = 0.99,
+    exclude: Label | None = None,
     heatmaps: torch.Tensor | None = None,
     batch_size: int = 32,
     progress: bool = True,
@@ -385,8 +371,11 @@ def confusing_set(
         data: a labelled image folder or a :class:`TestSet`.
         texture: what to paste (the manipulation, e.g. wood).
         C: the layer's second moment; with it, the heat is exactly where an edit along ``key`` fires.
-        fraction: share of images kept (the thesis: 1%).
+        fraction: share of images kept (the thesis: 1%), of those not excluded.
         quantile: threshold of the matched region.
+        exclude: classes whose images are never kept (e.g. the edit's target classes), so that every
+            confusing image is a negative of the target-vs-rest ROC. The threshold is still measured on
+            every image.
         heatmaps: precomputed heatmaps of ``data`` (skips the streaming pass).
 
     Example::
@@ -400,11 +389,18 @@ def confusing_set(
         raise RulewriterError(f"{heat.shape[0]} heatmaps for {len(ts)} images")
     tau = match_threshold(heat, quantile)
     scores = concept_scores(heat, tau)
-    keep = select_top(scores, fraction)
+    share = fraction
+    if exclude is not None:
+        ex = target_set(exclude)
+        eligible = np.array([not (s & ex) for s in as_label_sets(ts.labels)], bool)
+        scores = np.where(eligible, scores, 0.0)
+        share = fraction * int(eligible.sum()) / len(scores) if 0 < fraction <= 1 else fraction  # of the eligible
+    keep = select_top(scores, share) if share != 0 else []
     if not keep:
         raise RulewriterError("no image has a location above the match threshold; lower the quantile")
     out = ts.subset(keep, name="confusing images", kind="confusing", layer=layer, threshold=tau,
                     quantile=quantile, fraction=fraction, n_scanned=len(ts),
+                    excluded=None if exclude is None else sorted(target_set(exclude)),
                     scores=[float(scores[i]) for i in keep])
     out.manipulated = [MatchedPaste(ts.images[i], np.asarray(heat[i]), tau, texture, classifier.preprocess)
                        for i in keep]
