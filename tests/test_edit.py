@@ -270,6 +270,22 @@ def test_mismatched_edit_changes_nothing():
         assert torch.equal(v, before[k])
 
 
+@pytest.mark.parametrize("scale", [1e150, 1e25])
+def test_an_edit_that_overflows_the_weights_is_refused_and_changes_nothing(scale):
+    """Finite factors whose product overflows float32 (issue 12.5): apply refuses, every layer restored."""
+    net = _net().float()  # the tests' default dtype is float64; models run in float32
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    u = _edit().updates[0]
+    huge = Edit([LayerUpdate("2", 2, torch.ones(5, 1), torch.ones(4, 1)),
+                 LayerUpdate(u.layer, u.view, u.lam.double() * scale, u.direction.double() * scale)])
+    with pytest.raises(EditError, match="NaN or inf in torch.float32"):
+        huge.apply(net)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with _edit().applied(net):  # an ordinary edit still applies
+        assert torch.isfinite(net[0].weight).all()
+
+
 def test_load_refuses_pickles_and_garbage(tmp_path):
     p = tmp_path / "evil.safetensors"
     torch.save({"lam": torch.ones(2)}, p)

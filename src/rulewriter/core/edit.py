@@ -391,6 +391,10 @@ class Edit(Reversible):
             for u, mem in pairs:
                 m = mem.matrix().double() + u.delta().to(mem.weight.device)
                 mem.set_matrix(m)
+                # Finite in float64 can still overflow the layer's dtype (huge factors): refuse, restored below.
+                if not torch.isfinite(mem.weight).all():
+                    raise EditError(f"the edit makes {u.layer!r}'s weights NaN or inf in {mem.weight.dtype} "
+                                    f"(|ΔW| up to {float(u.delta().abs().max()):.3g}); refused")
         except BaseException:
             with torch.no_grad():
                 for u, mem in pairs:
