@@ -341,13 +341,37 @@ def test_key_match_with_and_without_C() -> None:
     plain = key_match(keys, k)
     assert plain.shape == (3, 5)
     assert torch.allclose(plain, torch.einsum("dhw,d->hw", keys, k))
-    heat = key_match(keys, k, C)
+    heat = key_match(keys, k, C, ridge=0)
     want = torch.einsum("dhw,d->hw", keys, torch.linalg.solve(C, k))
     assert torch.allclose(heat, want, atol=1e-10)
-    batched = key_match(torch.stack([keys, 2 * keys]).float(), k, C)
+    batched = key_match(torch.stack([keys, 2 * keys]).float(), k, C, ridge=0)
     assert batched.shape == (2, 3, 5) and torch.allclose(batched[1].double(), 2 * want, atol=1e-4)
     with pytest.raises(MaskError):
         key_match(keys, torch.ones(d + 1))
+
+
+def test_key_match_fires_exactly_as_the_edit_does() -> None:
+    """With the edit's ridge, the match is the edit's own activation: ((C + εI)⁻¹k*)ᵀ k_loc, ε = ridge·tr(C)/d."""
+    from rulewriter.concepts.heatmap import MATCH_RIDGE
+    from rulewriter.core.edit import DEFAULT_RIDGE, regularize, update_direction
+
+    assert MATCH_RIDGE == DEFAULT_RIDGE
+    torch.manual_seed(4)
+    d = 5
+    keys = torch.randn(d, 2, 3, dtype=torch.float64)
+    k = torch.randn(d, dtype=torch.float64)
+    A = torch.randn(d, 2, dtype=torch.float64)
+    C = A @ A.T + 1e-3 * torch.eye(d, dtype=torch.float64)  # nearly singular: the ridge matters
+    for ridge in (DEFAULT_RIDGE, 0.1):
+        direction = update_direction(C, k, ridge)             # what rewrite moves W along
+        want = torch.einsum("dhw,d->hw", keys, direction)
+        assert torch.allclose(key_match(keys, k, C, ridge=ridge), want, atol=1e-10, rtol=1e-10), ridge
+        assert torch.allclose(key_match(keys, k, regularize(C, ridge), ridge=0), want, atol=1e-10, rtol=1e-10)
+    assert torch.allclose(key_match(keys, k, C), torch.einsum("dhw,d->hw", keys, update_direction(C, k)))
+    # The bare C gives another answer here, which is why the ridge is not optional.
+    assert not torch.allclose(key_match(keys, k, C, ridge=0), key_match(keys, k, C), rtol=1e-2)
+    with pytest.raises(StatsError, match="ridge"):
+        key_match(keys, k, C, ridge=-1.0)
 
 
 def test_colormap_and_overlay() -> None:

@@ -54,33 +54,54 @@ def pasted_rule(clf, layer, args):
 
 
 def cmd_heatmap(args) -> None:
-    from ..concepts.heatmap import key_match, save_overlay
-    from ..models.data import load_image
+    """``rulewriter heatmap``: every image is read and every heatmap computed before anything is written, so a
+    bad file leaves no output; all images share one colour scale, drawn in colorbar.png."""
+    import torch
+
+    from ..concepts.heatmap import colorbar, key_match, save_overlay, shared_scale
+    from ..core.edit import regularize
     from ..core.memory import LayerMemory
     from ..core.rules import layer_io, rule_from_images
     from ..core.trace import get_module
+    from ..models.data import load_image
+    from ..studies.report import save_png
 
     if len(args.concept_image) != len(args.concept_mask) or not args.concept_image:
         raise RulewriterError("give one --concept-mask per --concept-image (at least one)")
+    stems: dict[str, str] = {}
+    for p in args.images:
+        if stems.setdefault(Path(p).stem, p) != p:
+            raise RulewriterError(f"{stems[Path(p).stem]} and {p} would both write {Path(p).stem}.heatmap.png")
+    images = [load_image(p) for p in args.images]  # a bad file fails here, before any output
     clf = load_model(args)
     layer = resolve_layer(args, clf)
     # The concept key is the masked mean of the exemplars' own keys (a rule from an image to itself).
     rule = rule_from_images(clf, layer, args.concept_image, args.concept_image, args.concept_mask, view=args.view)
-    k = rule.key()
-    c = load_stats(args, clf, layer, args.stats_data, args.stats_samples).moment() if (args.stats or args.stats_data) else None
+    k = rule.key().double()
+    c = c_raw = None
+    if args.stats or args.stats_data:
+        # The same C + εI that `edit` solves with (--ridge): a few key channels of a real model are always zero.
+        c_raw = load_stats(args, clf, layer, args.stats_data, args.stats_samples).moment()
+        c = regularize(c_raw, args.ridge)
     mem = LayerMemory(get_module(clf.model, layer), args.view, name=layer)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for p in args.images:
-        img = load_image(p)
+    # In units of the concept's own response (k*ᵀk*, or k*ᵀ(C+εI)⁻¹k*): 1 is "as strongly as the exemplars".
+    unit = float(k @ (k if c is None else torch.linalg.solve(c, k.to(c)).to(k)))
+    heats = []
+    for img in images:
         x, _ = layer_io(clf, layer, clf.preprocess.batch([img]))
-        heat = key_match(mem.keys(x)[0].double(), k, c)
+        heats.append(key_match(mem.keys(x)[0].double(), k, c_raw, ridge=args.ridge).cpu() / unit)
+    scaled, vmax = shared_scale(heats)
+    out_dir = Path(args.out_dir)
+    rows = []
+    for p, img, heat, h in zip(args.images, images, heats, scaled):
         shown = clf.preprocess.denormalize(clf.preprocess.image(img))
-        dest = out_dir / f"{Path(p).stem}.heatmap.png"
-        save_overlay(dest, shown, heat)
+        dest = save_overlay(out_dir / f"{Path(p).stem}.heatmap.png", shown, h, normalize="none")
         rows.append({"image": str(p), "heatmap": str(dest), "max": float(heat.max()), "mean": float(heat.mean())})
-    emit(rows, args.json, "\n".join(f"{r['heatmap']}  max={r['max']:.3g}" for r in rows))
+    bar = save_png(out_dir / "colorbar.png", colorbar(vmax, label="×k*"))
+    for r in rows:
+        r.update(scale_max=vmax, colorbar=str(bar))
+    emit(rows, args.json, "\n".join(f"{r['heatmap']}  max={r['max']:.3g}" for r in rows)
+         + f"\n{bar}  one colour scale for all: red = {vmax:.3g}×k*")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -113,11 +134,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="closed-form solve, or projected gradient descent (eq. 2.20)")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
     add_json_arg(p, "what was written")
-    p.set_defaults(func=cmd_edit)
+    p.set_defaults(func=cmd_edit, out_kind="file+json")
     p = add_command(sub, "heatmap", "overlay a concept's key-match heatmap on images",
                     description="The concept's key k* is the masked mean of its exemplars' keys; each image's "
-                                "heat is kᵀk* per location (kᵀC⁻¹k* with statistics: where an edit would act). "
-                                "Writes <stem>.heatmap.png per image into --out-dir.",
+                                "heat is kᵀk* per location (kᵀ(C+εI)⁻¹k* with statistics: where an edit would "
+                                "act), in units of k*'s own response. Writes <stem>.heatmap.png per image into "
+                                "--out-dir, all on one colour scale, and colorbar.png showing it.",
                     example="rulewriter heatmap --concept-image car.jpg --concept-mask wheels.png --out-dir heat/ "
                             "photo1.jpg photo2.jpg")
     add_model_args(p)
@@ -125,8 +147,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concept-image", action="append", default=[], help="image showing the concept (repeat)")
     p.add_argument("--concept-mask", action="append", default=[], help="mask of the concept in it (repeat)")
     p.add_argument("--stats-data", default=None, help="with statistics, the heat is kᵀC⁻¹k*: where an edit would act")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help="with statistics, C + εI with ε = ridge · tr(C)/d, as in edit")
     p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
     p.add_argument("--out-dir", required=True, help="folder for the heatmap PNGs")
-    add_json_arg(p, "per-image heatmap file, peak and mean")
+    add_json_arg(p, "per-image heatmap file, peak and mean (in units of k*'s own response), the shared scale and "
+                    "the colour bar")
     p.add_argument("images", nargs="+", help="the photos to overlay the heatmap on")
     p.set_defaults(func=cmd_heatmap)

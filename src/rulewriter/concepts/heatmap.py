@@ -6,7 +6,7 @@ matplotlib is needed::
 
     from rulewriter.concepts.heatmap import key_match, save_overlay
 
-    heat = key_match(keys[0], k_star, C)                # (h, w) k_loc · C⁻¹ k*
+    heat = key_match(keys[0], k_star, C)                # (h, w) k_loc · (C + εI)⁻¹ k*, the edit's ridge
     save_overlay("wheel_heat.png", "car.jpg", heat)
 """
 from __future__ import annotations
@@ -23,16 +23,24 @@ from ..atomic import atomic_bytes
 from ..errors import ImageLoadError, MaskError, StatsError
 from .keys import check_second_moment
 
-__all__ = ["key_match", "colormap", "colorize", "overlay", "save_overlay"]
+__all__ = ["MATCH_RIDGE", "key_match", "colormap", "colorize", "overlay", "save_overlay", "shared_scale", "colorbar"]
+
+#: The ridge :func:`key_match` regularises ``C`` with by default: the edit's default ridge
+#: (``rulewriter.core.edit.DEFAULT_RIDGE``; concepts sit below core, so the value is repeated here and a
+#: test checks the two agree).
+MATCH_RIDGE = 1e-3
 
 
-def key_match(keys: torch.Tensor, key: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
+def key_match(keys: torch.Tensor, key: torch.Tensor, C: torch.Tensor | None = None, *,
+              ridge: float = MATCH_RIDGE) -> torch.Tensor:
     """How strongly each grid location matches the concept key: (h, w), or (N, h, w) for (N, d, h, w) keys.
 
     Without ``C`` this is the plain dot product ``k_loc · k*``. With the layer's second moment ``C`` it is
-    ``k_loc · C^{-1} k*``, computed with a linear solve: exactly how strongly the rank-one edit
-    ``W + Λ (C^{-1} k*)ᵀ`` fires at that location (the edit adds ``Λ · (C^{-1}k*)ᵀ k_loc`` there), i.e. the
-    edit's per-location "activation". Returned in float32 (float64 for float64 keys).
+    ``k_loc · (C + εI)^{-1} k*`` with ``ε = ridge · tr(C)/d``, the regularisation ``rewrite`` solves with,
+    computed with a linear solve: with the edit's ``ridge`` this is exactly how strongly the rank-one edit
+    ``W + Λ ((C + εI)^{-1} k*)ᵀ`` fires at that location (the edit adds ``Λ · ((C + εI)^{-1}k*)ᵀ k_loc``
+    there), i.e. the edit's per-location "activation". Pass the ridge the edit used (``ridge=0`` for an
+    edit solved with the bare ``C``). Returned in float32 (float64 for float64 keys).
 
     Example::
 
@@ -47,12 +55,16 @@ def key_match(keys: torch.Tensor, key: torch.Tensor, C: torch.Tensor | None = No
     if k.shape[0] != d:
         raise MaskError(f"key has {k.shape[0]} dims but keys have d={d} (shape {tuple(keys.shape)})")
     q = k.to(device=keys.device, dtype=torch.float64)
+    if not ridge >= 0:
+        raise StatsError(f"ridge must be >= 0, got {ridge}")
     if C is not None:
         C64 = check_second_moment(C, d).to(device=keys.device, dtype=torch.float64)
+        if ridge:  # the same ε = ridge · tr(C)/d as rulewriter.core.edit.regularize
+            C64 = C64 + ridge * torch.diagonal(C64).mean() * torch.eye(d, dtype=C64.dtype, device=C64.device)
         try:
             q = torch.linalg.solve(C64, q)
         except RuntimeError as exc:  # torch raises a LinAlgError (a RuntimeError) for singular C
-            raise StatsError(f"C is singular; cannot compute C^-1 k*: {exc}") from exc
+            raise StatsError(f"C + εI is singular (ridge {ridge}); cannot compute (C + εI)^-1 k*: {exc}") from exc
     dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
     return torch.einsum("...dhw,d->...hw", keys.to(dtype), q.to(dtype))
 
@@ -194,3 +206,48 @@ def save_overlay(path: str | Path, image: Image.Image | str | Path, heat: torch.
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return atomic_bytes(path, buf.getvalue())
+
+
+def shared_scale(heats: Sequence[torch.Tensor | np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """One colour scale for several heatmaps: each clipped at 0 and divided by the largest value of them all.
+
+    Returns the scaled maps (for ``overlay(..., normalize="none")``) and that largest value, so that a
+    colour bar (:func:`colorbar`) can say what red means. Scaling each image to its own maximum would make
+    every photo look "hot", however weakly the concept matches it.
+
+    Example:
+        >>> maps, vmax = shared_scale([np.array([[1.0, 2.0]]), np.array([[4.0, -1.0]])])
+        >>> vmax, maps[0].tolist(), maps[1].tolist()
+        (4.0, [[0.25, 0.5]], [[1.0, 0.0]])
+    """
+    arrs = [np.nan_to_num((h.detach().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h))
+                          .astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None) for h in heats]
+    vmax = max([float(a.max()) for a in arrs if a.size] + [0.0])
+    scale = vmax if vmax > 0 else 1.0
+    return [a / scale for a in arrs], vmax
+
+
+def colorbar(vmax: float, *, height: int = 224, width: int = 18, cmap: str = "jet", ticks: int = 5,
+             label: str | None = None) -> Image.Image:
+    """A vertical colour bar from 0 (bottom) to ``vmax`` (top) with labelled ticks, as an RGB image.
+
+    Example:
+        >>> colorbar(2.0, label="×k*").mode
+        'RGB'
+    """
+    from PIL import ImageDraw
+
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(width, 1)
+    bar = colorize(ramp, cmap=cmap, normalize="none")
+    font_w = 7 * max(len(f"{vmax * i / (ticks - 1):.3g}") for i in range(ticks)) + 8
+    top = 14 if label else 6
+    img = Image.new("RGB", (width + font_w, height + top + 6), "white")
+    img.paste(bar, (0, top))
+    draw = ImageDraw.Draw(img)
+    for i in range(ticks):
+        y = top + round((height - 1) * (1 - i / (ticks - 1)))
+        draw.line([(width, y), (width + 3, y)], fill="black")
+        draw.text((width + 5, max(0, y - 6)), f"{vmax * i / (ticks - 1):.3g}", fill="black")
+    if label:
+        draw.text((0, 0), label, fill="black")
+    return img

@@ -398,7 +398,7 @@ def run_demo(
     k_star = rule.key()
     c_reg = regularize(stats.moment(), edit.meta.get("ridge", 1e-3))  # the C the edit was solved with
     shown = [clf.preprocess.denormalize(clf.preprocess.image(c.image)) for c in cases]
-    heat = key_match(mem.keys(x_layer).double(), k_star, c_reg).float()  # (N, h, w): the edit's activation
+    heat = key_match(mem.keys(x_layer).double(), k_star, c_reg, ridge=0).float()  # (N, h, w): the edit's activation
     unit = float(k_star @ torch.linalg.solve(c_reg, k_star))  # k*ᵀ(C+εI)⁻¹k*: the rule's own key scores 1
     rel = heat / unit
     vmax = max(float(rel.clamp_min(0).max()), 1e-12)

@@ -198,7 +198,7 @@ def concept_matcher(
     q = k if C is None else update_direction(C, k, DEFAULT_RIDGE if ridge is None else ridge)
 
     def match(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return key_match(mem.keys(x, y).double(), q.to(x.device)).float().cpu()
+        return key_match(mem.keys(x, y).double(), q.to(x.device)).float().cpu()  # q already is (C+εI)⁻¹k*
 
     match.forward_direction = mem.forward_direction  # type: ignore[attr-defined]
     return match
