@@ -428,6 +428,83 @@ def test_uploads_sizes_types_and_pickles(client, tmp_path):
     assert r.status_code == 400 and "another model" in r.json()["detail"]
 
 
+def _bad_edit_file(kind: str, tiny, path: Path) -> Path:
+    """An edit file that must be refused with a 4xx and a clear message (issue 12.5, 12.7, one-line errors)."""
+    from safetensors.torch import save_file
+
+    from rulewriter.core.edit import Edit, LayerUpdate
+
+    g = torch.Generator().manual_seed(0)
+    lam, d = torch.randn(6, 1, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+    meta = {"model": tiny.name, "weights": tiny.weights_id}
+    if kind == "huge factors":
+        Edit([LayerUpdate("features.4", 2, lam * 1e150, d * 1e150)], meta).save(path)
+    elif kind == "outputs overflow":
+        Edit([LayerUpdate("features.4", 2, lam * 3e18, d * 3e18)], meta).save(path)
+    elif kind == "other weights":
+        Edit([LayerUpdate("features.4", 2, lam, d)], {"model": tiny.name, "weights": "0123456789abcdef"}).save(path)
+    elif kind == "other model":
+        Edit([LayerUpdate("features.4", 2, lam, d)], {"model": "vgg16", "weights": "imagenet1k_v1"}).save(path)
+    elif kind in ("scalar tensors", "deep json"):
+        Edit([LayerUpdate("features.4", 2, lam, d)], meta).save(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata()
+        tensors = {"updates.0.lam": torch.tensor(1.0), "updates.0.direction": torch.tensor(2.0)}
+        if kind == "deep json":
+            header["rulewriter"] = "[" * 100_000 + "]" * 100_000
+            tensors = {"updates.0.lam": lam, "updates.0.direction": d}
+        save_file(tensors, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("huge factors", "weights NaN or inf"), ("outputs overflow", "outputs NaN or inf"),
+    ("other weights", "0123456789abcdef"), ("other model", "vgg16"),
+    ("scalar tensors", "the uploaded file"), ("deep json", "nested too deeply")])
+def test_bad_edit_files_are_refused(client, tiny, tmp_path, kind, words):
+    """Bad edits get a 400 with a clear message, never a 500 or NaN JSON, and are neither kept nor saveable,
+    whether uploaded or loaded by name from the output folder."""
+    sid = _session(client)
+    p = _bad_edit_file(kind, tiny, tmp_path / "bad.safetensors")
+    r = client.post(f"/api/sessions/{sid}/edit/upload", files={"file": ("bad.safetensors", p.read_bytes())})
+    assert r.status_code == 400 and words in r.json()["detail"], (kind, r.status_code, r.text)
+    if kind.startswith("other"):  # names the model and weights of both sides
+        assert tiny.name in r.json()["detail"] and tiny.weights_id in r.json()["detail"]
+    edits = tmp_path / "out" / "edits"
+    edits.mkdir(parents=True, exist_ok=True)
+    shutil.copy(p, edits / "bad.safetensors")
+    r = client.post(f"/api/sessions/{sid}/edit/load", json={"name": "bad"})
+    assert r.status_code == 400 and (words if kind != "scalar tensors" else "bad.safetensors") in r.json()["detail"]
+    assert client.get(f"/api/sessions/{sid}/edit").json() == {"edit": None}
+    assert client.post(f"/api/sessions/{sid}/edit/save", json={"name": "saved"}).status_code == 400
+    assert not (edits / "saved.safetensors").exists()
+
+
+def test_an_edit_job_with_non_finite_outputs_is_not_kept(client, monkeypatch):
+    """Issue 12.5: an edit built in the session whose outputs are not finite ends the job with an error,
+    and nothing is kept to save."""
+    from rulewriter.core.edit import LayerUpdate
+
+    sid, ids = _session(client), _ids(client)
+    _exemplar(client, sid, ids["img0.png"])
+    state = client.app.state.rulewriter
+    solve = state.solve
+
+    def blown(rule, stats):
+        e = solve(rule, stats)
+        u = e.updates[0]
+        e.updates[0] = LayerUpdate(u.layer, u.view, u.lam.double() * 1e150, u.direction.double() * 1e150)
+        return e
+
+    monkeypatch.setattr(state, "solve", blown)
+    job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+    assert job["state"] == "error" and "NaN or inf" in job["error"] and job["result"] is None
+    assert client.get(f"/api/sessions/{sid}/edit").json() == {"edit": None}
+    assert client.post(f"/api/sessions/{sid}/edit/save", json={"name": "x"}).status_code == 400
+
+
 def test_json_body_limit(client):
     sid = _session(client)
     body = json.dumps({"image_id": "x", "mask": "A" * (appmod.MAX_BODY_BYTES + 10),

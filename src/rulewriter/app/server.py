@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import EditError, ImageLoadError, RulewriterError
+from ..errors import ImageLoadError, RulewriterError
 from .guards import LOOPBACK_NAMES, BodyLimit, HostOriginGuard, is_loopback, split_host  # noqa: F401 (re-export)
 from .images import MAX_UPLOAD_BYTES, decode_image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
 from .jobs import Job
@@ -509,6 +509,7 @@ def create_app(
             rule = state.build_rule(s, exemplars)
             job.report(0.6, "solving the rank-one update")
             edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
+            check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
             edit.meta["stats_source"] = state.stats_source()["source"]
             with s.lock:
                 s.edit, s.edit_source = edit, "built in this session"
@@ -571,21 +572,42 @@ def create_app(
             raise HTTPException(404, "no such saved edit")
         return FileResponse(p, media_type="application/octet-stream", filename=p.name)
 
-    def check_edit(edit) -> None:
+    def check_edit(edit, source: str) -> None:
+        """Refuse an edit made for another model or weights, or one whose weights or outputs are not finite."""
+        edit.check_model(state.clf, source)  # names the model and weights each was made for
         with state.model_lock:
-            with edit.applied(state.clf.model):  # an edit of another model fails here, weights restored
+            with edit.applied(state.clf.model):  # another layer shape or overflowing weights fail here, restored
                 pass
+        for i in state.image_ids(None):  # the outputs on a folder image (state.predict refuses NaN or inf)
+            try:
+                probe = state.image(i)
+            except ImageLoadError:
+                continue
+            state.predict([probe], edit, source)
+            break
+
+    def load_edit_file(path: Path, source: str):
+        from ..core.edit import Edit
+
+        try:
+            edit = Edit.load(path)
+        except RulewriterError as e:
+            raise HTTPException(400, str(e).replace(str(path), source)) from None
+        except Exception as e:  # noqa: BLE001 - an uploaded file is untrusted: any way it fails to parse is a 400
+            raise HTTPException(400, f"{source} is not a valid rulewriter edit ({type(e).__name__}: {e})"[:300]) from None
+        try:
+            check_edit(edit, source)
+        except RulewriterError as e:
+            raise HTTPException(400, str(e)) from None
+        return edit
 
     @app.post("/api/sessions/{sid}/edit/load", summary="Load an edit saved in the output folder by name")
     def load_edit(sid: str, body: LoadIn):
-        from ..core.edit import Edit
-
         s = get_session(sid)
         p = state.out_dir / "edits" / safe_name(body.name)
         if not p.is_file():
             raise HTTPException(404, "no such saved edit")
-        edit = Edit.load(p)
-        check_edit(edit)
+        edit = load_edit_file(p, p.name)
         with s.lock:
             s.edit, s.edit_source, s.comparison = edit, f"loaded {p.name}", None
         return {"edit": edit_info(s)}
@@ -593,18 +615,12 @@ def create_app(
     @app.post("/api/sessions/{sid}/edit/upload", summary="Load an edit from an uploaded .safetensors file (≤ 10 MB; "
                                                          "pickles are refused)")
     async def upload_edit(sid: str, file: UploadFile = File(...)):
-        from ..core.edit import Edit
-
         s = get_session(sid)
         data = await read_upload(file)
         with tempfile.TemporaryDirectory(prefix="rulewriter-upload-") as tmp:
             p = Path(tmp) / "edit.safetensors"
             p.write_bytes(data)
-            try:
-                edit = Edit.load(p)
-            except EditError as e:
-                raise HTTPException(400, str(e).replace(str(p), "the uploaded file")) from None
-        check_edit(edit)
+            edit = load_edit_file(p, "the uploaded file")
         with s.lock:
             s.edit, s.edit_source, s.comparison = edit, f"uploaded {Path(file.filename or 'edit').name[:80]}", None
         return {"edit": edit_info(s)}

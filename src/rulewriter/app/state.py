@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import secrets
 import threading
@@ -255,8 +256,11 @@ class AppState:
             self.check_unedited()
             return rewrite(self.clf, rule, stats)
 
-    def predict(self, images: list[Image.Image], edit=None) -> list[list[dict]]:
-        """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released)."""
+    def predict(self, images: list[Image.Image], edit=None, source: str = "the edit") -> list[list[dict]]:
+        """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released).
+
+        Raises EditError when the outputs are NaN or inf (an edit with huge factors): never sent as JSON.
+        """
         if not images:
             return []
         x = self.clf.preprocess.batch(images)
@@ -264,6 +268,9 @@ class AppState:
             ctx = edit.applied(self.clf.model) if edit is not None else contextlib.nullcontext()
             with ctx:
                 preds = self.clf.predict(x, topk=self.topk)
+        if not all(math.isfinite(float(p)) for row in preds for _, _, p in row):
+            raise EditError(f"{source if edit is not None else 'the model'} makes the model's outputs NaN or inf; "
+                            "refused")
         return [[{"index": int(i), "label": lab, "prob": round(float(p), 6)} for i, lab, p in row] for row in preds]
 
     def cached_predictions(self, image_id: str, session: Session | None = None) -> list[dict]:
