@@ -505,6 +505,36 @@ def test_an_edit_job_with_non_finite_outputs_is_not_kept(client, monkeypatch):
     assert client.post(f"/api/sessions/{sid}/edit/save", json={"name": "x"}).status_code == 400
 
 
+@pytest.mark.parametrize("size, kept", [((6300, 6300), (1024, 1024)), ((3000, 2000), (1024, 683)),
+                                        ((2000, 100), (1024, 51)), ((4000, 100), (1280, 32)),
+                                        ((300, 200), (300, 200))])
+def test_uploads_are_downscaled_on_arrival(client, tiny, size, kept):
+    """Issue 12.8: an upload is kept at most as large as the editor shows it (1024 px long side), with its short
+    side at least the model's resize (32 for the tiny model); never enlarged. A 6300² PNG (about 100 KB) is kept as 3 MB, not 119 MB."""
+    sid = _session(client)
+    r = client.post(f"/api/sessions/{sid}/uploads", files={"file": ("big.png", _png_bytes(Image.new("RGB", size, (9, 80, 200))))})
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == kept
+    img = client.app.state.rulewriter.session(sid).uploads[r.json()["id"]][1]
+    assert img.size == kept and min(img.size) >= min(min(size), tiny.preprocess.resize)
+
+
+def test_uploads_are_bounded_in_total(client, monkeypatch):
+    """Issue 12.8: the decoded uploads of all sessions together are bounded; beyond it an upload is refused (413)."""
+    one = 1024 * 1024 * 3
+    monkeypatch.setattr(appmod, "MAX_UPLOAD_TOTAL_BYTES", 3 * one)
+    png = _png_bytes(Image.new("RGB", (4000, 4000), (1, 2, 3)))
+    a, b = _session(client), _session(client)
+    for sid in (a, a, b):
+        assert client.post(f"/api/sessions/{sid}/uploads", files={"file": ("x.png", png)}).status_code == 200
+    for sid in (a, b, _session(client)):
+        r = client.post(f"/api/sessions/{sid}/uploads", files={"file": ("x.png", png)})
+        assert r.status_code == 413 and "MB of uploads" in r.json()["detail"], r.text
+    assert client.app.state.rulewriter.upload_bytes() == 3 * one
+    small = _png_bytes(Image.new("RGB", (8, 8)))
+    assert client.post(f"/api/sessions/{b}/uploads", files={"file": ("s.png", small)}).status_code == 413
+
+
 def test_json_body_limit(client):
     sid = _session(client)
     body = json.dumps({"image_id": "x", "mask": "A" * (appmod.MAX_BODY_BYTES + 10),

@@ -19,8 +19,8 @@ from PIL import Image
 
 from ..errors import ImageLoadError, MaskError
 
-__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "UPLOAD_FORMATS", "decode_base64", "decode_image_bytes",
-           "jpeg_bytes", "mask_box", "png_bytes", "read_mask"]
+__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "PAGE_SIDE", "UPLOAD_FORMATS", "decode_base64", "decode_image_bytes",
+           "fit_upload", "image_bytes", "jpeg_bytes", "mask_box", "png_bytes", "read_mask"]
 
 #: Uploads (images, edits, masks) larger than this are refused: a photo or an edit of one layer is far
 #: smaller, and the limit bounds what one request can make the server hold in memory.
@@ -28,6 +28,9 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 #: Whole request bodies: one upload plus multipart overhead, or a JSON body with a base64 mask (4/3 larger).
 #: Decoded images larger than this many pixels are refused (PIL's own bomb guard is only a warning below 2×).
 MAX_PIXELS = 40_000_000
+#: The longest side the page's editor shows an image at (app.js asks for max_side=1024): a mask painted
+#: there carries no finer detail, so an upload is never kept larger than this on its long side.
+PAGE_SIDE = 1024
 #: Formats an upload may have; everything is decoded with PIL and re-checked, never trusted by name.
 UPLOAD_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 
@@ -78,6 +81,33 @@ def decode_image_bytes(data: bytes, what: str = "upload") -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{what} is not a readable image ({e})") from None
+
+
+def fit_upload(img: Image.Image, model_side: int) -> Image.Image:
+    """``img`` downscaled on arrival to what the page and the model need, never enlarged.
+
+    The long side need not exceed :data:`PAGE_SIDE` (what the editor shows), but the short side is kept at
+    least ``model_side`` (the model's resize, e.g. 256), so the model sees the same pixels it would see
+    from the original.
+
+    Example::
+
+        >>> fit_upload(Image.new("RGB", (6300, 6300)), 256).size
+        (1024, 1024)
+        >>> fit_upload(Image.new("RGB", (4000, 500)), 256).size
+        (2048, 256)
+    """
+    w, h = img.size
+    scale = min(1.0, max(PAGE_SIDE / max(w, h), model_side / min(w, h)))
+    if scale >= 1.0:
+        return img
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def image_bytes(img: Image.Image) -> int:
+    """The memory an image's pixels take (width × height × bands)."""
+    return img.width * img.height * len(img.getbands())
 
 
 def decode_base64(text: str, what: str = "mask") -> bytes:

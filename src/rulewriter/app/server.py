@@ -66,7 +66,7 @@ from PIL import Image
 
 from ..errors import ImageLoadError, RulewriterError
 from .guards import LOOPBACK_NAMES, BodyLimit, HostOriginGuard, is_loopback, split_host  # noqa: F401 (re-export)
-from .images import MAX_UPLOAD_BYTES, decode_image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
+from .images import MAX_UPLOAD_BYTES, decode_image_bytes, fit_upload, image_bytes, jpeg_bytes, mask_box, png_bytes, read_mask
 from .jobs import Job
 from .state import AppState, Exemplar, Session, checked_path
 
@@ -78,6 +78,9 @@ MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 3 // 2
 #: Textures offered by name (from scikit-image, which the demo extra installs).
 TEXTURES: tuple[str, ...] = ("skimage:gravel", "skimage:brick", "skimage:grass")
 MAX_UPLOADS_PER_SESSION = 24
+#: Decoded uploads the server keeps, all sessions together (each upload is downscaled on arrival to at most
+#: about PAGE_SIDE² pixels, 4 MB as RGBA): about 64 full-size uploads; beyond it an upload is refused.
+MAX_UPLOAD_TOTAL_BYTES = 256 * 1024 * 1024
 MAX_EXEMPLARS = 16
 #: The edit's before/after comparison covers the exemplars and at most this many other folder images,
 #: so a large folder does not make every edit slow; the HTML report covers the whole folder.
@@ -353,7 +356,13 @@ def create_app(
             img = decode_image_bytes(data, "the upload")
         except ImageLoadError as e:
             raise HTTPException(415, str(e)) from None
-        with s.lock:
+        del data
+        img = fit_upload(img, state.clf.preprocess.resize)  # the full decode is dropped here
+        with state.uploads_lock, s.lock:
+            held = state.upload_bytes()
+            if held + image_bytes(img) > MAX_UPLOAD_TOTAL_BYTES:
+                raise HTTPException(413, f"the server already holds {held / 2**20:.0f} MB of uploads (the limit is "
+                                         f"{MAX_UPLOAD_TOTAL_BYTES / 2**20:.0f} MB); restart the app to free them")
             if len(s.uploads) >= MAX_UPLOADS_PER_SESSION:
                 raise HTTPException(400, f"at most {MAX_UPLOADS_PER_SESSION} uploads per session")
             uid = "u" + secrets.token_hex(6)

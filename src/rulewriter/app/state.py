@@ -188,6 +188,7 @@ class AppState:
         self.model_lock = threading.RLock()
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.sessions_lock = threading.Lock()
+        self.uploads_lock = threading.Lock()  # the total-size check and the insertion of an upload, as one step
         self.jobs = JobRunner(workers)
         self.predictions: dict[str, list[dict]] = {}
         self._stats: dict[tuple[str, int], Any] = {}
@@ -210,6 +211,14 @@ class AppState:
                 self.sessions.move_to_end(sid)
                 s.touched = time.time()
             return s
+
+    def upload_bytes(self) -> int:
+        """The memory every live session's decoded uploads take."""
+        from .images import image_bytes
+
+        with self.sessions_lock:
+            sessions = list(self.sessions.values())
+        return sum(image_bytes(img) for s in sessions for _, img in list(s.uploads.values()))
 
     # ---------------------------------------------------------------- images
     def image_name(self, image_id: str, session: Session | None = None) -> str | None:
