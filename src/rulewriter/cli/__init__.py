@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Sequence
 
 from ..errors import RulewriterError
@@ -25,7 +26,9 @@ __all__ = ["GROUPS", "build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rulewriter`` parser with every command group's subcommands."""
-    parser = argparse.ArgumentParser(prog="rulewriter", description="Rewrite the rules of an image classifier.")
+    from .common import Parser
+
+    parser = Parser(prog="rulewriter", description="Rewrite the rules of an image classifier.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in GROUPS:
         importlib.import_module(f"{__name__}.{name}").add_commands(sub)
@@ -33,9 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status: 0, 2 on bad input (one ``rulewriter: error:`` line on stderr,
+    nothing written), 130 on Ctrl-C (partial statistics stay in the cache, the next run resumes from them).
+    Usage errors exit through ``SystemExit(2)`` as argparse does."""
     from ..core import distributed
+    from .common import check_args
 
     args = build_parser().parse_args(argv)
+    try:
+        check_args(args)  # counts, the device and every output, before a model is loaded
+    except RulewriterError as e:
+        print(f"rulewriter: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "device", None) == "auto":
         import torch
 
@@ -44,10 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     joined = distributed.init_from_env(getattr(args, "device", "cpu"))
     if joined and hasattr(args, "device"):
         args.device = str(distributed.local_device(args.device))
+    where = f" (rank {distributed.rank()})" if joined else ""
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            # A warning is one line, as errors are (not the file, line and source that Python shows).
+            warnings.showwarning = show_warning
+            args.func(args)
     except RulewriterError as e:
-        print(f"rulewriter: error: {e}" + (f" (rank {distributed.rank()})" if joined else ""), file=sys.stderr)
+        print(f"rulewriter: error: {e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rulewriter: error: interrupted; nothing was written but partial statistics in the cache, "
+              f"which the next run resumes from{where}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a disk that fills up or a folder that turns read-only during the work
+        print(f"rulewriter: error: {e.strerror or e}: {e.filename or ''}{where}".rstrip(": "), file=sys.stderr)
         return 2
     finally:
         if joined:
@@ -55,3 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning as one ``rulewriter: warning:`` line on stderr."""
+    print(f"rulewriter: warning: {message}", file=file or sys.stderr)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from ..errors import RulewriterError
+from ..errors import EditError, ModelError, RulewriterError, StatsError
 
 DEFAULT_CACHE = Path(os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")).expanduser()
 PRECISION_CHOICES = ["auto", "fp64", "fp32", "tf32x2", "tf32", "bf16"]
@@ -49,8 +50,16 @@ def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``rulewriter: error:`` line (exit status 2), like every other
+    error, instead of the usage text followed by ``rulewriter CMD: error:``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"rulewriter: error: {message} (see `{self.prog} --help`)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--weights`` and ``--device``."""
+    """``--model``, ``--weights``, ``--device`` and ``--force``."""
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `rulewriter models`)")
     p.add_argument("--weights", default=None,
                    help="local weights file (safetensors or a torch state_dict), a torchvision weights name "
@@ -58,6 +67,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(see `rulewriter models`)")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available), cpu, cuda, cuda:1 (under torchrun: each rank's own GPU)")
+    p.add_argument("--force", action="store_true",
+                   help="use statistics or edits although their metadata says they were made for another model "
+                        "or other weights")
 
 
 def add_edit_args(p: argparse.ArgumentParser) -> None:
@@ -77,10 +89,29 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """The classifier named by ``--model``/``--weights`` on ``--device``."""
+    """The classifier named by ``--model``/``--weights`` on ``--device``.
+
+    The library's messages name its keyword (``weights=``); on the command line they name the option.
+    """
     from ..models.registry import load_classifier
 
-    return load_classifier(args.model, weights=args.weights, device=args.device)
+    try:
+        return load_classifier(args.model, weights=args.weights, device=args.device)
+    except ModelError as e:
+        raise ModelError(option_words(str(e))) from None
+
+
+def option_words(message: str) -> str:
+    """A library message in the command line's words: ``weights='none'`` → ``--weights none`` and so on.
+
+    Example:
+        >>> option_words("pass weights=<file> or weights='none'")
+        'pass --weights <file> or --weights none'
+    """
+    for lib, cli in (("weights='none'", "--weights none"), ("weights= was not given", "--weights was not given"),
+                     ("weights=<", "--weights <"), ("weights=", "--weights ")):
+        message = message.replace(lib, cli)
+    return message
 
 
 def resolve_layer(args: argparse.Namespace, clf) -> str:
@@ -106,13 +137,41 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
         s = SecondMoment.load(args.stats)
         meta = s.meta
         if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
-            raise RulewriterError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
+            raise StatsError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
+        if not getattr(args, "force", False):
+            s.check_model(clf, source=args.stats)
         return s
-    return collect_second_moment(
+    s = collect_second_moment(
         clf, layer, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
         precision=args.precision, amp=args.amp, num_workers=args.workers, shard=getattr(args, "shard", None),
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
+    if s.source is not None:  # a cache hit is said, so that a stale entry can be recognised and removed
+        print(f"rulewriter: using cached statistics {s.source} ({s.count} keys; --no-cache to recollect)",
+              file=sys.stderr)
+    return s
+
+
+def load_edit(args: argparse.Namespace, clf, path: str):
+    """The rule edit in ``path``, checked to be made for ``clf``'s model and weights (unless ``--force``)."""
+    from ..core.edit import Edit
+
+    edit = Edit.load(path)
+    if not getattr(args, "force", False):
+        edit.check_model(clf, source=path)
+    return edit
+
+
+def check_finite_outputs(model, source: str, x) -> None:
+    """Refuse (EditError) a model whose outputs on the batch ``x`` hold NaN or inf: an edit with finite but
+    huge factors can leave the weights finite and still overflow the activations. ``source`` names it."""
+    import torch
+
+    with torch.no_grad():
+        out = model(x)
+    if not torch.isfinite(out).all():
+        raise EditError(f"with {source} applied, the model's outputs are NaN or inf (its factors are too "
+                        "large); the edit is refused")
 
 
 def check_rule_args(args: argparse.Namespace) -> Path:
@@ -128,10 +187,7 @@ def check_rule_args(args: argparse.Namespace) -> Path:
         raise RulewriterError("give --manipulated images, or a --texture to paste into the masks")
     if not args.stats and not args.stats_data:
         raise RulewriterError("give --stats-data DIR (images to collect key statistics from) or --stats FILE")
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise RulewriterError(f"output folder {out.parent} does not exist")
-    return out
+    return Path(args.out)  # checked by check_args before the command ran
 
 
 def add_exemplar_args(p: argparse.ArgumentParser) -> None:
@@ -141,3 +197,147 @@ def add_exemplar_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", action="append", default=[], help="mask PNG, white where the concept is (repeat)")
     p.add_argument("--texture", default=None,
                    help="instead of --manipulated: a texture (path or skimage:NAME) pasted into the masks")
+
+
+# ------------------------------------------------------------------------------------------ checked before any work
+#: Options whose value counts something: at least one (``None`` keeps the option's default meaning).
+POSITIVE_OPTIONS = ("samples", "stats_samples", "batch_size", "topk", "n_negatives", "rounds", "max_negatives",
+                    "steps")
+#: Options that may be zero but not negative.
+NONNEGATIVE_OPTIONS = ("workers",)
+#: Options that name files a command reads; an output may be none of them.
+INPUT_OPTIONS = ("stats", "weights", "edit", "original", "manipulated", "mask", "texture", "images", "parts",
+                 "concept_image", "concept_mask", "image", "compare", "calibration")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the options that can be checked before a model is loaded: counts, the device and
+    every output (see :func:`check_output`). ``rulewriter.cli.main`` calls it for every command."""
+    for name in POSITIVE_OPTIONS:
+        v = getattr(args, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise RulewriterError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    for name in NONNEGATIVE_OPTIONS:
+        v = getattr(args, name, None)
+        if isinstance(v, int) and v < 0:
+            raise RulewriterError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+    if getattr(args, "device", None) not in (None, "auto"):
+        check_device(args.device)
+    inputs = list(input_files(args))
+    if getattr(args, "out_dir", None):
+        check_output(args.out_dir, inputs, folder=True, option="--out-dir")
+    if getattr(args, "out", None):
+        kind = getattr(args, "out_kind", "file")
+        check_output(args.out, inputs, folder=kind == "folder", sidecar=kind == "file+json",
+                     weights=model_weight_files(args))
+
+
+def check_device(device: str) -> None:
+    """A torch device string this machine has: ``cpu``, ``cuda``/``cuda:N`` only with that GPU, ``mps`` on Macs."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RulewriterError(f"--device {device} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RulewriterError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RulewriterError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RulewriterError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise RulewriterError(f"--device {device}: rulewriter runs on cpu, cuda or mps")
+
+
+def input_files(args: argparse.Namespace) -> Iterable[Path]:
+    """The files named by the options in :data:`INPUT_OPTIONS` (``NAME=FILE`` forms give their file)."""
+    for name in INPUT_OPTIONS:
+        v = getattr(args, name, None)
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(item, str) and item and not item.startswith("skimage:"):
+                yield Path(item.split("=", 1)[1] if name == "compare" and "=" in item else item)
+
+
+def model_weight_files(args: argparse.Namespace | None = None) -> list[Path]:
+    """Files that hold model weights here: ``--weights``, the model's own weights file, EfficientNet-Lite0's
+    packaged file and the torch hub cache's checkpoints. No output may be one of them."""
+    import torch
+
+    from ..models.registry import weights_available
+
+    found = []
+    w = getattr(args, "weights", None)
+    if isinstance(w, str) and w.lower() not in ("none", "random"):
+        found.append(Path(w))
+    for name in {"efficientnet-lite0", getattr(args, "model", None) or "efficientnet-lite0"}:
+        try:
+            path = weights_available(name)
+        except (RulewriterError, ImportError, OSError):
+            path = None
+        if path:
+            found.append(Path(path))
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if hub.is_dir():
+        found.extend(p for p in hub.iterdir() if p.is_file())
+    return found
+
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
+
+
+def check_output(path: str | os.PathLike[str], inputs: Iterable[Path] = (), *, folder: bool = False,
+                 sidecar: bool = False, weights: Iterable[Path] = (), option: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written or must not be: returns it as a Path.
+
+    A file output may not be a folder (or end in ``/``), its folder must exist and be writable, and it may
+    not be (after resolving symlinks) one of the command's ``inputs``, one of the model ``weights`` files or
+    an existing torch checkpoint. A folder output may not be a file, and the nearest existing folder above
+    it must be writable. With ``sidecar`` the ``.json`` written beside the file is checked too.
+
+    Example::
+
+        >>> check_output("C.safetensors", [Path("C.safetensors")])       # doctest: +SKIP
+        RulewriterError: --out C.safetensors is also an input of this command; choose another file
+    """
+    text = os.fspath(path)
+    out = Path(text).expanduser()
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise RulewriterError(f"{option} {text} exists and is not a folder")
+        top = out
+        while not top.exists():
+            top = top.parent
+        if not top.is_dir():
+            raise RulewriterError(f"{option} {text}: {top} is not a folder")
+        probe_writable(top, option, text)
+        return out
+    if text.endswith(("/", os.sep)) or out.is_dir():
+        raise RulewriterError(f"{option} {text} is a folder; give a file name (e.g. {out / 'out.safetensors'})")
+    if not out.parent.is_dir():
+        raise RulewriterError(f"{option} {text}: output folder {out.parent} does not exist")
+    real = out.resolve()
+    for p in inputs:
+        if p.expanduser().resolve() == real:
+            raise RulewriterError(f"{option} {text} is also an input of this command ({p}); choose another file")
+    if any(p.expanduser().resolve() == real for p in weights) or (
+            real.suffix.lower() in WEIGHT_SUFFIXES and real.is_file()):
+        raise RulewriterError(f"{option} {text} is a model weights file; rulewriter never overwrites weights")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise RulewriterError(f"{option} {text} is not writable")
+    probe_writable(out.parent, option, text)
+    if sidecar:
+        check_output(out.with_name(out.name + ".json"), inputs, weights=weights, option="the description beside it,")
+    return out
+
+
+def probe_writable(folder: Path, option: str, text: str) -> None:
+    """Create and remove a file in ``folder``: the only test that /proc, read-only mounts and ACLs all answer."""
+    probe = folder / f".rulewriter-probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise RulewriterError(f"{option} {text}: cannot write in {folder} ({e.strerror})") from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)

@@ -28,4 +28,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=None, help="number of images for the statistics (default: all of --stats-data, or 400 augmentations)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_json_arg(p, "the summary (the story goes to stderr)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, out_kind="folder")

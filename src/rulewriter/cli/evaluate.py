@@ -11,7 +11,7 @@ from ..studies.evaluate import evaluate_edit, load_change
 from ..studies.evaluation_report import write_report
 from ..studies.report import percent
 from ..studies.testsets import TestSet
-from .common import add_command, add_json_arg, add_model_args
+from .common import add_command, add_json_arg, add_model_args, check_finite_outputs, load_model
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -34,34 +34,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="rulewriter-eval", help="report folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_arg(p, "the summary")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, out_kind="folder")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """The ``evaluate`` subcommand: every input is checked before any image is read or file written."""
-    from ..models.registry import load_classifier
+    from ..studies.testsets import load_source
 
-    if args.batch_size < 1:
-        raise RulewriterError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.samples is not None and args.samples < 1:
-        raise RulewriterError(f"--samples must be at least 1, got {args.samples}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RulewriterError(f"--out {out} exists and is not a folder")
+    out = Path(args.out)  # the counts, the device and --out were checked by check_args
     data = Path(args.data)
     if not data.is_dir():
         raise ImageLoadError(f"--data {data}: no such folder")
-    try:
-        clf = load_classifier(args.model, weights=args.weights, device=args.device)
-    except RuntimeError as e:  # e.g. an unavailable device
-        raise RulewriterError(f"cannot load {args.model} on {args.device}: {e}") from e
+    clf = load_model(args)
     testset = TestSet.from_folder(clf, data, samples=args.samples)
     target = frozenset(clf.class_index(t) for t in args.target)
     change = None
     if args.edit:
         change = load_change(args.edit)
-        with change.applied(clf.model):  # a mismatched edit fails here, before any image is read
-            pass
+        if hasattr(change, "check_model") and not args.force:
+            change.check_model(clf, source=args.edit)  # an edit made for another model names that model
+        # A mismatched or overflowing edit fails here, on the first image, before the test set is read.
+        x = clf.preprocess.batch([load_source(testset.images[0])]).to(clf.device, clf.dtype)
+        with change.applied(clf.model):
+            check_finite_outputs(clf.model, args.edit, x)
     ev = evaluate_edit(clf, testset, change, target=target or None, batch_size=args.batch_size,
                        num_workers=args.workers, progress=not args.quiet)
     from ..core.distributed import is_main

@@ -178,7 +178,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
     add_json_arg(p, "what was written")
-    p.set_defaults(func=cmd_inverse_edit)
+    p.set_defaults(func=cmd_inverse_edit, out_kind="file+json")
 
     p = add_command(sub, "reconstruct", "invert a layer's output by gradient descent (keys, features, image)",
                     description="Find the key, input features or image whose layer output matches the photo's "

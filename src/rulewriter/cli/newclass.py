@@ -69,5 +69,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="where to write the class (.safetensors, plus a .json beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_json_arg(p, "what was written")
-    p.set_defaults(func=cmd_add_class)
+    p.set_defaults(func=cmd_add_class, out_kind="file+json")
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .common import add_command, add_json_arg, add_model_args, emit, load_model
+from ..errors import EditError
+from .common import add_command, add_json_arg, add_model_args, emit, load_edit, load_model
 
 
 def predict_paths(clf, paths: Sequence[str], topk: int = 5) -> list[dict]:
+    """Each image's top-k; a NaN or inf probability (an edit that overflows the activations) is an EditError,
+    never a ``NaN`` in the output (which is not JSON)."""
+    import math
+
     from ..models.data import load_image
 
     out = []
@@ -15,6 +20,9 @@ def predict_paths(clf, paths: Sequence[str], topk: int = 5) -> list[dict]:
     for i in range(0, len(images), 16):
         x = clf.preprocess.batch(images[i : i + 16])
         for p, preds in zip(paths[i : i + 16], clf.predict(x, topk=topk)):
+            if not all(math.isfinite(pr) for _, _, pr in preds):
+                raise EditError(f"the model's outputs on {p} are NaN or inf: an edit applied makes it overflow "
+                                "(its factors are too large)")
             out.append({"path": str(p), "top5": [{"index": j, "label": lab, "prob": round(pr, 6)} for j, lab, pr in preds]})
     return out
 
@@ -23,15 +31,13 @@ def cmd_predict(args) -> None:
     clf = load_model(args)
     # Each --edit is applied in memory, in order: rule edits change weights, added classes add a logit.
     # The weights file is never touched.
-    from ..core.edit import Edit
-
     for path in args.edit:
         if is_new_class(path):
             from ..extensions.newclass import NewClass
 
             clf = NewClass.load(path).apply(clf).classifier
         else:
-            Edit.load(path).apply(clf.model)
+            load_edit(args, clf, path).apply(clf.model)
     res = predict_paths(clf, args.images, args.topk)
     text = "\n".join(
         f"{r['path']}\n" + "\n".join(f"   {t['prob']:.3f}  {t['label']} ({t['index']})" for t in r["top5"]) for r in res

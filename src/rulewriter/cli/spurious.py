@@ -37,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_json_arg(p, "the summary")
-    p.set_defaults(func=cmd_probe)
+    p.set_defaults(func=cmd_probe, out_kind="folder")
 
     p = add_command(sub, "mitigate", "compare rewriting, fine-tuning and last-layer retraining on a probe's "
                                      "filtered set (Tables 2.3-2.4)",
@@ -70,7 +70,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="for the train/test split")
     p.add_argument("--out", required=True, help="output folder")
     add_json_arg(p, "the summary")
-    p.set_defaults(func=cmd_mitigate)
+    p.set_defaults(func=cmd_mitigate, out_kind="folder")
 
 
 def _check_out(path: str) -> Path:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import RulewriterError
 from .common import add_command, add_edit_args, add_json_arg, add_model_args, emit, load_model, load_stats, resolve_layer
@@ -11,9 +10,7 @@ from .common import add_command, add_edit_args, add_json_arg, add_model_args, em
 def cmd_stats(args) -> None:
     from ..core import distributed
 
-    if args.out and not Path(args.out).expanduser().parent.is_dir():
-        raise RulewriterError(f"output folder {Path(args.out).parent} does not exist")
-    clf = load_model(args)
+    clf = load_model(args)  # --out was checked by check_args
     layer = resolve_layer(args, clf)
     s = load_stats(args, clf, layer, args.data, args.samples)
     info = {"layer": layer, "view": args.view, "key_dim": s.dim, "count": s.count, "precision": s.precision,
@@ -34,6 +31,9 @@ def cmd_merge_stats(args) -> None:
     from ..core.stats import merge_files
 
     s, meta = merge_files(args.parts)
+    if meta.get("missing_shards") and not args.allow_missing:
+        raise RulewriterError(f"shards {', '.join(meta['missing_shards'])} are missing from the parts; give every "
+                              "shard, or --allow-missing to merge the ones there are")
     s.save(args.out, meta)
     info = {"out": args.out, "count": s.count, "parts": len(args.parts)}
     text = f"merged {len(args.parts)} files → {args.out}"
@@ -65,6 +65,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                 "layer and view) into one file and names any missing shard.",
                     example="rulewriter merge-stats --out C.safetensors part0.safetensors part1.safetensors")
     p.add_argument("--out", required=True, help="the merged statistics file (.safetensors)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="merge although some shards of --shard I/N runs are missing (they are named in the file)")
     add_json_arg(p, "the merged count and parts")
     p.add_argument("parts", nargs="+", help="statistics files from `rulewriter stats --shard I/N --out PART`")
     p.set_defaults(func=cmd_merge_stats)

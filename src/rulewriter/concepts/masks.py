@@ -153,6 +153,10 @@ def _image_to_mask(img: Image.Image, what: str) -> np.ndarray:
     return _array_to_mask(arr, what, channels_first=False)
 
 
+#: Image formats whose compression changes pixel values: masks in them are thresholded at half.
+LOSSY_FORMATS = ("JPEG", "MPO")
+
+
 def load_mask(source: MaskSource, *, allow_empty: bool = False) -> np.ndarray:
     """Load a concept mask as an (H, W) float32 array in [0, 1] (1 = concept).
 
@@ -161,7 +165,8 @@ def load_mask(source: MaskSource, *, allow_empty: bool = False) -> np.ndarray:
     * a path or a PIL image: white / non-zero pixels are the concept. Mode L is divided by 255; RGB is
       reduced to luminance (ITU-R 601); RGBA (and LA) use the **alpha** channel when the colour is the
       same in every pixel (a stroke painted on a transparent layer), otherwise the luminance; palette
-      images are converted to RGB(A) first; 16-bit images are divided by 65535.
+      images are converted to RGB(A) first; 16-bit images are divided by 65535. A JPEG mask is then
+      thresholded at half (1 where ≥ 0.5): its compression noise would otherwise widen the concept.
     * a numpy array or a torch tensor: ``bool`` is 0/1; ``uint8`` is divided by 255; other integers are
       used as they are when at most 1, divided by 255 when at most 255 (else by 65535); floats must lie
       in [0, 1]. A 3-D array must have a channel axis of size 1-4, reduced as for images (size 1:
@@ -185,6 +190,10 @@ def load_mask(source: MaskSource, *, allow_empty: bool = False) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 out = _image_to_mask(img, what)
+                if img.format in LOSSY_FORMATS:
+                    # Compression noise leaves faint non-zero pixels all around the concept, which would widen
+                    # the mask; a lossy file cannot carry soft edges anyway, so it is read as black/white.
+                    out = (out >= 0.5).astype(np.float32)
         except MaskError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

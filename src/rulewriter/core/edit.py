@@ -244,6 +244,9 @@ class LayerUpdate:
     values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name, t in (("Λ", self.lam), ("D", self.direction)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):  # e.g. scalars in a hand-made file
+                raise EditError(f"{name} must be a vector or a matrix, got shape {tuple(getattr(t, 'shape', ()))}")
         if self.lam.dim() == 1:
             self.lam = self.lam[:, None]
         if self.direction.dim() == 1:

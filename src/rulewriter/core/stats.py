@@ -27,13 +27,13 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from ..atomic import atomic_bytes
+from ..atomic import atomic_bytes, atomic_files, remove_stale_temps
 from ..errors import EditError, StatsError
 from .memory import LayerMemory
 from .trace import Trace
 
 __all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "key_products",
-           "statistics_dataset", "dataset_fingerprint",
+           "tensors_checksum", "statistics_dataset", "dataset_fingerprint",
            "default_precision", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
@@ -212,6 +212,9 @@ class SecondMoment:
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
         self.meta: dict = {}  # what these were computed from (model, layer, data, ...); saved and loaded with them
+        #: The file these were read from (by :meth:`load`, or a cache hit of :func:`collect_second_moment`),
+        #: ``None`` for statistics computed in this process. Not saved.
+        self.source: Path | None = None
 
     @classmethod
     def zeros(cls, dim: int, precision: str = "fp64", device: str | torch.device = "cpu") -> "SecondMoment":
@@ -294,18 +297,39 @@ class SecondMoment:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         try:
-            count, s, o = int(state["count"].reshape(-1)[0]), state["sum"], state["outer"]
+            count, s, o = state["count"], state["sum"], state["outer"]
         except KeyError as e:
             raise StatsError(f"statistics file lacks tensor {e}") from None
-        if o.shape != (s.shape[0], s.shape[0]) or not torch.isfinite(o).all():
+        if count.numel() != 1 or count.is_floating_point() or int(count.reshape(-1)[0]) < 1:
+            raise StatsError(f"statistics file holds no keys (count {count.tolist()})")
+        if s.dim() != 1 or o.shape != (s.shape[0], s.shape[0]) or not torch.isfinite(o).all():
             raise StatsError("statistics file is inconsistent or contains NaN")
-        self.count, self.sum, self.outer = count, s.double(), o.double()
+        self.count, self.sum, self.outer = int(count.reshape(-1)[0]), s.double(), o.double()
+
+    def check_model(self, classifier, source: str | Path | None = None) -> None:
+        """Refuse (StatsError) statistics whose metadata names another model or other weights than
+        ``classifier``'s; statistics that do not say what they were made from pass.
+
+        Example::
+
+            >>> SecondMoment.load("C.safetensors").check_model(clf, "C.safetensors")      # doctest: +SKIP
+            StatsError: C.safetensors holds statistics of model vgg16 with weights 1a2b…, but the model loaded is …
+        """
+        model, weights = self.meta.get("model"), self.meta.get("weights")
+        if model not in (None, classifier.name) or weights not in (None, classifier.weights_id):
+            raise StatsError(
+                f"{source or 'these statistics'} holds statistics of model {model} with weights {weights}, but "
+                f"the model loaded is {classifier.name} with weights {classifier.weights_id}; collect "
+                "statistics for this model (or pass --force)"
+            )
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write atomically as safetensors; ``metadata`` (JSON-able, default :attr:`meta`) goes in the header."""
+        state = self.state_dict()
         meta = {"format": FORMAT, "precision": self.precision,
-                "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True)}
-        return atomic_save(self.state_dict(), Path(path), meta)
+                "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True),
+                "sha256": tensors_checksum(state)}
+        return atomic_save(state, Path(path), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "SecondMoment":
@@ -320,10 +344,42 @@ class SecondMoment:
         tensors, header = read_safetensors(Path(path), StatsError)
         if header.get("format") != FORMAT:
             raise StatsError(f"{path} is not a rulewriter statistics file (format {header.get('format')!r})")
-        s = cls(header.get("precision", "fp64"))
-        s.load_state_dict(tensors)
-        s.meta = json.loads(header.get("meta", "{}"))
+        # Files written before checksums existed have none; any other file must match its own.
+        if "sha256" in header and header["sha256"] != tensors_checksum(tensors):
+            raise StatsError(f"{path} is corrupt: its tensors do not match the checksum in its header")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except ValueError as e:
+            raise StatsError(f"{path}: its metadata is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise StatsError(f"{path}: its metadata must be a JSON object, got {type(meta).__name__}")
+        try:
+            s = cls(header.get("precision", "fp64"))
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
+        try:
+            s.load_state_dict(tensors)
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
+        s.meta = meta
+        s.source = Path(path)
         return s
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order): stored in a statistics
+    file's header and checked on load, so flipped bits after an intact header are found.
+
+    Example:
+        >>> tensors_checksum({"a": torch.zeros(2)})[:12]
+        '925e06eb784b'
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
@@ -336,13 +392,17 @@ def save_described(path: str | Path, tensors: dict[str, torch.Tensor], fmt: str,
                    *, sidecar: bool = True) -> Path:
     """Save an artefact: safetensors with its JSON ``description`` in the header, and ``path.json`` beside it.
 
-    Both writes are atomic. Edits, weight deltas and added classes all use this layout.
+    Both are written atomically as a pair (:func:`~rulewriter.atomic.atomic_files`). Edits, weight deltas
+    and added classes all use this layout.
     """
     path = Path(path)
     text = json.dumps(description, indent=2, sort_keys=True, default=str)
-    atomic_save(tensors, path, {"format": fmt, "rulewriter": text})
-    if sidecar:
-        atomic_bytes(path.with_name(path.name + ".json"), (text + "\n").encode())
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={"format": fmt, "rulewriter": text})
+    files = {path: data}
+    if sidecar:  # the file and its description are written as a pair: one is never found without the other
+        files[path.with_name(path.name + ".json")] = (text + "\n").encode()
+    atomic_files(files)
     return path
 
 
@@ -356,9 +416,14 @@ def load_described(path: str | Path, fmt: str, what: str) -> tuple[dict[str, tor
     if header.get("format") != fmt or "rulewriter" not in header:
         raise EditError(f"{path} is safetensors but not {what} (format {header.get('format')!r})")
     try:
-        return tensors, json.loads(header["rulewriter"])
+        desc = json.loads(header["rulewriter"])
     except ValueError as e:
         raise EditError(f"{path}: malformed description of {what} ({e})") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise EditError(f"{path}: malformed description of {what} (nested too deeply)") from None
+    if not isinstance(desc, dict):
+        raise EditError(f"{path}: malformed description of {what} (not a JSON object)")
+    return tensors, desc
 
 
 def read_safetensors(path: Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -560,10 +625,16 @@ def collect_second_moment(
     if cache_dir is not None:
         safe_layer = layer.replace("/", "_")
         cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
+        if rank == 0:
+            remove_stale_temps(cache.parent)  # temp files of writers killed mid-write
         hit = None
         if cache.is_file():
-            stats = SecondMoment.load(cache)
-            if stats.meta.get("key") == key:
+            try:
+                stats = SecondMoment.load(cache)
+            except StatsError as e:  # truncated or flipped bits: a cache entry is only ever a head start
+                warnings.warn(f"the statistics cache entry is damaged and is rebuilt: {e}", stacklevel=2)
+                stats = None
+            if stats is not None and stats.meta.get("key") == key:
                 hit = stats
         # Under torchrun all ranks use the cache or none does (a file some ranks cannot see must not leave
         # the others waiting in all_reduce).

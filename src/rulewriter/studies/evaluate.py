@@ -128,15 +128,19 @@ def predict(
                                          batch_size=batch_size, num_workers=num_workers, shuffle=False,
                                          pin_memory=cuda)
     parts: dict[str, list[Predictions]] = {name: [] for name in variants}
+    # The bar counts images (this rank's), not batches: "2000 img" is what a user asked for with --samples.
+    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not progress or not D.is_main())
     try:
-        for x, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress or not D.is_main()):
+        for x, idx in loader:
             x = x.to(classifier.device, classifier.dtype, non_blocking=cuda)
             lab = [sets[mine[int(i)]] for i in idx]
             for name, change in variants.items():
                 with _change_context(change, model):
                     logits = model(x)
                 parts[name].append(Predictions.from_logits(logits, lab, target))
+            bar.update(len(idx))
     finally:
+        bar.close()
         model.train(was_training)
     out = {name: Predictions.concat(p) for name, p in parts.items()}
     if D.is_distributed():

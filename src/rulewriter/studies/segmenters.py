@@ -24,6 +24,7 @@ building them directly works too::
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import threading
@@ -533,6 +534,34 @@ def _read_labels(path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ DeepLab TFLite
+@contextlib.contextmanager
+def native_info_silenced():
+    """Drop the ``INFO:`` lines that native code (the TFLite runtime) writes straight to file descriptor 2
+    inside the block; any other line it writes there is passed on to stderr."""
+    import sys
+    import tempfile
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines() if not ln.startswith("INFO:")]
+            if rest:
+                print("\n".join(rest), file=sys.stderr)
+
+
 class DeepLabSegmenter(Segmenter):
     """DeepLabV3-MobileNetV2 (Pascal VOC, TFLite) masks of one or more classes (spec ``deeplab:bus,car``).
 
@@ -576,8 +605,9 @@ class DeepLabSegmenter(Segmenter):
         self.class_ids = _class_ids(classes, self.labels, "deeplab")
         self.classes = [self.labels[i] for i in self.class_ids]
         try:
-            self._interpreter = Interpreter(model_path=str(self.model_path), num_threads=num_threads)
-            self._interpreter.allocate_tensors()
+            with native_info_silenced():  # the runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate"
+                self._interpreter = Interpreter(model_path=str(self.model_path), num_threads=num_threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load the TFLite model {self.model_path}: {exc}") from exc
         inp = self._interpreter.get_input_details()[0]
