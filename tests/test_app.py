@@ -147,7 +147,22 @@ def test_page_info_and_openapi(client, tiny):
     missing = [f"{m.upper()} {p}" for p, m, op in ops if not op.get("summary")]
     assert not missing, f"endpoints without a summary: {missing}"
     assert {"ExemplarIn", "Target", "JobOut", "Prediction"} <= set(spec["components"]["schemas"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_work_offline(client, page):
+    """/docs and /redoc load their viewer from the server itself, never from a CDN."""
+    import re
+
+    pytest.importorskip("fastapi_offline", reason="the app extra installs fastapi-offline")
+    html = client.get(page).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: *'([^']+)'", html)
+    assert assets and not [a for a in assets if "//" in a], f"assets from elsewhere: {assets}"
+    for a in assets:
+        r = client.get(a)
+        assert r.status_code == 200 and len(r.content) > 100, a
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -699,6 +714,52 @@ def test_search_by_concept(client):
     r = client.post(f"/api/sessions/{sid}/search", json={"image_id": ids["img2.png"],
                                                          "mask": _data_url(Image.new("L", (48, 40)))})
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("samples, warns", [(1, True), (None, False)])
+def test_search_warns_when_c_has_fewer_keys_than_dimensions(folder, tmp_path, samples, warns):
+    """C from fewer keys than key dimensions is singular: search and edit say it is too small to trust.
+    Layer features.2 has 8·3·3 = 72-dim keys on a 4×4 grid: 1 image gives 16 keys (warns), 5 give 80 (does not)."""
+    torch.manual_seed(0)
+    clf = load_classifier(Tiny(), labels=LABELS, preprocess=Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3),
+                          default_layer="features.2")
+    with TestClient(create_app(clf, folder, out_dir=tmp_path / "out", stats_samples=samples),
+                    base_url="http://127.0.0.1") as client:
+        sid, ids = _session(client), _ids(client)
+        assert client.get("/api/info").json()["stats"]["warning"] is None  # not collected yet: nothing to say
+        job = _wait(client, client.post(f"/api/sessions/{sid}/search",
+                                        json={"image_id": ids["img2.png"], "mask": _data_url(_mask())}).json())
+        assert job["state"] == "done", job
+        warning = job["result"]["warning"]
+        if warns:
+            assert "too small to trust" in warning and "16 keys (1 images)" in warning and "72 key dimensions" in warning
+        else:
+            assert warning is None
+        assert client.get("/api/info").json()["stats"]["warning"] == warning
+        _exemplar(client, sid, ids["img0.png"])
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+        assert job["state"] == "done" and job["result"]["warning"] == warning
+
+
+def test_save_says_where_and_the_report_downloads(client, tmp_path):
+    import zipfile
+
+    sid, ids = _session(client), _ids(client)
+    _exemplar(client, sid, ids["img0.png"])
+    assert _wait(client, client.post(f"/api/sessions/{sid}/edit").json())["state"] == "done"
+    r = client.post(f"/api/sessions/{sid}/edit/save", json={"name": "where"}).json()
+    dest = tmp_path / "out" / "edits" / "where.safetensors"
+    assert r["path"] == str(dest) and str(dest) in r["message"] and Path(r["sidecar"]).is_file()
+    assert client.get(f"/api/sessions/{sid}/report.zip").status_code == 404  # nothing exported yet
+    job = _wait(client, client.post(f"/api/sessions/{sid}/report").json())
+    assert job["state"] == "done", job
+    z = client.get(job["result"]["download_url"])
+    assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+    assert z.headers["content-disposition"].startswith("attachment; filename=\"rulewriter-report-")
+    names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    folder_name = Path(job["result"]["folder"]).name
+    assert f"{folder_name}/index.html" in names and f"{folder_name}/evaluation.json" in names
+    assert all(n.startswith(folder_name + "/") for n in names)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -45,7 +45,8 @@ Programmatic use (e.g. in tests)::
     >>> TestClient(app).get("/api/info").json()["model"]      # doctest: +SKIP
     'efficientnet-lite0'
 
-Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, python-multipart).
+Needs the ``app`` extra: ``pip install 'rulewriter[app]'`` (FastAPI, uvicorn, python-multipart, and
+fastapi-offline, whose Swagger UI and ReDoc assets make ``/docs`` work without the internet).
 """
 # No ``from __future__ import annotations`` here: FastAPI resolves the route functions' annotations at
 # runtime, and the request models are local classes of create_app that a string annotation cannot find.
@@ -218,9 +219,13 @@ def create_app(
         yield
         state.jobs.shutdown()
 
-    app = FastAPI(title="rulewriter app", version="1", lifespan=lifespan,
-                  description="Rewrite a rule of an image classifier from a few painted exemplars. Long work runs "
-                              "as jobs: poll GET /api/jobs/{id}.")
+    try:  # /docs and /redoc from assets installed with the package: they work offline (no CDN)
+        from fastapi_offline import FastAPIOffline as make_app
+    except ImportError:  # pragma: no cover - the app extra installs it; without it /docs needs the internet
+        make_app = FastAPI
+    app = make_app(title="rulewriter app", version="1", lifespan=lifespan,
+                   description="Rewrite a rule of an image classifier from a few painted exemplars. Long work runs "
+                               "as jobs: poll GET /api/jobs/{id}.")
     app.state.rulewriter = state
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.state.allowed_hosts = set(LOOPBACK_NAMES) | {split_host(h)[0] for h in allowed_hosts or ()}
@@ -518,12 +523,13 @@ def create_app(
             rule = state.build_rule(s, exemplars)
             job.report(0.6, "solving the rank-one update")
             edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
-            check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
+            state.check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
             edit.meta["stats_source"] = state.stats_source()["source"]
             with s.lock:
                 s.edit, s.edit_source = edit, "built in this session"
             result = comparison(s, edit, exemplars, default_others(s), job, 0.65, 1.0)
-            result.update(edit=edit_info(s), pairs=int(rule.keys.shape[0]), seconds=round(time.perf_counter() - t0, 2))
+            result.update(edit=edit_info(s), pairs=int(rule.keys.shape[0]), seconds=round(time.perf_counter() - t0, 2),
+                          warning=state.stats_warning())
             with s.lock:
                 s.comparison = result
             return result
@@ -566,7 +572,9 @@ def create_app(
         fname = safe_name(body.name)
         dest = state.out_dir / "edits" / fname
         s.edit.save(dest)
-        return {"name": fname, "path": str(dest), "download_url": f"/api/edits/{fname}"}
+        return {"name": fname, "path": str(dest), "sidecar": str(dest.with_name(dest.name + ".json")),
+                "download_url": f"/api/edits/{fname}",
+                "message": f"saved {fname} to {dest} (its description beside it, {fname}.json)"}
 
     @app.get("/api/edits", summary="Edits saved in the output folder")
     def list_edits():
@@ -581,20 +589,6 @@ def create_app(
             raise HTTPException(404, "no such saved edit")
         return FileResponse(p, media_type="application/octet-stream", filename=p.name)
 
-    def check_edit(edit, source: str) -> None:
-        """Refuse an edit made for another model or weights, or one whose weights or outputs are not finite."""
-        edit.check_model(state.clf, source)  # names the model and weights each was made for
-        with state.model_lock:
-            with edit.applied(state.clf.model):  # another layer shape or overflowing weights fail here, restored
-                pass
-        for i in state.image_ids(None):  # the outputs on a folder image (state.predict refuses NaN or inf)
-            try:
-                probe = state.image(i)
-            except ImageLoadError:
-                continue
-            state.predict([probe], edit, source)
-            break
-
     def load_edit_file(path: Path, source: str):
         from ..core.edit import Edit
 
@@ -605,7 +599,7 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - an uploaded file is untrusted: any way it fails to parse is a 400
             raise HTTPException(400, f"{source} is not a valid rulewriter edit ({type(e).__name__}: {e})"[:300]) from None
         try:
-            check_edit(edit, source)
+            state.check_edit(edit, source)
         except RulewriterError as e:
             raise HTTPException(400, str(e)) from None
         return edit
@@ -675,7 +669,8 @@ def create_app(
             with s.lock:
                 s.heatmaps = pictures
             return {"rows": rows, "scale": "peak of k·(C+εI)⁻¹k* per image, in units of the concept's own key "
-                                           "(1.0 = as strong as the painted region's mean key)"}
+                                           "(1.0 = as strong as the painted region's mean key)",
+                    "warning": state.stats_warning()}
 
         return JobOut(**state.jobs.submit("search", s.id, work).to_dict())
 
@@ -730,10 +725,28 @@ def create_app(
             written = write_report(out, state.clf, ev, change_path=s.edit_source)
             with s.lock:
                 s.report_dir = out
-            return {"html": str(written["html"]), "url": f"/api/sessions/{s.id}/report/index.html",
-                    "labels": kind, "summary": ev.summary()}
+            return {"html": str(written["html"]), "folder": str(out), "url": f"/api/sessions/{s.id}/report/index.html",
+                    "download_url": f"/api/sessions/{s.id}/report.zip", "labels": kind, "summary": ev.summary()}
 
         return JobOut(**state.jobs.submit("report", s.id, work).to_dict())
+
+    @app.get("/api/sessions/{sid}/report.zip", summary="The session's last exported report as one .zip download",
+             responses={200: {"content": {"application/zip": {}}}})
+    def report_zip(sid: str):
+        import io
+        import zipfile
+
+        s = get_session(sid)
+        if s.report_dir is None:
+            raise HTTPException(404, "no report exported in this session")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in sorted(s.report_dir.iterdir()):
+                if p.is_file():  # the files the report wrote, under the report's folder name
+                    z.write(p, f"{s.report_dir.name}/{p.name}")
+        fname = f"rulewriter-report-{s.report_dir.name}.zip"
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{fname}"'})
 
     @app.get("/api/sessions/{sid}/report/{name}", summary="A file of the session's last exported report")
     def report_file(sid: str, name: str):

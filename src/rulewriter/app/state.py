@@ -193,6 +193,7 @@ class AppState:
         self.predictions: dict[str, list[dict]] = {}
         self._stats: dict[tuple[str, int], Any] = {}
         self._stats_lock = threading.Lock()
+        self._stats_images = 0
         self.topk = min(5, classifier.num_classes)
 
     # ---------------------------------------------------------------- sessions
@@ -282,6 +283,21 @@ class AppState:
                             "refused")
         return [[{"index": int(i), "label": lab, "prob": round(float(p), 6)} for i, lab, p in row] for row in preds]
 
+    def check_edit(self, edit, source: str = "the edit") -> None:
+        """Refuse (RulewriterError) an edit made for another model or weights, or whose weights or outputs
+        are not finite; the model is left as it was either way."""
+        edit.check_model(self.clf, source)  # names the model and weights each was made for
+        with self.model_lock:
+            with edit.applied(self.clf.model):  # another layer shape or overflowing weights fail here, restored
+                pass
+        for i in self.image_ids(None):  # the outputs on one folder image (predict refuses NaN or inf)
+            try:
+                probe = self.image(i)
+            except ImageLoadError:
+                continue
+            self.predict([probe], edit, source)
+            break
+
     def cached_predictions(self, image_id: str, session: Session | None = None) -> list[dict]:
         if image_id not in self.predictions:
             top = self.predict([self.image(image_id, session)])[0]
@@ -295,9 +311,25 @@ class AppState:
         return {"source": str(src), "kind": "stats-data" if self.stats_data else "image folder",
                 "samples": self.stats_samples, "layer": self.layer,
                 "ready": (self.layer, 2) in self._stats,
+                "warning": self.stats_warning(),
                 "note": ("C comes from the browsed image folder; a few thousand images of the model's domain "
                          "(--stats-data DIR) give edits that generalise better") if not self.stats_data else
                         "C comes from --stats-data"}
+
+    def stats_warning(self) -> str | None:
+        """Why C is too small to trust, or None (also None before it is collected).
+
+        The principle: C = E[k kᵀ] estimated from fewer keys than the key dimension is singular (its rank is
+        at most the number of keys), so in the directions no key reached, the ridge, not the data, decides
+        what C⁻¹ does: key-match scores and the update direction C⁻¹k* there say nothing about the images.
+        """
+        s = self._stats.get((self.layer, 2))
+        if s is None or s.dim is None or s.count >= s.dim:
+            return None
+        return (f"C is too small to trust: it comes from {s.count} keys ({self._stats_images} images), fewer than "
+                f"the {s.dim} key dimensions of {self.layer}, so it is singular and the ridge decides at least "
+                f"{s.dim - s.count} of its directions. Collect it from more images (--stats-data DIR with a few "
+                "thousand images of the model's domain).")
 
     def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
         """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
@@ -323,7 +355,7 @@ class AppState:
                 s = collect_second_moment(self.clf, self.layer, ProgressDataset(ds, report, "statistics C"),
                                           cache_dir=self.cache_dir, progress=False, batch_size=16,
                                           device=self.clf.device)  # never move the model
-            self._stats[key] = s
+            self._stats[key], self._stats_images = s, len(ds)
             return s
 
     def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:

@@ -347,6 +347,7 @@ async function runEdit() {
     state.edit = res.edit;
     renderEditStatus();
     renderResults(res, `${res.pairs} key/value pairs, ${res.seconds} s; top-1 changed on ${res.changed} of ${res.rows.length} images`);
+    if (res.warning) toast(res.warning);
     $("#results").scrollIntoView({ behavior: "smooth", block: "start" });
     refreshStats();
   } catch (e) { toast(e.message); } finally { setBusy(false); }
@@ -366,12 +367,17 @@ async function revert() {
   renderEditStatus();
   $("#results").classList.add("hidden");
   $("#report-link").classList.add("hidden");
+  $("#report-download").classList.add("hidden");
   toast("Edit discarded: predictions are the original model's again.", "info");
 }
 
 async function save() {
   const r = await guarded(() => post(`${sp()}/edit/save`, { name: $("#save-name").value.trim() }));
-  if (r) { toast(`Saved ${r.name} (safetensors + JSON) in the output folder.`, "info"); refreshSaved(); }
+  if (r) {
+    toast(`Saved: ${r.path} (and ${r.name}.json beside it).`, "info");
+    $("#edit-status").textContent += ` Saved to ${r.path}.`;
+    refreshSaved();
+  }
 }
 
 async function refreshSaved() {
@@ -407,7 +413,11 @@ async function exportReport() {
     const res = await pollJob(await post(`${sp()}/report`), $("#report-progress"));
     const a = $("#report-link");
     a.href = res.url; a.classList.remove("hidden");
-    a.textContent = `open the report (${res.labels})`;
+    a.textContent = "Open the report";
+    a.title = `the HTML report in a new tab; accuracy against ${res.labels}`;
+    const d = $("#report-download");
+    d.href = res.download_url; d.classList.remove("hidden");
+    $("#report-where").textContent = `Report written to ${res.folder} (labels: ${res.labels}).`;
   } catch (e) { toast(e.message); } finally { setBusy(false); }
 }
 
@@ -419,6 +429,9 @@ async function searchConcept() {
     const res = await pollJob(job, $("#search-progress"));
     $("#search").classList.remove("hidden");
     $("#search-summary").textContent = `concept painted on ${nameOf(state.current)}; score: ${res.scale}`;
+    $("#search-warning").textContent = res.warning || "";
+    $("#search-warning").classList.toggle("hidden", !res.warning);
+    if (res.warning) toast(res.warning);
     const stamp = Date.now();  // new heatmaps under the same URLs
     $("#search-rows").replaceChildren(...res.rows.map((r, i) => el("div", { class: "heat", "data-id": r.image_id },
       el("img", { src: `${r.heatmap_url}?t=${stamp}`, alt: r.name }),
@@ -444,7 +457,8 @@ async function refreshStats() {
   state.info = await api("/api/info");
   const s = state.info.stats;
   $("#stats-note").textContent = `Statistics C (${s.ready ? "collected" : "collected at the first edit or search"}) `
-    + `from ${s.kind} ${s.source}${s.samples ? ` (${s.samples} images)` : ""}. ${s.note}.`;
+    + `from ${s.kind} ${s.source}${s.samples ? ` (${s.samples} images)` : ""}. ${s.note}.`
+    + (s.warning ? ` ${s.warning}` : "");
 }
 
 // ------------------------------------------------------------------ start
