@@ -2,7 +2,7 @@
 
 ::
 
-    rulewriter models | layers | predict | stats | merge-stats | edit | heatmap | demo
+    rulewriter models | layers | predict | stats | merge-stats | edit | heatmap | edits | export | demo
     rulewriter evaluate | inverse-edit | reconstruct | add-class | segment | probe | mitigate | app
 
 Each group module has ``add_commands(subparsers)``; every command sets ``func``. Errors a user can cause
@@ -19,7 +19,7 @@ from typing import Sequence
 from ..errors import RulewriterError
 
 #: The command groups, in the order ``rulewriter --help`` lists them.
-GROUPS = ("models", "predict", "stats", "edit", "demo", "evaluate", "inverse", "newclass", "segment", "spurious", "app")
+GROUPS = ("models", "predict", "stats", "edit", "edits", "demo", "evaluate", "inverse", "newclass", "segment", "spurious", "app")
 
 __all__ = ["GROUPS", "build_parser", "main"]
 

@@ -14,7 +14,10 @@ def cmd_edit(args) -> None:
     from ..core.rules import rewrite, rule_from_features, rule_from_images
 
     out = check_rule_args(args)
+    earlier = after_edits(args, out)
     clf = load_model(args)
+    for path, e in zip(args.after, earlier):
+        e.check_model(clf, path)
     layer = resolve_layer(args, clf)
     if args.manipulated:
         rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view)
@@ -24,11 +27,24 @@ def cmd_edit(args) -> None:
         rule = pasted_rule(clf, layer, args)
     stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples)
     edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
-                   solver=args.solver, fit=args.fit)
+                   solver=args.solver, fit=args.fit, on=earlier)
     edit.save(out)
     info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
-            "pairs": edit.meta["n_pairs"], "stats_keys": stats.count}
-    emit(info, args.json, f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs)")
+            "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "after": list(args.after),
+            "preserved_keys": edit.meta.get("preserved_keys", 0)}
+    kept = f", keeping {info['preserved_keys']} earlier rule keys" if args.after else ""
+    emit(info, args.json, f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs{kept})")
+
+
+def after_edits(args, out: Path) -> list:
+    """The ``--after`` edits, read before any work; ``--out`` may not replace one of them."""
+    from ..core.edit import Edit
+    from ..core.export import same_file
+
+    for p in args.after:
+        if same_file(out, p) or same_file(out, str(p) + ".json"):
+            raise RulewriterError(f"--out {out} is one of the --after edits; write the new edit to a new file")
+    return [Edit.load(p) for p in args.after]
 
 
 def texture(src: str):
@@ -132,6 +148,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "its v* (needs --context mean)")
     p.add_argument("--solver", default="closed-form", choices=["closed-form", "projected-gd"],
                    help="closed-form solve, or projected gradient descent (eq. 2.20)")
+    p.add_argument("--after", action="append", default=[],
+                   help="an earlier edit this one is written on (repeat): the new update keeps every earlier rule's "
+                        "key mapping to its value; apply them together (predict --edit A --edit B)")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
     add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_edit, out_kind="file+json")

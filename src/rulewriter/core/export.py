@@ -11,6 +11,7 @@ when it would replace one of them::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,7 +43,7 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 def edited_state_dict(classifier, edits: Sequence[Edit], sources: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """A copy of the model's state dict (on the CPU) with ``edits`` applied; the model itself is left as it was.
+    """A copy of the model's state dict (on the CPU) with ``edits`` applied in turn; the model is left as it was.
 
     Each edit is first checked to be made for this model and weights (:meth:`Edit.check_model`);
     ``sources`` names the edits in that message.
@@ -50,8 +51,11 @@ def edited_state_dict(classifier, edits: Sequence[Edit], sources: Sequence[str] 
     sources = list(sources) if sources is not None else [f"edit {i + 1}" for i in range(len(edits))]
     for e, src in zip(edits, sources):
         e.check_model(classifier, src)
-    together = edits[0].compose(*edits[1:]) if edits else Edit([])
-    with together.applied(classifier.model):
+    # One after another, as ``predict --edit A --edit B`` applies them, so the float32 weights are the same
+    # bits (a summed update rounds once, applying in turn rounds after each edit).
+    with contextlib.ExitStack() as stack:
+        for e in edits:
+            stack.enter_context(e.applied(classifier.model))
         return {k: v.detach().cpu().clone() for k, v in classifier.model.state_dict().items()}
 
 
@@ -61,7 +65,7 @@ def export_edited(classifier, edits: Sequence[Edit], out: str | os.PathLike[str]
 
     Args:
         classifier: the unedited model the edits were made for.
-        edits: the edits to apply, composed by summing (see :meth:`Edit.compose`).
+        edits: the edits to apply, in order (as ``predict --edit A --edit B`` does).
         out: the new weights file. Refused (EditError, nothing written) when it is one of ``inputs`` or
             a ``.json`` beside one of them: the user's weights and edits are never overwritten.
         inputs: the files the export reads (the weights file, the edit files).
