@@ -19,8 +19,20 @@ def demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     text = io.StringIO()
-    summary = run_demo(out, samples=48, quiet=True, stream=text)
+    summary = run_demo(out, samples=48, quiet=True, stream=text, cache_dir=tmp_path_factory.mktemp("cache"))
     return out, summary, text.getvalue()
+
+
+def test_a_second_run_reads_its_statistics_from_the_cache_and_says_so(demo, tmp_path):
+    from rulewriter.studies.demo import run_demo
+
+    out, first, text = demo
+    assert first["stats"]["cached"] is None and "read from the cache" not in text
+    again = io.StringIO()
+    second = run_demo(tmp_path / "again", samples=48, quiet=True, stream=again, cache_dir=first["stats"]["cache_dir"])
+    assert second["stats"]["cached"] and "read from the cache" in again.getvalue()
+    assert second["stats"]["keys"] == first["stats"]["keys"] and second["images"] == first["images"]
+    assert (tmp_path / "again" / "heatmaps" / "colorbar.png").is_file()
 
 
 def test_page_and_files(demo):

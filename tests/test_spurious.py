@@ -428,3 +428,11 @@ def test_probe_and_mitigate_on_efficientnet_lite0(lite0, photo_dir, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in lite0.model.state_dict().items())
     assert mit.rows["no edit"]["all"]["n"] == len(fs) - 2
     assert "rewriting using features" in mit.to_markdown()
+
+
+def test_mitigate_warns_when_the_test_split_is_too_small_to_compare_methods(clf, scenes):
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=1)
+    with pytest.warns(UserWarning, match=r"test split has 1 image\(s\): each one moves an accuracy by 100 points"):
+        res = mitigate(clf, fs, len(fs) - 1, _stats(clf, pairs), methods=["images"], progress=False)
+    assert res.rows["no edit"]["all"]["n"] == 1

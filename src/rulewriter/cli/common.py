@@ -206,7 +206,7 @@ POSITIVE_OPTIONS = ("samples", "stats_samples", "batch_size", "topk", "n_negativ
 #: Options that may be zero but not negative.
 NONNEGATIVE_OPTIONS = ("workers",)
 #: Options that name files a command reads; an output may be none of them.
-INPUT_OPTIONS = ("stats", "weights", "edit", "original", "manipulated", "mask", "texture", "images", "parts",
+INPUT_OPTIONS = ("stats", "weights", "edit", "after", "original", "manipulated", "mask", "texture", "images", "parts",
                  "concept_image", "concept_mask", "image", "compare", "calibration")
 
 

@@ -217,6 +217,8 @@ def run_demo(
     quiet: bool = False,
     *,
     stream: TextIO | None = None,
+    cache_dir: str | Path | None = None,
+    cache: bool = True,
 ) -> dict:
     """Run the demo, write ``out_dir`` (index.html, edit.safetensors(.json), PNGs) and return a JSON-able summary.
 
@@ -226,6 +228,9 @@ def run_demo(
         samples: number of images for ``C`` (default: all of ``stats_data``, or 400 augmentations).
         quiet: no progress bars (the story is still printed).
         stream: where the story goes (default ``sys.stdout``; pass ``sys.stderr`` to keep stdout for JSON).
+        cache_dir: the statistics cache (default ``$RULEWRITER_CACHE`` or ``~/.cache/rulewriter``); the
+            augmented photos are cached too, so a second run skips the statistics pass (and says so).
+        cache: ``False`` neither reads nor writes the cache.
 
     Returns:
         ``{"model", "layer", "view", "stats", "rule", "images", "fixed", "unrelated_kept", "paths",
@@ -240,7 +245,7 @@ def run_demo(
     Raises:
         RulewriterError: scikit-image missing, ``stats_data`` not a folder of images, bad ``samples``.
     """
-    from ..concepts.heatmap import key_match, overlay
+    from ..concepts.heatmap import colorbar, key_match, overlay, shared_scale
     from ..core.edit import regularize
     from ..concepts.manipulate import paste_texture, texture_from
     from ..core.memory import LayerMemory
@@ -329,23 +334,27 @@ def run_demo(
     say(f"   manipulated  {_fmt(before['manipulated'])}")
 
     # ------------------------------------------------------------------ 2. statistics and the rewrite
+    default_cache = os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")
+    cache_path = Path(cache_dir if cache_dir is not None else default_cache).expanduser() if cache else None
     if stats_data is not None:
-        cache = Path(os.environ.get("RULEWRITER_CACHE", "~/.cache/rulewriter")).expanduser()
-        stats = collect_second_moment(clf, layer, stats_data, samples=samples, cache_dir=cache,
+        stats = collect_second_moment(clf, layer, stats_data, samples=samples, cache_dir=cache_path,
                                       progress=not quiet)
         n_images = stats.count // max(1, cells)
-        stats_info = {"source": str(stats_data), "kind": "folder", "images": n_images, "keys": stats.count,
-                      "cache_dir": str(cache)}
+        stats_info = {"source": str(stats_data), "kind": "folder", "images": n_images, "keys": stats.count}
         say(f"2. statistics C from {stats_data}: {n_images} images, {stats.count} keys")
     else:
         n = samples or DEFAULT_SAMPLES
-        ds = AugmentedPhotos(photos, clf.preprocess, n=n)
-        stats = collect_second_moment(clf, layer, ds, progress=not quiet)
+        ds = AugmentedPhotos(photos, clf.preprocess, n=n)  # it has a fingerprint(), so it is cached too
+        stats = collect_second_moment(clf, layer, ds, cache_dir=cache_path, progress=not quiet)
         stats_info = {"source": "augmented skimage photos", "kind": "augmented", "images": n,
                       "photos": ds.names, "keys": stats.count, "note": _STATS_NOTE}
         say(f"2. statistics C from {n} augmentations of {len(ds.names)} skimage photos and textures "
             f"({stats.count} keys)")
         say(f"   note: {_STATS_NOTE}")
+    stats_info.update(cache_dir=None if cache_path is None else str(cache_path),
+                      cached=None if stats.source is None else str(stats.source))
+    if stats.source is not None:
+        say(f"   (read from the cache: {stats.source}; pass --no-cache to recollect)")
 
     rule = rule_from_images(clf, layer, [coffee], [manipulated], [mask], view=mem.view)
     rule.description.update(originals=["skimage.data.coffee()"], manipulated=["gravel pasted (keep shading)"],
@@ -401,11 +410,13 @@ def run_demo(
     heat = key_match(mem.keys(x_layer).double(), k_star, c_reg, ridge=0).float()  # (N, h, w): the edit's activation
     unit = float(k_star @ torch.linalg.solve(c_reg, k_star))  # k*ᵀ(C+εI)⁻¹k*: the rule's own key scores 1
     rel = heat / unit
-    vmax = max(float(rel.clamp_min(0).max()), 1e-12)
+    scaled, vmax = shared_scale(list(rel))  # one colour scale for every image
     heat_dir = out_dir / "heatmaps"
+    bar = colorbar(vmax, label="×k*")
+    paths["colorbar"] = save_png(heat_dir / "colorbar.png", bar)
     cards = []
     for i, c in enumerate(cases):
-        ov = overlay(shown[i], (rel[i].clamp_min(0) / vmax).numpy(), alpha=0.5, normalize="none")
+        ov = overlay(shown[i], scaled[i], alpha=0.5, normalize="none")
         paths[f"heatmap_{c.name}"] = save_png(heat_dir / f"{c.name}.png", ov)
         peak = float(rel[i].max())
         images[c.name]["heat_peak"] = round(peak, 4)
@@ -419,6 +430,7 @@ def run_demo(
                       cls="muted"),
         ], subtitle=c.role))
 
+    cards.append(card("colour scale", [figure(bar, f"every heatmap: 0 (blue) to {vmax:.2f}×k* (red)")]))
     stats_line = (f"Statistics C: {stats_info['source']} ({stats_info['images']} images, {stats_info['keys']} keys).")
     exemplar = card("the exemplar", [
         figure(coffee, "skimage.data.coffee()", max_side=360),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ from PIL import Image
 from ..errors import EditError, ImageLoadError, MaskError, RulewriterError
 from .filtered import FilteredSet, FixedSplit
 from .report import percent
+
+#: Below this many held-out images one image moves an accuracy by more than 10 points: mitigate warns.
+MIN_TEST_IMAGES = 10
 
 __all__ = ["ClassRow", "ProbeResult", "FilteredSet", "FixedSplit", "MitigationResult", "probe", "mitigate", "METHODS",
            "DEFAULT_MIN_AREA", "add_cli"]
@@ -603,6 +607,11 @@ def mitigate(
     visible = [i for i in range(len(filtered))
                if float(classifier.preprocess.mask(filtered.mask(i)).max()) > 0]
     train, test = filtered.split(exemplars, seed, eligible=visible)
+    if len(test) < MIN_TEST_IMAGES:
+        warnings.warn(f"the held-out test split has {len(test)} image(s): each one moves an accuracy by "
+                      f"{100 / len(test):.0f} points, so the methods' differences are mostly noise; probe more "
+                      f"images (or use fewer exemplars) for a test split of at least {MIN_TEST_IMAGES}",
+                      stacklevel=2)
     ex_masks = [train.mask(i) for i in range(len(train))]
     changes: dict[str, Any] = {"no edit": None}
     seconds: dict[str, float] = {}
