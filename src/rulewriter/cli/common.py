@@ -141,9 +141,10 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
         if not getattr(args, "force", False):
             s.check_model(clf, source=args.stats)
         return s
-    s = collect_second_moment(
+    s = collect_second_moment(  # commands without the precision options (inverse-edit) take the defaults
         clf, layer, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, amp=args.amp, num_workers=args.workers, shard=getattr(args, "shard", None),
+        precision=getattr(args, "precision", "auto"), amp=getattr(args, "amp", None),
+        num_workers=getattr(args, "workers", None), shard=getattr(args, "shard", None),
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
     if s.source is not None:  # a cache hit is said, so that a stale entry can be recognised and removed

@@ -1,11 +1,9 @@
 """`rulewriter` commands of extensions/inverse.py."""
 from __future__ import annotations
 
-from ..core.edit import Edit
 from ..errors import EditError
 from ..core.memory import LayerMemory
 from pathlib import Path
-from ..errors import StatsError
 import argparse
 from ..atomic import atomic_bytes
 from ..core.trace import get_module
@@ -22,7 +20,7 @@ from ..extensions.reconstruct import dot_similarity, reconstruct_features, recon
 # ------------------------------------------------------------------------------------------ CLI
 def _stats_for(args, clf, layer: str):
     """Statistics for the chosen solver: a SecondMoment of the view's keys, or a KeySpectrum."""
-    from ..core.stats import SecondMoment, collect_second_moment
+    from .common import load_stats
 
     if args.solver == "fourier":
         if args.stats:
@@ -30,15 +28,7 @@ def _stats_for(args, clf, layer: str):
         return collect_key_spectrum(clf, layer, args.stats_data, samples=args.stats_samples,
                                     batch_size=args.batch_size, device=args.device,
                                     cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
-    if args.stats:
-        s = SecondMoment.load(args.stats)
-        meta = s.meta
-        if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
-            raise StatsError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
-        return s
-    return collect_second_moment(clf, layer, args.stats_data, view=args.view, samples=args.stats_samples,
-                                 batch_size=args.batch_size, device=args.device,
-                                 cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
+    return load_stats(args, clf, layer, args.stats_data, args.stats_samples)
 
 
 def cmd_inverse_edit(args) -> None:
@@ -72,7 +62,7 @@ def _pasted_pairs(args) -> tuple[list, list]:
 
 
 def cmd_reconstruct(args) -> None:
-    from .common import emit, resolve_layer, load_model
+    from .common import emit, load_edit, load_model, resolve_layer
     from ..concepts.heatmap import save_overlay
     from ..concepts.masks import load_mask, mask_to_grid
     from ..models.data import load_image
@@ -98,7 +88,7 @@ def cmd_reconstruct(args) -> None:
     names = {"image": args.image, **compares}
     xs = {n: pre.batch([load_image(p)]) for n, p in names.items()}
     ins = {n: layer_io(clf, layer, x)[0] for n, x in xs.items()}
-    edit = Edit.load(args.edit) if args.edit else None
+    edit = load_edit(args, clf, args.edit) if args.edit else None
     handle = edit.apply(clf.model) if (edit is not None and args.target == "edited") else None
     try:
         x_in, y_out = layer_io(clf, layer, xs["image"])
