@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ImageLoadError, RulewriterError
-from .common import DEFAULT_CACHE, add_command, add_model_args
+from .common import DEFAULT_CACHE, add_command, add_model_args, load_model
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,13 +39,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_app(args: argparse.Namespace) -> None:
     """The ``app`` subcommand: check every input, load the model, serve."""
     from ..app.server import create_app, serve
-    from ..models.registry import load_classifier
 
     if not 0 < args.port < 65536:
         raise RulewriterError(f"--port must be in 1..65535, got {args.port}")
     if not Path(args.images).is_dir():
         raise ImageLoadError(f"--images {args.images}: no such folder")
-    clf = load_classifier(args.model, weights=args.weights, device=args.device)
+    clf = load_model(args)  # its errors name --weights, not the library's weights=
     app = create_app(clf, args.images, layer=args.layer, stats_data=args.stats_data,
                      stats_samples=args.stats_samples, out_dir=args.out,
                      cache_dir=None if args.no_cache else args.cache_dir, allowed_hosts=args.allow_host)
