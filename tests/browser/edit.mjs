@@ -54,6 +54,20 @@ try {
   });
   summary.thumbnails = await page.$$eval(".thumb", (ts) => ts.map((t) => ({
     name: t.dataset.name, top1: t.querySelector(".top1").firstChild.textContent })));
+  // A very long file name must not widen the thumbnail grid past its panel (minmax(0, 1fr) columns).
+  const overflow = await page.evaluate(() => {
+    const grid = document.querySelector("#thumbs");
+    const name = grid.querySelector(".thumb .name");
+    const long = document.createElement("span");  // added, then removed: the thumbnail is left as it was
+    long.textContent = "a-very-long-file-name-without-any-spaces-".repeat(6) + ".jpg";
+    name.append(long);
+    const panel = document.querySelector("#browse");
+    const out = { grid: grid.scrollWidth, gridBox: grid.clientWidth, panel: panel.scrollWidth, panelBox: panel.clientWidth };
+    long.remove();
+    return out;
+  });
+  check("a long file name does not overflow the thumbnail grid",
+        overflow.grid <= overflow.gridBox + 1 && overflow.panel <= overflow.panelBox + 1, overflow);
   await page.click('.thumb[data-name="coffee.jpg"]');
   await page.waitForSelector("#canvas-wrap:not(.empty)");
   await page.waitForFunction(() => document.querySelector("#current-preds li")?.textContent.includes("espresso"));

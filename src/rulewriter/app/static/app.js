@@ -347,7 +347,6 @@ async function runEdit() {
     state.edit = res.edit;
     renderEditStatus();
     renderResults(res, `${res.pairs} key/value pairs, ${res.seconds} s; top-1 changed on ${res.changed} of ${res.rows.length} images`);
-    if (res.warning) toast(res.warning);
     $("#results").scrollIntoView({ behavior: "smooth", block: "start" });
     refreshStats();
   } catch (e) { toast(e.message); } finally { setBusy(false); }
@@ -431,7 +430,6 @@ async function searchConcept() {
     $("#search-summary").textContent = `concept painted on ${nameOf(state.current)}; score: ${res.scale}`;
     $("#search-warning").textContent = res.warning || "";
     $("#search-warning").classList.toggle("hidden", !res.warning);
-    if (res.warning) toast(res.warning);
     const stamp = Date.now();  // new heatmaps under the same URLs
     $("#search-rows").replaceChildren(...res.rows.map((r, i) => el("div", { class: "heat", "data-id": r.image_id },
       el("img", { src: `${r.heatmap_url}?t=${stamp}`, alt: r.name }),
