@@ -358,16 +358,6 @@ class AppState:
             self._stats[key], self._stats_images = s, len(ds)
             return s
 
-    def layer_keys(self, images: list[Image.Image]) -> torch.Tensor:
-        from ..core.memory import LayerMemory
-        from ..core.rules import layer_io
-        from ..core.trace import get_module
-
-        mem = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer)
-        with self.model_lock:
-            x, _ = layer_io(self.clf, self.layer, self.clf.preprocess.batch(images))
-        return mem.keys(x)
-
     def concept_rule(self, image: Image.Image, mask: np.ndarray):
         """The masked keys and values of an image itself (a rule from the image to itself)."""
         from ..core.rules import rule_from_images

@@ -24,7 +24,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
     p.add_argument("--stats-data", default=None, help="image folder for the statistics C (default: --images)")
     p.add_argument("--stats-samples", type=int, default=None, help="use N images for the statistics (default: all)")
-    p.add_argument("--out", default="rulewriter-app", help="folder for saved edits and reports")
+    p.add_argument("--out", default="rulewriter-app",
+                   help="folder for saved edits (its edits/) and exported reports (its reports/); git-ignored in a clone")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="statistics cache folder")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--host", default="127.0.0.1",
