@@ -160,6 +160,15 @@ def edit_with(w: Path, *, scalar=False, deep=False, scale=None, delta_max=None, 
     return out
 
 
+def inverse_stats(w: Path, model: str) -> Path:
+    """Statistics of the layer's outputs (view 3, for inverse-edit) whose metadata names ``model``."""
+    from rulewriter.core.stats import collect_second_moment
+
+    s = collect_second_moment(tiny_classifier(), LAYER, w / "photos", view=3, progress=False)
+    s.meta["model"] = model
+    return s.save(w / "C3.safetensors")
+
+
 def shard_part(w: Path) -> Path:
     from rulewriter.core.stats import collect_second_moment
 
@@ -241,6 +250,12 @@ CASES = {
                                            edit_with(w, scale=1e150)], r"NaN or inf"),
     "evaluate an edit with ΔW up to 3e38": (lambda w: ["evaluate", "--data", "data", "--quiet", "--out", "ev",
                                                        "--edit", edit_with(w, delta_max=3e38)], r"NaN or inf"),
+    "reconstruct with an edit of another model": (
+        lambda w: ["reconstruct", "--stage", "key", "--layer", LAYER, "--image", "a.png", "--mask", "m.png",
+                   "--compare", "b=b.png", "--edit", edit_with(w, model="vgg16"), "--out-dir", "rec"], r"vgg16"),
+    "inverse-edit with statistics of another model": (
+        lambda w: ["inverse-edit", "--layer", LAYER, "--original", "a.png", "--manipulated", "man.png", "--mask",
+                   "m.png", "--stats", inverse_stats(w, model="vgg16"), "--out", "x.safetensors"], r"vgg16.*Tiny"),
     "evaluate an edit of another model": (lambda w: ["evaluate", "--data", "data", "--quiet", "--out", "ev",
                                                      "--edit", edit_with(w, model="vgg16")], r"vgg16"),
     # nothing written on error

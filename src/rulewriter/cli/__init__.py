@@ -66,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rulewriter: error: {e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rulewriter: error: interrupted; nothing was written but partial statistics in the cache, "
-              f"which the next run resumes from{where}", file=sys.stderr)
+        print(f"rulewriter: error: interrupted (statistics collected so far stay in the cache; the same command "
+              f"resumes from them){where}", file=sys.stderr)
         return 130
     except OSError as e:  # a disk that fills up or a folder that turns read-only during the work
         print(f"rulewriter: error: {e.strerror or e}: {e.filename or ''}{where}".rstrip(": "), file=sys.stderr)

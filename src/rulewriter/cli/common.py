@@ -202,10 +202,9 @@ def add_exemplar_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ checked before any work
 #: Options whose value counts something: at least one (``None`` keeps the option's default meaning).
-POSITIVE_OPTIONS = ("samples", "stats_samples", "batch_size", "topk", "n_negatives", "rounds", "max_negatives",
-                    "steps")
-#: Options that may be zero but not negative.
-NONNEGATIVE_OPTIONS = ("workers",)
+POSITIVE_OPTIONS = ("samples", "stats_samples", "batch_size", "topk", "max_negatives", "steps")
+#: Options that may be zero but not negative (``--n-negatives 0``: the positive alone, as in the library).
+NONNEGATIVE_OPTIONS = ("workers", "n_negatives", "rounds")
 #: Options that name files a command reads; an output may be none of them.
 INPUT_OPTIONS = ("stats", "weights", "edit", "after", "original", "manipulated", "mask", "texture", "images", "parts",
                  "concept_image", "concept_mask", "image", "compare", "calibration")

@@ -79,8 +79,7 @@ def cmd_reconstruct(args) -> None:
         if not sep or not name or not path:
             raise EditError(f"--compare takes NAME=IMAGE, got {item!r}")
         compares[name] = path
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    edit = load_edit(args, clf, args.edit) if args.edit else None
     pre = clf.preprocess
     img = load_image(args.image)
     shown = pre.denormalize(pre.image(img))
@@ -88,7 +87,8 @@ def cmd_reconstruct(args) -> None:
     names = {"image": args.image, **compares}
     xs = {n: pre.batch([load_image(p)]) for n, p in names.items()}
     ins = {n: layer_io(clf, layer, x)[0] for n, x in xs.items()}
-    edit = load_edit(args, clf, args.edit) if args.edit else None
+    out_dir = Path(args.out_dir)  # made only now: every input has been read
+    out_dir.mkdir(parents=True, exist_ok=True)
     handle = edit.apply(clf.model) if (edit is not None and args.target == "edited") else None
     try:
         x_in, y_out = layer_io(clf, layer, xs["image"])

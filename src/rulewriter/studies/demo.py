@@ -271,8 +271,7 @@ def run_demo(
         raise RulewriterError(f"--samples must be positive, got {samples}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise RulewriterError(f"{out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise RulewriterError(f"{out_dir} exists and is not a folder")  # made by the first file written
     if "coffee" not in photos:
         raise RulewriterError("this scikit-image has no coffee photo (skimage.data.coffee); the demo needs it")
 
