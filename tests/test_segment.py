@@ -469,3 +469,17 @@ def test_cli_deeplab_round_trip_through_mask_files(deeplab, samples, tmp_path, c
 
 def test_errors_are_rulewriter_errors():
     assert issubclass(SpecError, RulewriterError) and issubclass(SpecError, ValueError)
+
+
+def test_deeplab_does_not_print_the_runtimes_info_line(litert, shared_dir):
+    import subprocess
+    import sys
+
+    model = shared_dir / "models" / "deeplabv3_mnv2_pascal_quant.tflite"
+    if not model.is_file():
+        pytest.skip(f"DeepLab model not found at {model}")
+    # A fresh process: the runtime prints its line once per process, straight to file descriptor 2.
+    code = f"from rulewriter.studies.segment import load_segmenter; load_segmenter('deeplab:bus@{model}')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "INFO:" not in run.stderr and "INFO:" not in run.stdout
