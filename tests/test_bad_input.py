@@ -169,6 +169,15 @@ def inverse_stats(w: Path, model: str) -> Path:
     return s.save(w / "C3.safetensors")
 
 
+def spectrum_of(w: Path, model: str) -> Path:
+    """A key spectrum of the layer (for inverse-edit --solver fourier) whose metadata names ``model``."""
+    from rulewriter.extensions.fourier import collect_key_spectrum
+
+    spec = collect_key_spectrum(tiny_classifier(), LAYER, w / "photos", progress=False)
+    spec.meta["model"] = model
+    return spec.save(w / "S.safetensors")
+
+
 def shard_part(w: Path) -> Path:
     from rulewriter.core.stats import collect_second_moment
 
@@ -256,6 +265,10 @@ CASES = {
     "inverse-edit with statistics of another model": (
         lambda w: ["inverse-edit", "--layer", LAYER, "--original", "a.png", "--manipulated", "man.png", "--mask",
                    "m.png", "--stats", inverse_stats(w, model="vgg16"), "--out", "x.safetensors"], r"vgg16.*Tiny"),
+    "inverse-edit --solver fourier with a spectrum of another model": (
+        lambda w: ["inverse-edit", "--solver", "fourier", "--view", "4", "--layer", LAYER, "--original", "a.png",
+                   "--manipulated", "man.png", "--mask", "m.png", "--stats", spectrum_of(w, model="vgg16"),
+                   "--out", "x.safetensors"], r"vgg16.*Tiny"),
     "evaluate an edit of another model": (lambda w: ["evaluate", "--data", "data", "--quiet", "--out", "ev",
                                                      "--edit", edit_with(w, model="vgg16")], r"vgg16"),
     # nothing written on error
@@ -372,6 +385,26 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(capsys, work, damage):
     assert "rulewriter: warning:" in err and "rebuilt" in err and "Traceback" not in err
     assert torch.equal(SecondMoment.load("S2.safetensors").moment(), good)
     assert torch.equal(SecondMoment.load(entry).moment(), good)  # the entry itself is whole again
+
+
+def test_a_damaged_key_spectrum_cache_entry_is_rebuilt(work):
+    from rulewriter.errors import StatsError
+    from rulewriter.extensions.fourier import KeySpectrum, collect_key_spectrum
+
+    clf = tiny_classifier()
+    first = collect_key_spectrum(clf, LAYER, work / "photos", cache_dir=work / "cache", progress=False)
+    (entry,) = (work / "cache").glob("spectrum-*.safetensors")
+    hit = collect_key_spectrum(clf, LAYER, work / "photos", cache_dir=work / "cache", progress=False)
+    assert hit.source == entry and first.source is None
+    data = bytearray(entry.read_bytes())
+    data[-8:] = np.array([1e300], np.float64).tobytes()
+    entry.write_bytes(bytes(data))
+    with pytest.raises(StatsError, match="corrupt"):
+        KeySpectrum.load(entry)
+    with pytest.warns(UserWarning, match="damaged and is rebuilt"):
+        again = collect_key_spectrum(clf, LAYER, work / "photos", cache_dir=work / "cache", progress=False)
+    assert again.source is None and torch.equal(again.spec, first.spec)
+    assert torch.equal(KeySpectrum.load(entry).spec, first.spec)
 
 
 def test_a_cache_hit_is_said(capsys, work):

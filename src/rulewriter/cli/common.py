@@ -147,10 +147,15 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
         num_workers=getattr(args, "workers", None), shard=getattr(args, "shard", None),
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
-    if s.source is not None:  # a cache hit is said, so that a stale entry can be recognised and removed
-        print(f"rulewriter: using cached statistics {s.source} ({s.count} keys; --no-cache to recollect)",
-              file=sys.stderr)
+    say_cached(s)
     return s
+
+
+def say_cached(stats) -> None:
+    """Say on stderr that ``stats`` (collected with a cache folder) came from the cache, and from which file."""
+    if getattr(stats, "source", None) is not None:  # so that a stale entry can be recognised and removed
+        print(f"rulewriter: using cached statistics {stats.source} ({stats.count} samples; --no-cache to "
+              "recollect)", file=sys.stderr)
 
 
 def load_edit(args: argparse.Namespace, clf, path: str):

@@ -20,14 +20,19 @@ from ..extensions.reconstruct import dot_similarity, reconstruct_features, recon
 # ------------------------------------------------------------------------------------------ CLI
 def _stats_for(args, clf, layer: str):
     """Statistics for the chosen solver: a SecondMoment of the view's keys, or a KeySpectrum."""
-    from .common import load_stats
+    from .common import load_stats, say_cached
 
     if args.solver == "fourier":
         if args.stats:
-            return KeySpectrum.load(args.stats)
-        return collect_key_spectrum(clf, layer, args.stats_data, samples=args.stats_samples,
+            spec = KeySpectrum.load(args.stats)
+            if not args.force:
+                spec.check_model(clf, args.stats)
+            return spec
+        spec = collect_key_spectrum(clf, layer, args.stats_data, samples=args.stats_samples,
                                     batch_size=args.batch_size, device=args.device,
                                     cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet)
+        say_cached(spec)
+        return spec
     return load_stats(args, clf, layer, args.stats_data, args.stats_samples)
 
 

@@ -33,7 +33,7 @@ from .memory import LayerMemory
 from .trace import Trace
 
 __all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "key_products",
-           "tensors_checksum", "statistics_dataset", "dataset_fingerprint",
+           "tensors_checksum", "read_statistics", "check_made_for", "statistics_dataset", "dataset_fingerprint",
            "default_precision", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
@@ -307,21 +307,8 @@ class SecondMoment:
         self.count, self.sum, self.outer = int(count.reshape(-1)[0]), s.double(), o.double()
 
     def check_model(self, classifier, source: str | Path | None = None) -> None:
-        """Refuse (StatsError) statistics whose metadata names another model or other weights than
-        ``classifier``'s; statistics that do not say what they were made from pass.
-
-        Example::
-
-            >>> SecondMoment.load("C.safetensors").check_model(clf, "C.safetensors")      # doctest: +SKIP
-            StatsError: C.safetensors holds statistics of model vgg16 with weights 1a2b…, but the model loaded is …
-        """
-        model, weights = self.meta.get("model"), self.meta.get("weights")
-        if model not in (None, classifier.name) or weights not in (None, classifier.weights_id):
-            raise StatsError(
-                f"{source or 'these statistics'} holds statistics of model {model} with weights {weights}, but "
-                f"the model loaded is {classifier.name} with weights {classifier.weights_id}; collect "
-                "statistics for this model (or pass --force)"
-            )
+        """Refuse (StatsError) statistics made for another model or other weights: :func:`check_made_for`."""
+        check_made_for(self.meta, classifier, source)
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write atomically as safetensors; ``metadata`` (JSON-able, default :attr:`meta`) goes in the header."""
@@ -341,18 +328,7 @@ class SecondMoment:
             >>> s.dim, s.count, s.meta["layer"]               # doctest: +SKIP
             (320, 1254400, '_blocks.15._project_conv')
         """
-        tensors, header = read_safetensors(Path(path), StatsError)
-        if header.get("format") != FORMAT:
-            raise StatsError(f"{path} is not a rulewriter statistics file (format {header.get('format')!r})")
-        # Files written before checksums existed have none; any other file must match its own.
-        if "sha256" in header and header["sha256"] != tensors_checksum(tensors):
-            raise StatsError(f"{path} is corrupt: its tensors do not match the checksum in its header")
-        try:
-            meta = json.loads(header.get("meta", "{}"))
-        except ValueError as e:
-            raise StatsError(f"{path}: its metadata is not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise StatsError(f"{path}: its metadata must be a JSON object, got {type(meta).__name__}")
+        tensors, header, meta = read_statistics(path, FORMAT, "a rulewriter statistics file")
         try:
             s = cls(header.get("precision", "fp64"))
         except StatsError as e:
@@ -364,6 +340,45 @@ class SecondMoment:
         s.meta = meta
         s.source = Path(path)
         return s
+
+
+def check_made_for(meta: dict, classifier, source: str | Path | None = None) -> None:
+    """Refuse (StatsError) statistics whose ``meta`` names another model or other weights than ``classifier``'s
+    ``name`` and ``weights_id``; statistics that do not say what they were made from pass.
+
+    Example:
+        >>> check_made_for({"model": "vgg16"}, type("C", (), {"name": "vgg16", "weights_id": "ab"})())
+    """
+    model, weights = meta.get("model"), meta.get("weights")
+    if model not in (None, classifier.name) or weights not in (None, classifier.weights_id):
+        raise StatsError(
+            f"{source or 'these statistics'} holds statistics of model {model} with weights {weights}, but "
+            f"the model loaded is {classifier.name} with weights {classifier.weights_id}; collect "
+            "statistics for this model (or pass --force)"
+        )
+
+
+def read_statistics(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """Read a statistics file (second moment, key spectrum): its tensors, header and metadata, checked.
+
+    The header's ``format`` must be ``fmt``; the tensors must match the header's checksum
+    (:func:`tensors_checksum`; files written before checksums existed have none); ``meta`` must be a JSON
+    object. Anything else is a :class:`~rulewriter.errors.StatsError` naming the file.
+    """
+    tensors, header = read_safetensors(Path(path), StatsError)
+    if header.get("format") != fmt:
+        raise StatsError(f"{path} is not {what} (format {header.get('format')!r})")
+    if "sha256" in header and header["sha256"] != tensors_checksum(tensors):
+        raise StatsError(f"{path} is corrupt: its tensors do not match the checksum in its header")
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except ValueError as e:
+        raise StatsError(f"{path}: its metadata is not valid JSON ({e})") from None
+    except RecursionError:
+        raise StatsError(f"{path}: its metadata is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise StatsError(f"{path}: its metadata must be a JSON object, got {type(meta).__name__}")
+    return tensors, header, meta
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -26,7 +26,8 @@ from torch import nn
 from ..core.edit import DEFAULT_RIDGE, solve_lambda, update_direction
 from ..errors import EditError, StatsError
 from ..core.memory import LayerMemory
-from ..core.stats import atomic_save, dataset_fingerprint, read_safetensors, stats_cache_key, statistics_dataset
+from ..core.stats import (atomic_save, check_made_for, dataset_fingerprint, read_statistics, stats_cache_key,
+                          statistics_dataset, tensors_checksum)
 from ..core.trace import Trace, get_module
 
 __all__ = [
@@ -172,6 +173,7 @@ class KeySpectrum:
         self.grid: tuple[int, int] | None = None
         self.count = 0
         self.meta: dict = {}  # what the spectrum was computed from; saved and loaded with it
+        self.source: Path | None = None  # the file it was read from (a cache hit), not saved
 
     @property
     def dim(self) -> int:
@@ -227,20 +229,30 @@ class KeySpectrum:
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write atomically as safetensors (real and imaginary parts); ``metadata`` (default :attr:`meta`)
         goes in the header."""
+        state = self.state_dict()
         header = {"format": SPECTRUM_FORMAT,
-                  "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True, default=str)}
-        return atomic_save(self.state_dict(), Path(path), header)
+                  "meta": json.dumps(self.meta if metadata is None else metadata, sort_keys=True, default=str),
+                  "sha256": tensors_checksum(state)}
+        return atomic_save(state, Path(path), header)
 
     @classmethod
     def load(cls, path: str | Path) -> "KeySpectrum":
-        """Read a spectrum saved by :meth:`save`; its metadata is on :attr:`meta`."""
-        tensors, header = read_safetensors(Path(path), StatsError)
-        if header.get("format") != SPECTRUM_FORMAT:
-            raise StatsError(f"{path} is not a rulewriter key spectrum (format {header.get('format')!r})")
+        """Read a spectrum saved by :meth:`save` (checked as :func:`~rulewriter.core.stats.read_statistics`
+        checks statistics); its metadata is on :attr:`meta`, the file on :attr:`source`."""
+        tensors, _, meta = read_statistics(path, SPECTRUM_FORMAT, "a rulewriter key spectrum")
         s = cls()
-        s.load_state_dict(tensors)
-        s.meta = json.loads(header.get("meta", "{}"))
+        try:
+            s.load_state_dict(tensors)
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
+        if s.count < 1:
+            raise StatsError(f"{path}: the key spectrum holds no maps (count {s.count})")
+        s.meta, s.source = meta, Path(path)
         return s
+
+    def check_model(self, classifier, source: str | Path | None = None) -> None:
+        """Refuse (StatsError) a spectrum made for another model or other weights (:func:`check_made_for`)."""
+        check_made_for(self.meta, classifier, source)
 
 
 def _output_maps(mem: LayerMemory, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -289,8 +301,12 @@ def collect_key_spectrum(
         key = stats_cache_key(meta)
         cache = Path(cache_dir).expanduser() / f"spectrum-{classifier.name}-{layer.replace('/', '_')}-{key[:16]}.safetensors"
         if cache.is_file():
-            spec = KeySpectrum.load(cache)
-            if spec.meta.get("key") == key:
+            try:
+                spec = KeySpectrum.load(cache)
+            except StatsError as e:  # truncated or flipped bits: rebuilt below
+                warnings.warn(f"the key spectrum cache entry is damaged and is rebuilt: {e}", stacklevel=2)
+                spec = None
+            if spec is not None and spec.meta.get("key") == key:
                 return spec
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     spec = KeySpectrum()
