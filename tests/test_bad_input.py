@@ -220,7 +220,14 @@ CASES = {
                                                                   "new.safetensors"])[1], r"description.*folder"),
     "heatmap --out-dir is a file": (lambda w: HEAT + ["--out-dir", "a.png", "b.png"], r"not a folder"),
     "evaluate --out is a file": (lambda w: ["evaluate", "--data", "data", "--out", "a.png"], r"not a folder"),
-    # counts and devices
+    "evaluate --out inside its --data": (lambda w: ["evaluate", "--data", "data", "--out", "data/report"],
+                                         r"inside data"),
+    "heatmap --out-dir is its --stats-data": (lambda w: HEAT + ["--stats-data", "photos", "--out-dir", "photos",
+                                                                "b.png"], r"inside photos"),
+    # counts, devices and usage
+    "a usage error (edit --view 9)": (lambda w: ["edit", "--view", "9", "--out", "x.safetensors"], r"invalid choice"),
+    "add-class --n-negatives -1": (lambda w: ADD + ["--n-negatives", "-1", "--out", "x.safetensors"],
+                                   r"--n-negatives must be 0 or more"),
     "edit --stats-samples -5": (lambda w: EDIT + ["--stats-data", "photos", "--stats-samples", "-5", "--out",
                                                   "x.safetensors"], r"--stats-samples must be at least 1"),
     "stats --workers -1": (lambda w: STATS + ["--workers", "-1"], r"--workers must be 0 or more"),
@@ -324,6 +331,18 @@ def test_weights_errors_name_the_option(capsys, work, monkeypatch):
     code, _, err = _run(capsys, ["predict", "--model", "resnet18", "a.png"])
     assert code == 2 and "weights=" not in err
     assert "--weights was not given" in err and "--weights <path" in err and "--weights none" in err
+
+
+def test_an_os_error_during_the_work_is_one_line(capsys, work, monkeypatch):
+    from rulewriter.core.stats import SecondMoment
+
+    def full(self, path, *a, **kw):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(SecondMoment, "save", full)
+    code, _, err = _run(capsys, STATS + ["--out", "C3.safetensors"])
+    assert code == 2 and err.splitlines()[-1] == "rulewriter: error: No space left on device: C3.safetensors"
+    assert "Traceback" not in err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):

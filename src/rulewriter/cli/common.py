@@ -229,12 +229,18 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "device", None) not in (None, "auto"):
         check_device(args.device)
     inputs = list(input_files(args))
+    folders = [Path(v) for v in (getattr(args, n, None) for n in INPUT_FOLDERS) if isinstance(v, str) and v]
     if getattr(args, "out_dir", None):
-        check_output(args.out_dir, inputs, folder=True, option="--out-dir")
+        check_output(args.out_dir, inputs + folders, folder=True, option="--out-dir")
     if getattr(args, "out", None):
         kind = getattr(args, "out_kind", "file")
-        check_output(args.out, inputs, folder=kind == "folder", sidecar=kind == "file+json",
-                     weights=model_weight_files(args))
+        check_output(args.out, inputs + (folders if kind == "folder" else []), folder=kind == "folder",
+                     sidecar=kind == "file+json", weights=model_weight_files(args))
+
+
+#: Options that name image folders a command reads: a folder output may not be one of them or inside one
+#: (its PNGs would be read as images, or refused as unlabelled, the next time).
+INPUT_FOLDERS = ("data", "images", "stats_data", "negatives", "calibration", "accuracy_data")
 
 
 def check_device(device: str) -> None:
@@ -298,8 +304,8 @@ def check_output(path: str | os.PathLike[str], inputs: Iterable[Path] = (), *, f
 
     A file output may not be a folder (or end in ``/``), its folder must exist and be writable, and it may
     not be (after resolving symlinks) one of the command's ``inputs``, one of the model ``weights`` files or
-    an existing torch checkpoint. A folder output may not be a file, and the nearest existing folder above
-    it must be writable. With ``sidecar`` the ``.json`` written beside the file is checked too.
+    an existing torch checkpoint. A folder output may not be a file, nor one of the ``inputs`` (files or
+    folders) or inside one, and the nearest existing folder above it must be writable. With ``sidecar`` the ``.json`` written beside the file is checked too.
 
     Example::
 
@@ -311,6 +317,12 @@ def check_output(path: str | os.PathLike[str], inputs: Iterable[Path] = (), *, f
     if folder:
         if out.exists() and not out.is_dir():
             raise RulewriterError(f"{option} {text} exists and is not a folder")
+        real = out.resolve()
+        for p in inputs:
+            q = p.expanduser().resolve()
+            if q == real or q in real.parents:
+                raise RulewriterError(f"{option} {text} is inside {p}, an input of this command; its files would "
+                                      "mix with the inputs: choose another folder")
         top = out
         while not top.exists():
             top = top.parent
