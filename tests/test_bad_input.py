@@ -129,7 +129,8 @@ def stats_with(w: Path, *, meta=None, count=None, model=None) -> Path:
     return _save_raw(w / "C2.safetensors", state, header)
 
 
-def edit_with(w: Path, *, scalar=False, deep=False, scale=None, delta_max=None, model=None, layer=None) -> Path:
+def edit_with(w: Path, *, scalar=False, deep=False, scale=None, delta_max=None, model=None, layer=None,
+              meta=None) -> Path:
     """E.safetensors with scalar tensors, a description nested 100,000 deep, factors scaled by ``scale`` (or
     so that the largest entry of ΔW is ``delta_max``), or a description that names another model (and layer)."""
     from rulewriter.core.edit import FORMAT, Edit, LayerUpdate
@@ -139,6 +140,10 @@ def edit_with(w: Path, *, scalar=False, deep=False, scale=None, delta_max=None, 
     if scalar:
         desc = e.describe()
         return _save_raw(out, {"updates.0.lam": torch.tensor(1.0), "updates.0.direction": torch.tensor(2.0)},
+                         {"format": FORMAT, "rulewriter": json.dumps(desc)})
+    if meta is not None:
+        desc = {**e.describe(), "meta": meta}
+        return _save_raw(out, {"updates.0.lam": e.updates[0].lam, "updates.0.direction": e.updates[0].direction},
                          {"format": FORMAT, "rulewriter": json.dumps(desc)})
     if deep:
         return _save_raw(out, {"updates.0.lam": e.updates[0].lam},
@@ -253,6 +258,8 @@ CASES = {
                                       r"E2.safetensors"),
     "edit file with JSON nested 100,000 deep": (lambda w: ["predict", "--edit", edit_with(w, deep=True), "a.png"],
                                                 r"nested too deeply"),
+    "edit file whose meta is not an object": (lambda w: ["predict", "--edit", edit_with(w, meta=[1]), "a.png"],
+                                              r"meta is a list"),
     "edit made for another model": (lambda w: ["predict", "--edit", edit_with(w, model="vgg16"), "a.png"],
                                     r"made for model vgg16.*Tiny"),
     "edit of another model's layer names the model": (

@@ -136,7 +136,7 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
     if getattr(args, "stats", None):
         s = SecondMoment.load(args.stats)
         meta = s.meta
-        if meta.get("layer") not in (None, layer) or int(meta.get("view", args.view)) != args.view:
+        if meta.get("layer") not in (None, layer) or str(meta.get("view", args.view)) != str(args.view):
             raise StatsError(f"{args.stats} holds statistics of {meta.get('layer')} view {meta.get('view')}")
         if not getattr(args, "force", False):
             s.check_model(clf, source=args.stats)

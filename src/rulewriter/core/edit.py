@@ -505,7 +505,10 @@ class Edit(Reversible):
             ]
         except (KeyError, ValueError, TypeError) as e:
             raise EditError(f"{path}: malformed edit description ({e})") from None
-        return cls(updates, desc.get("meta", {}))
+        meta = desc.get("meta", {})
+        if not isinstance(meta, dict):
+            raise EditError(f"{path}: malformed edit description (meta is a {type(meta).__name__}, not an object)")
+        return cls(updates, meta)
 
 
 #: The edits applied to each model, oldest first, so that any one of them can be undone in any order.
