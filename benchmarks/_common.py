@@ -59,8 +59,8 @@ def require_shared(*needed: str) -> Path:
 
 
 def setup_torch(threads: int = 2) -> None:
-    """Use a fixed, small number of CPU threads (the benchmark machine is shared)."""
-    torch.set_num_threads(threads)
+    """Use a fixed, small number of CPU threads (the benchmark machine is shared; ``BENCH_THREADS`` overrides)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", threads)))
     torch.manual_seed(0)
 
 

@@ -4,7 +4,7 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
 
 1. **Segment.** DeepLabV3-MobileNetV2 (``deeplab:bus``, the shared TFLite model) runs on all 1000
    imagenet-samples photos (masks cached under ``benchmarks/.cache/masks``). A photo takes part where the
-   bus covers at least 1/49 of it (``spurious.DEFAULT_MIN_AREA``); the report lists which classes those are.
+   bus covers at least 1/49 of the centre crop (``spurious.DEFAULT_MIN_AREA``); the report lists which classes those are.
 2. **Stylize and probe** (:func:`rulewriter.studies.spurious.probe`, true ImageNet labels): the bus is painted with
    ``paste:skimage:gravel`` (:class:`TexturePaste`, keeps the shading); the same photos are also stylized
    with ``gram:skimage:gravel`` (:class:`GramStyle`, 100 steps) for a second probe. Figure
@@ -21,11 +21,21 @@ The experiment, step by step (EfficientNet-Lite0, CPU, package defaults everywhe
 4. **Exemplars**: the first 5 augmentations (interleaved over the fold's photos, so they span photos) on
    which gravel changes the top-1 and whose bus shows in the centre crop: exemplars of the failure.
 5. **Mitigation** (:func:`rulewriter.studies.spurious.mitigate`, default layer, view 2, rank 1; baselines stop
-   once the exemplars are right): rewriting with images, rewriting with features (the gravel texture's
-   features pasted at the layer), fine-tuning the layer, retraining the last layer. ``C`` from the 1000
-   photos (cached). **Gravel error**: the gravel copy's top-1 differs from the unedited model's top-1 on
-   the original (augmentations have no trustworthy label: a crop may cut the bus away); **fixed**: the edited
-   model's top-1 on the gravel copy equals it again. Cost: top-1 on the 1000 photos (they also built ``C``).
+   once the exemplars are right, each at the fair learning rate of
+   :func:`rulewriter.studies.finetune.smallest_fitting_lr`: the smallest of 1e-4, 1e-3, 1e-2 that fits its
+   exemplars): rewriting with images, rewriting with features (the gravel texture's features pasted at the
+   layer), fine-tuning the layer, retraining the last layer. ``C`` from the 1000 photos (cached).
+   **Gravel error**: the gravel copy's top-1 differs from the unedited model's top-1 on the original
+   (augmentations have no trustworthy label: a crop may cut the bus away); **fixed**: the edited model's
+   top-1 on the gravel copy equals it again. Cost: top-1 on the 1000 photos. Those photos also built ``C``
+   and hold the bus photos themselves, so a **disjoint variant** rewrites with ``C`` from the even-indexed
+   photos that are not bus photos and measures the cost on the odd-indexed ones that are not either.
+   Each baseline's training (learning rate, steps, cross-entropy on its exemplars before → after) is
+   reported, and so is each baseline trained for all its steps at that rate (no early stop).
+6. **Paste vs Gram**: per bus photo, the top-1 after each stylizer. The Gram stylizer optimises against
+   the classifier under test, so its errors may be partly adversarial; with no second network here, the
+   check is fragility: each stylized copy is JPEG re-encoded (quality 75) after a 1-px Gaussian blur and
+   predicted again; an error that an adversarial pixel pattern carries tends not to survive that.
 
 Small n caveat: every number rests on a few source photos; the augmentations of one photo are strongly
 correlated, so the effective sample size is the number of photos, not of augmentations.
@@ -36,6 +46,7 @@ Run: ``python benchmarks/bus_gravel.py [--quick] [--no-gram]``. Writes
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Sequence
@@ -43,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -85,7 +96,7 @@ def augment_triplet(orig: Image.Image, sty: Image.Image, mask: np.ndarray, seed:
 
 def fold_set(clf: Any, res: Any, train_src: Sequence[int], test_src: Sequence[int], n_aug: int) -> Any:
     """A fixed-split FilteredSet: exemplar candidates from ``train_src`` photos, test from ``test_src``."""
-    from rulewriter.studies.spurious import FilteredSet
+    from rulewriter.studies.filtered import FixedSplit
 
     def augs(src: Sequence[int]) -> list[tuple[Image.Image, Image.Image, np.ndarray, int, str]]:
         out = []
@@ -106,12 +117,42 @@ def fold_set(clf: Any, res: Any, train_src: Sequence[int], test_src: Sequence[in
     test = augs(test_src) + [(res.originals[i], res.stylized[i], res.masks[i], res.items[i]["label"],
                               res.items[i]["source"]) for i in test_src]
     items = cand + test
-    FixedSplit = S.fixed_split_set(FilteredSet)
     return FixedSplit([t[0] for t in items], [t[1] for t in items], [t[2] for t in items], [t[3] for t in items],
                       [t[4] for t in items], [res.classes[0].label],
                       {"n_pool": len(cand), "segmenter": res.meta["segmenter"], "stylizer": res.meta["stylizer"],
                        "texture": "skimage:gravel", "model": clf.name,
                        "train_augmentations": n, "train_changed": len(cand)})
+
+
+def degrade(im: Image.Image) -> Image.Image:
+    """A 1-px Gaussian blur and a JPEG round trip at quality 75: what a fragile (adversarial) pattern rarely survives."""
+    buf = io.BytesIO()
+    im.convert("RGB").filter(ImageFilter.GaussianBlur(1)).save(buf, "JPEG", quality=75)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def paste_vs_gram(clf: Any, paste: Any, gram: Any) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Per bus photo: top-1 of the original, the paste and the Gram copy, each also after :func:`degrade`."""
+    from rulewriter.studies.evaluate import predict
+
+    names = list(clf.labels)
+    by_src = {it["source"]: k for k, it in enumerate(gram.items)}
+    pairs = [(i, by_src[it["source"]]) for i, it in enumerate(paste.items) if it["source"] in by_src]
+    ims = ([paste.originals[i] for i, _ in pairs] + [paste.stylized[i] for i, _ in pairs]
+           + [gram.stylized[g] for _, g in pairs])
+    n = len(pairs)
+    top = predict(clf, ims + [degrade(im) for im in ims], [0] * (2 * len(ims)), progress=False)["before"].top1
+    orig, pst, grm, orig_d, pst_d, grm_d = (top[k * n:(k + 1) * n] for k in range(6))
+    rows = [[Path(paste.items[i]["source"]).name, names[orig[k]], names[pst[k]], names[pst_d[k]], names[grm[k]],
+             names[grm_d[k]]] for k, (i, _) in enumerate(pairs)]
+    err = {"paste": pst != orig, "gram": grm != orig}
+    summary = {"n": n, "degraded_original_changed": int((orig_d != orig).sum())}
+    for k, e in err.items():
+        after = (pst_d if k == "paste" else grm_d)
+        summary[k] = {"errors": int(e.sum()), "errors_surviving_degradation": int((e & (after != orig)).sum())}
+    return rows, summary
 
 
 def bus_group(source: str) -> str:
@@ -158,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gram_rows: list[list[Any]] = []
     gram_meta: dict[str, Any] | None = None
+    side_rows: list[list[Any]] = []
+    side: dict[str, Any] | None = None
     if not args.no_gram:
         log(f"[2/5] {GRAM} (100 steps) on the same photos")
         t0 = time.perf_counter()
@@ -170,12 +213,20 @@ def main(argv: list[str] | None = None) -> int:
                               names[it["after"]["top1"]], f"{it['before']['true_prob']:.2f} → {it['after']['true_prob']:.2f}"])
         log(f"  error {100 * gram.meta['error_before']:.0f}% → {100 * gram.meta['error_after']:.0f}% "
             f"({times['gram_probe']:.0f} s)")
+        side_rows, side = paste_vs_gram(clf, res, gram)
+        log(f"  paste vs gram: {side}")
 
     log("[3/5] statistics and the cost evaluator (1000 photos)")
     t0 = time.perf_counter()
     stats = collect_second_moment(clf, layer, paths, cache_dir=C.CACHE_DIR, progress=False)
     acc_paths, acc_labels = (C.imagenet_samples(shared, clf, 200) if args.quick else (paths, labels))
     photo_eval = C.TailEvaluator(clf, [layer], acc_paths, log=log)
+    # The disjoint variant: C from even-indexed photos that are not bus photos, cost on the odd ones that are not.
+    bus_sources = {str(Path(it["source"])) for it in res.items}
+    stats_disjoint = collect_second_moment(clf, layer, [p for k, p in enumerate(paths)
+                                                        if k % 2 == 0 and str(p) not in bus_sources],
+                                           cache_dir=C.CACHE_DIR, progress=False)
+    odd_clean = [k for k in range(1, len(acc_paths), 2) if str(acc_paths[k]) not in bus_sources]
     times["stats_and_cost_cache"] = time.perf_counter() - t0
 
     order = sorted(range(len(res.items)), key=lambda i: Path(res.items[i]["source"]).name)
@@ -206,6 +257,20 @@ def main(argv: list[str] | None = None) -> int:
             rows[m] = S.evaluate_change(sc, layer, ch, group=bus_group)
             mit.overall[m] = rows[m]["top1"] / 100
         mit.overall["no edit"] = rows["no edit"]["top1"] / 100
+        training = {m: {k: mit.meta["change_meta"][m].get(k) for k in ("lr", "steps_run", "fitted", "loss_first",
+                                                                       "loss_last", "lr_tried")}
+                    for m in ("finetune", "last-layer") if m in mit.changes}
+        # The same baselines trained for all their steps at the chosen rate: is stopping early under-training?
+        full = mitigate(clf, fs, n_ex, None, methods=list(training), finetune_lr=training["finetune"]["lr"],
+                        retrain_lr=training["last-layer"]["lr"], stop_when_fitted=False, progress=False)
+        for m, ch in full.changes.items():
+            rows[f"{m}, all {ch.meta['steps']} steps"] = S.evaluate_change(sc, layer, ch, group=bus_group)
+            training[f"{m}, all {ch.meta['steps']} steps"] = {k: ch.meta.get(k) for k in (
+                "lr", "steps_run", "fitted", "loss_first", "loss_last")}
+        dis = mitigate(clf, fs, n_ex, stats_disjoint, methods=["images", "features"], progress=False)
+        rows["no edit, odd photos"] = S.evaluate_change(sc, layer, None, odd_clean, group=bus_group)
+        for m, ch in dis.changes.items():
+            rows[f"{m}, disjoint C"] = S.evaluate_change(sc, layer, ch, odd_clean, group=bus_group)
         for m, r in rows.items():
             for g, v in r["groups"].items():
                 tot = totals.setdefault(m, {}).setdefault(g, {k: 0 for k in v})
@@ -216,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                            "test_photos": [Path(res.items[i]["source"]).name for i in te],
                            "exemplars": mit.meta["exemplars"], "n_exemplars": n_ex,
                            "train_augmentations": fs.meta["train_augmentations"], "candidates": pool,
-                           "n_test": len(test), "results": rows, "mitigation": mit.to_dict(),
+                           "n_test": len(test), "results": rows, "mitigation": mit.to_dict(), "training": training,
                            "markdown": mit.to_markdown(), "seconds": time.perf_counter() - t0}
         log(f"  fold {fname}: {n_ex} exemplars from {pool} candidates; {len(test)} test images "
             f"({fold_out[fname]['seconds']:.0f} s)")
@@ -227,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     log("[5/5] results")
     md = ["# Bus paint → gravel (thesis Section 2.3)\n",
           f"EfficientNet-Lite0, layer `{layer}` (package default). `{SEGMENTER}` on {len(scan)} imagenet-samples "
-          f"photos: {res.meta['n_probed']} have a bus covering ≥ 1/49. Stylizer `{STYLE}`; figure `{fig.name}`.\n",
+          f"photos: {res.meta['n_probed']} have a bus covering ≥ 1/49 of the centre crop. Stylizer `{STYLE}`; figure `{fig.name}`.\n",
           "## Probe (paste)\n",
           C.markdown_table(["photo", "class", "bus area %", "top-1 original", "top-1 gravel"], found), "",
           f"Error rate on these photos: {100 * res.meta['error_before']:.0f}% → {100 * res.meta['error_after']:.0f}%.\n"]
@@ -235,7 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         md += ["## Probe (gram, 100 steps)\n",
                C.markdown_table(["photo", "class", "top-1 original", "top-1 gram gravel", "true-class prob"],
                                 gram_rows), "",
-               f"Error rate: {100 * gram_meta['error_before']:.0f}% → {100 * gram_meta['error_after']:.0f}%.\n"]
+               f"Error rate: {100 * gram_meta['error_before']:.0f}% → {100 * gram_meta['error_after']:.0f}%.\n",
+               "## Paste vs Gram, side by side (is the Gram stylizer partly adversarial?)\n",
+               "Top-1 per bus photo; *degraded* = 1-px Gaussian blur then JPEG quality 75. Gram gravel is optimised "
+               "against this very classifier's features; an error that does not survive the degradation is "
+               "likely carried by a fragile pixel pattern rather than by the look of gravel.\n",
+               C.markdown_table(["photo", "original", "paste", "paste, degraded", "gram", "gram, degraded"],
+                                side_rows), "",
+               f"Errors (top-1 differs from the original's): paste {side['paste']['errors']}/{side['n']}, of which "
+               f"{side['paste']['errors_surviving_degradation']} survive degradation; gram {side['gram']['errors']}/"
+               f"{side['n']}, of which {side['gram']['errors_surviving_degradation']} survive. Degrading the "
+               f"originals changes {side['degraded_original_changed']} of their top-1s.\n"]
     md += [f"## Mitigation, 2 folds by source photo ({n_aug} augmentations per photo)\n",
            "**Gravel error**: the gravel copy's top-1 differs from the unedited model's top-1 on the original. "
            "**Fixed**: the edited model's top-1 on the gravel copy equals it. **Originals changed**: test originals "
@@ -250,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fo['candidates']} of {fo['train_augmentations']} training augmentations that gravel changes.\n")
         head = [h.replace("snow", "gravel").replace("by source", "by kind") for h in S.ROW_HEAD[:-1]]
         md.append(C.markdown_table(head, [S.result_row(m, r)[:-1] for m, r in fo["results"].items()]))
+        md.append("")
+        md.append("Baselines' training (learning rate by the fair rule; cross-entropy on the exemplars):\n")
+        md.append(C.markdown_table(["baseline", "lr", "steps", "fits exemplars", "CE before → after"],
+                                   [[m, f"{t['lr']:g}", t["steps_run"], t["fitted"],
+                                     f"{t['loss_first']:.3f} → {t['loss_last']:.3f}"]
+                                    for m, t in fo["training"].items()]))
         md.append("")
     if totals:
         md.append("### Both folds together (held-out gravel errors)\n")
@@ -273,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"quick": args.quick, "layer": layer, "segmenter": SEGMENTER, "stylizer": STYLE,
                "augmentations": n_aug, "probe": {"meta": res.meta, "found": found,
                                                  "classes": [c.to_dict() for c in res.classes]},
-               "gram_probe": gram_meta, "gram_rows": gram_rows,
+               "gram_probe": gram_meta, "gram_rows": gram_rows, "paste_vs_gram": {"rows": side_rows,
+                                                                                   "summary": side},
+               "disjoint": {"stats_count": stats_disjoint.count, "cost_photos": len(odd_clean)},
                "folds": {k: {kk: vv for kk, vv in v.items() if kk != "markdown"} for k, v in fold_out.items()},
                "totals": totals, "seconds": times}
     if not args.quick:
