@@ -35,11 +35,11 @@ class Tiny(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def tiny_classifier(name: str | None = None):
+def tiny_classifier(name: str | None = None, weights=None):
     from rulewriter.models.preprocess import Preprocess
 
     torch.manual_seed(0)
-    clf = registry.load_classifier(Tiny(), labels=["cat", "dog", "car", "van"],
+    clf = registry.load_classifier(Tiny(), labels=["cat", "dog", "car", "van"], weights=weights,
                                    preprocess=Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3))
     if name:
         clf.name = name
@@ -69,7 +69,7 @@ def work(tmp_path, monkeypatch, one_thread):
     real = registry.load_classifier
     monkeypatch.setattr(registry, "load_classifier",
                         lambda model, *a, **kw: real(model, *a, **kw) if isinstance(model, nn.Module)
-                        else tiny_classifier())
+                        else tiny_classifier(weights=kw.get("weights")))
     monkeypatch.chdir(tmp_path)
     w = tmp_path
     for i, name in enumerate(["a.png", "b.png", "man.png"]):
@@ -229,6 +229,12 @@ CASES = {
                                          r"inside data"),
     "heatmap --out-dir is its --stats-data": (lambda w: HEAT + ["--stats-data", "photos", "--out-dir", "photos",
                                                                 "b.png"], r"inside photos"),
+    # --weights in the user's words, not torch's (which suggests weights_only=False)
+    "--weights a whole pickled model": (lambda w: (torch.save(Tiny(), w / "model.pth"),
+                                                   ["predict", "--weights", "model.pth", "a.png"])[1],
+                                        r"never unpickles(?!.*weights_only)"),
+    "--weights an image": (lambda w: ["predict", "--weights", "b.png", "a.png"],
+                           r"not a safetensors file or a torch state dict(?!.*weights_only)"),
     # counts, devices and usage
     "a usage error (edit --view 9)": (lambda w: ["edit", "--view", "9", "--out", "x.safetensors"], r"invalid choice"),
     "add-class --n-negatives -1": (lambda w: ADD + ["--n-negatives", "-1", "--out", "x.safetensors"],

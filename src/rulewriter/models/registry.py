@@ -268,11 +268,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
+        import pickle
+
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        pickled = isinstance(e, pickle.UnpicklingError) and (head[:1] == b"\x80" or head == b"PK")
+        # torch's own text for these suggests weights_only=False, i.e. running the file's code: not repeated.
+        why = ("it is a pickle of more than tensors (a whole model, or a checkpoint holding other objects), "
+               "which rulewriter never unpickles since that can run any code" if pickled
+               else "it is not a safetensors file or a torch state dict, or it is damaged")
         raise ModelError(
-            f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "Expected a .safetensors file or a torch state_dict; whole pickled models are refused for "
-            "safety, save model.state_dict() instead"
-        ) from e
+            f"cannot read weights file {path}: {why}. Give a .safetensors file or a file saved with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
     # Training scripts often wrap the state dict in a checkpoint dict.
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for k in ("state_dict", "model_state_dict", "model"):
