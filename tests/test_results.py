@@ -61,3 +61,55 @@ def test_newclass_car_figures_match_newclass_json():
     lo, hi = re.search(r"filter AUC of its logit (0\.\d+)–(0\.\d+)", text).groups()
     filters = [v["auc_logit"] for k, v in dog.items() if k.startswith("filter")]
     assert (float(lo), float(hi)) == pytest.approx((min(filters), max(filters)), abs=5e-3)
+
+
+def test_wheels_figures_match_wheels_json():
+    d = _json("wheels")
+    m = d["methods"]
+    text = _paragraph("* **Wooden wheel → wheel**")
+    img = m["rewriting with images"]
+    gt = img["cars_man_gt"]
+    assert f"on our {gt['n_errors_before'] + gt['n_right_before']}\n  held-out cars" in text or \
+        f"on our {gt['n_errors_before'] + gt['n_right_before']} held-out cars" in " ".join(text.split())
+    flat = " ".join(text.split())
+    assert f"calls {gt['n_right_before']} a car, and the edit corrects {gt['corrected']} of the other " \
+           f"{gt['n_errors_before']}" in flat
+    a = img["all"]
+    assert f"({100 * a['pre']:.1f} → {100 * a['post']:.1f};" in flat
+    ref = img["cars_man_ref"]
+    assert f"the edit corrects {ref['corrected']} of {ref['n_errors_before']}" in flat
+    last, ft = m["retraining the last layer"], m["fine-tuning the layer"]
+    assert f"retraining the last layer corrects {last['cars_man_ref']['corrected']}/" \
+           f"{last['cars_man_ref']['n_errors_before']}" in flat
+    delta = f"{100 * (ft['all']['post'] - ft['all']['pre']):.1f}".replace("-", "−")
+    assert f"fine-tuning the layer {ft['cars_man_ref']['corrected']}/{ft['cars_man_ref']['n_errors_before']} at " \
+           f"{delta} points" in flat
+    assert last["lr"] == ft["lr"] == 1e-4 and "fair rule's lr 1e-4" in flat
+    assert f"{ft['loss_last']:.2f} (fine-tuning) and {last['loss_last']:.2f}" in flat
+    assert f"from {ft['loss_first']:.2f}" in flat
+
+
+def test_snow_table_matches_snow_json():
+    d = _json("snow")
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in _paragraph("| method (≤ 5 exemplars, package defaults) |").splitlines()[2:]}
+    res, abl = d["results"], d["ablations"]
+
+    def fixed(g):
+        return f"{g['fixed']}/{g['errors']}"
+
+    for name, key in (("no edit", "no edit"), ("rewriting with images", "images"),
+                      ("rewriting with features", "features")):
+        g = res[key]["groups"]["all"]
+        assert rows[name][0].startswith(fixed(g)), name
+        assert rows[name][1] == f"{g['introduced']}/{g['n']}", name
+        assert rows[name][2].startswith(f"{res[key]['top1']:.1f} %"), name
+    lr4 = next(v for k, v in abl.items() if k.startswith("fine-tuning one layer, lr 0.0001"))
+    row = next(v for k, v in rows.items() if k.startswith("fine-tuning the layer, lr 1e-4"))
+    assert row[0].startswith(fixed(lr4["groups"]["all"])) and row[1] == f"{lr4['groups']['all']['introduced']}/131"
+    assert row[2] == f"{lr4['top1']:.1f} % ({-lr4['cost']:+.1f})".replace("-", "−")
+    assert lr4["finetune"]["fitted"] and f"{lr4['finetune']['steps_run']} steps" in \
+        next(k for k in rows if k.startswith("fine-tuning the layer, lr 1e-4"))
+    last = res["last-layer"]
+    row = next(v for k, v in rows.items() if k.startswith("retraining the last layer"))
+    assert row[0].startswith(fixed(last["groups"]["all"])) and row[2].startswith(f"{last['top1']:.1f} %")
