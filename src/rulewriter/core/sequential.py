@@ -143,6 +143,7 @@ def edited_matrix(model: nn.Module, layer: str, view: int, on: Sequence[Edit]) -
     mem = LayerMemory(get_module(model, layer), view, name=layer)
     w = mem.matrix().double()
     live = {e.fingerprint() for e in applied_edits(model)}
+    lams, dirs = [], []
     for e in on:
         if e.fingerprint() in live:
             continue
@@ -151,7 +152,10 @@ def edited_matrix(model: nn.Module, layer: str, view: int, on: Sequence[Edit]) -
                 if u.lam.shape[0] != w.shape[0] or u.direction.shape[0] != w.shape[1]:
                     raise EditError(f"an earlier edit of {layer!r} is {u.lam.shape[0]}×{u.direction.shape[0]} but "
                                     f"the layer is {w.shape[0]}×{w.shape[1]}; it was made for another model")
-                w = w + u.delta().to(w.device)
+                lams.append(u.lam.double().to(w.device))
+                dirs.append(u.direction.double().to(w.device))
+    if lams:  # Σ Λᵢ Dᵢᵀ = [Λ₁ … Λₙ] [D₁ … Dₙ]ᵀ: one product instead of one full-size matrix per edit
+        w = w + torch.cat(lams, 1) @ torch.cat(dirs, 1).T
     return w
 
 
