@@ -113,3 +113,28 @@ def test_snow_table_matches_snow_json():
     last = res["last-layer"]
     row = next(v for k, v in rows.items() if k.startswith("retraining the last layer"))
     assert row[0].startswith(fixed(last["groups"]["all"])) and row[2].startswith(f"{last['top1']:.1f} %")
+
+
+def test_bus_gravel_table_matches_bus_gravel_json():
+    d = _json("bus_gravel")
+    tot, folds = d["totals"], d["folds"]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in _paragraph("| method (5 exemplars per fold) |").splitlines()[2:]}
+
+    def cost(m):
+        c = sum(f["results"][m]["cost"] for f in folds.values()) / len(folds)
+        return f"{-c + 0.0:+.1f}".replace("-", "−")
+
+    for name, m in (("rewriting with images", "images"), ("rewriting with features", "features"),
+                    ("fine-tuning the layer (lr", "finetune"), ("retraining the last layer", "last-layer"),
+                    ("fine-tuning the layer, all 100 steps", "finetune, all 100 steps"),
+                    ("rewriting with images, disjoint C", "images, disjoint C")):
+        row = next(v for k, v in rows.items() if k.startswith(name) and (name.endswith("(lr") or k == name
+                                                                          or not k.startswith(name + ",")))
+        a = tot[m]["all"]
+        assert row[0].startswith(f"{a['fixed']}/{a['errors']}"), name
+        assert row[1] == f"{a['introduced']}/{a['n']}", name
+        assert row[2] == cost(m), name
+    for f in folds.values():
+        for m in ("finetune", "last-layer"):
+            assert f["training"][m]["lr"] == 1e-4 and f["training"][m]["fitted"]
