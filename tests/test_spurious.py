@@ -331,6 +331,12 @@ def cli_env(clf, scenes, monkeypatch, tmp_path):
         (data / clf.labels[y]).mkdir(parents=True, exist_ok=True)
         Image.open(p).save(data / clf.labels[y] / p.name)
     # The real masks:DIR segmenter: one blue photo has no mask file, which a probe reads as "absent".
+    # Import every command module first: one imported while the patch is on would keep the colour model for good.
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(cli.__path__):
+        importlib.import_module(f"rulewriter.cli.{m.name}")
     monkeypatch.setattr(common, "load_model", lambda args: clf)
     tex = tmp_path / "blue.png"
     _blue().save(tex)
