@@ -87,6 +87,15 @@ def test_wheels_figures_match_wheels_json():
     assert last["lr"] == ft["lr"] == 1e-4 and "fair rule's lr 1e-4" in flat
     assert f"{ft['loss_last']:.2f} (fine-tuning) and {last['loss_last']:.2f}" in flat
     assert f"from {ft['loss_first']:.2f}" in flat
+    t = img["table_confusing"]
+    n_conf = len(d["match"]["confusing"])
+    assert t["manipulated_other"]["n"] == n_conf and f"every one of the {n_conf} non-car photos" in flat
+    assert f"against the {gt['n_errors_before'] + gt['n_right_before']} held-out cars" in flat
+    mo, no = t["manipulated_other"], t["normal_other"]
+    assert f"accuracy {100 * mo['accuracy_pre']:.1f} → {100 * mo['accuracy_post']:.1f} %" in flat
+    assert f"{100 * no['accuracy_pre']:.1f} → {100 * no['accuracy_post']:.1f} % without" in flat
+    au = img["auc_confusing"]["manipulated"]
+    assert f"AUC stays {au['pre']:.3f} → {au['post']:.3f}" in flat
 
 
 def test_snow_table_matches_snow_json():
