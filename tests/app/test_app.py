@@ -32,7 +32,7 @@ from rulewriter.app.state import MAX_SESSIONS  # noqa: E402
 from rulewriter.errors import ImageLoadError  # noqa: E402
 from rulewriter.models.registry import Preprocess, load_classifier  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["cat", "dog", "car", "van", "cup", "bus"]
 
 

@@ -18,7 +18,7 @@ from rulewriter.errors import MaskError, RulewriterError, StatsError
 
 def _shared_dir() -> Path | None:
     env = os.environ.get("RULEWRITER_SHARED")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
     return path if path.is_dir() else None
 
 
