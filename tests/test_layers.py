@@ -159,3 +159,28 @@ def test_no_import_cycle():
 def test_module_size(mod):
     n = len(MODS[mod].read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{mod} has {n} lines (over {MAX_LINES}: split it by idea)"
+
+
+def test_the_readme_module_table_matches_the_tree():
+    """Every module is in README's "How it is built" table, and the table names no module that is gone."""
+    import re
+
+    readme = (PKG.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## How it is built", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    wild: set[str] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        folder = ""
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if token.endswith("/*"):
+                wild.add(token[:-2])
+                continue
+            if "/" in token:
+                folder, token = token.split("/", 1)
+            named.add(f"{folder}.{token}" if folder else token)
+    actual = {m for m in MODS if not m.endswith("__init__") and m != "__main__"}
+    missing = sorted(m for m in actual if m not in named and m.split(".")[0] not in wild)
+    stale = sorted(m for m in named if m not in actual)
+    assert not missing and not stale, f"not in the README table: {missing}; in the table but not the tree: {stale}"
