@@ -170,28 +170,16 @@ def top1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _tail_start(model: nn.Module, layer: str) -> str | None:
     """The module whose cached input lets an EfficientNet run from just before ``layer`` (None: no shortcut)."""
-    if not (hasattr(model, "_blocks") and hasattr(model, "_conv_head") and hasattr(model, "_fc")):
-        return None
-    m = re.match(r"^_blocks\.(\d+)(\.|$)", layer)
-    if m:
-        return f"_blocks.{int(m.group(1))}"
-    if layer == "_conv_head" or layer.startswith(("_bn1", "_fc")):
-        return "_conv_head"
-    return None
+    from rulewriter.core.generalise import tail_start
+
+    return tail_start(model, layer)
 
 
 def _run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
     """EfficientNet's forward from the input of module ``start`` to the logits (eval mode)."""
-    if start.startswith("_blocks."):
-        first = int(start.split(".")[1])
-        n = len(model._blocks)
-        for idx in range(first, n):
-            rate = model._global_params.drop_connect_rate
-            rate = rate * float(idx) / n if rate else rate
-            x = model._blocks[idx](x, drop_connect_rate=rate)
-    x = model._swish(model._bn1(model._conv_head(x)))
-    x = model._avg_pooling(x).flatten(1)
-    return model._fc(model._dropout(x))
+    from rulewriter.core.generalise import run_tail
+
+    return run_tail(model, start, x)
 
 
 class TailEvaluator:

@@ -59,6 +59,34 @@ def test_edit_then_predict_exact_forms(capsys, files, photo_dir, tmp_path, monke
     assert after[0]["top5"][0]["label"] == "espresso" and after[1]["top5"][0]["label"] == "espresso"
 
 
+def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, photo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RULEWRITER_CACHE", str(tmp_path / "cache"))
+    out_edit, saved = tmp_path / "E.safetensors", tmp_path / "pasted"
+    argv = ["edit", "--model", "efficientnet-lite0", "--original", files / "coffee.png", "--mask", files / "mask.png",
+            "--texture", files / "coffee_gravel.png", "--stats-data", photo_dir, "--stats-samples", "60",
+            "--out", out_edit, "--quiet", "--save-exemplars", saved]
+    code, out, err = _run(capsys, *argv, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["strength"] > 0 and "left-out exemplar views" in info["why"]
+    (ex,) = info["exemplars"]
+    assert len(ex["before"]) == len(ex["after"]) == 3 and ex["before"] != ex["after"]
+    (png,) = info["saved_exemplars"]
+    with Image.open(png) as im, Image.open(files / "coffee.png") as orig:
+        assert im.format == "PNG" and im.size == orig.size
+    meta = json.loads((tmp_path / "E.safetensors.json").read_text())["meta"]
+    assert meta["strength"]["chosen"] == info["strength"] and meta["strength"]["candidates"]
+    code, out, err = _run(capsys, *argv)  # the human-readable form says the same
+    assert code == 0 and "chose:" in out and "before:" in out and "after:" in out
+    # --save-exemplars needs --texture: a clear error, nothing written.
+    bad = tmp_path / "bad.safetensors"
+    code, out, err = _run(capsys, "edit", "--original", files / "coffee.png", "--mask", files / "mask.png",
+                          "--manipulated", files / "coffee_gravel.png", "--stats-data", photo_dir,
+                          "--out", bad, "--save-exemplars", tmp_path / "x", "--quiet")
+    assert code == 2 and err.startswith("rulewriter: error:") and "--texture" in err
+    assert not bad.exists() and not (tmp_path / "x").exists()
+
+
 def test_stats_and_merge(capsys, photo_dir, tmp_path):
     a, b, m = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
     code, out, err = _run(capsys, "stats", "--data", photo_dir, "--samples", "8", "--layer", "_blocks.15._project_conv",

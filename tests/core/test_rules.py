@@ -63,7 +63,7 @@ def test_rule_from_images_and_exact_single_rule(tiny, layer):
     assert rule.keys.shape[1] == mem.key_dim and rule.values.shape[1] == mem.value_dim
     assert rule.keys.shape[0] == rule.weights.shape[0] > 3
     stats = _stats(tiny, layer)
-    edit = rewrite(tiny, rule, stats, fit="mean", ridge=0)
+    edit = rewrite(tiny, rule, stats, fit="mean", ridge=0, strength=1)  # the exact closed form
     with edit.applied(tiny.model):
         w1 = mem.matrix().double()
     torch.testing.assert_close(w1 @ rule.key(), rule.value(), rtol=1e-6, atol=1e-6)  # W1 k* = v*
@@ -95,7 +95,7 @@ def test_pairs_fit_reduces_the_rule_error_and_rank_r(tiny):
 def test_projected_gd_solver_matches_closed_form(tiny):
     rule = rule_from_images(tiny, "features.4", _images(2), _images(2, seed=1), _masks(2))
     stats = _stats(tiny, "features.4")
-    a = rewrite(tiny, rule, stats)
+    a = rewrite(tiny, rule, stats, strength=1, context="mean")  # the closed form itself, not a validated strength
     b = rewrite(tiny, rule, stats, solver="projected-gd", steps=3000)
     torch.testing.assert_close(b.updates[0].lam, a.updates[0].lam, rtol=1e-3, atol=1e-6)
 

@@ -521,7 +521,7 @@ def create_app(
             stats = state.stats(job, 0.0, 0.45)
             job.report(0.5, f"reading the rule from {len(exemplars)} exemplar(s)")
             rule = state.build_rule(s, exemplars)
-            job.report(0.6, "solving the rank-one update")
+            job.report(0.6, "solving the update (strength and rank chosen by validation on the exemplars)")
             edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
             state.check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
             edit.meta["stats_source"] = state.stats_source()["source"]

@@ -364,7 +364,7 @@ class AppState:
 
         with self.model_lock:
             self.check_unedited()
-            return rule_from_images(self.clf, self.layer, [image], [image], [mask])
+            return rule_from_images(self.clf, self.layer, [image], [image], [mask], views=0)  # a key, not an edit
 
     def build_rule(self, session: Session, exemplars: list[Exemplar]):
         """One rule from every exemplar: pasted targets pair keys and values per location; picked key

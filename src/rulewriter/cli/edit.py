@@ -12,39 +12,84 @@ from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg
 
 def cmd_edit(args) -> None:
     from ..core.rules import rewrite, rule_from_features, rule_from_images
+    from ..models.data import load_image
 
     out = check_rule_args(args)
-    earlier = after_edits(args, out)
+    save_dir = check_save_exemplars(args)
     clf = load_model(args)
-    for path, e in zip(args.after, earlier):
-        e.check_model(clf, path)
     layer = resolve_layer(args, clf)
+    shown = None  # the exemplars as the model sees them: (name, image)
     if args.manipulated:
         rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view)
+        shown = [(str(p), load_image(p)) for p in args.manipulated]
     elif args.from_features:
         rule = rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
     else:
-        rule = pasted_rule(clf, layer, args)
+        rule, pasted = pasted_rule(clf, layer, args)
+        shown = [(str(p), im) for p, im in zip(args.original, pasted)]
     stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples)
     edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
-                   solver=args.solver, fit=args.fit, on=earlier)
+                   solver=args.solver, fit=args.fit)
+    top3 = before_after(clf, edit, shown) if shown else []
+    saved = save_pasted(save_dir, shown) if save_dir is not None and not args.manipulated and shown else []
     edit.save(out)
+    st = edit.meta.get("strength", {})
     info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
-            "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "after": list(args.after),
-            "preserved_keys": edit.meta.get("preserved_keys", 0)}
-    kept = f", keeping {info['preserved_keys']} earlier rule keys" if args.after else ""
-    emit(info, args.json, f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs{kept})")
+            "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "context": edit.meta["context"],
+            "strength": st.get("chosen"), "why": st.get("reason"), "exemplars": top3,
+            "saved_exemplars": [str(p) for p in saved]}
+    lines = [f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs)",
+             f"chose: context {info['context']}, rank {info['rank']}, strength {info['strength']:g} — {info['why']}"]
+    for e in top3:
+        fmt = lambda t: ", ".join(f"{lab} {p:.2f}" for lab, p in t)  # noqa: E731
+        lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
+    lines += [f"saved {p}" for p in saved]
+    emit(info, args.json, "\n".join(lines))
 
 
-def after_edits(args, out: Path) -> list:
-    """The ``--after`` edits, read before any work; ``--out`` may not replace one of them."""
-    from ..core.edit import Edit
-    from ..core.export import same_file
+def check_save_exemplars(args) -> Path | None:
+    """--save-exemplars DIR: only with --texture, and DIR must be a folder (it is created if missing)."""
+    d = getattr(args, "save_exemplars", None)
+    if d is None:
+        return None
+    if not args.texture or args.manipulated or args.from_features:
+        raise RulewriterError("--save-exemplars saves the pasted images, so it needs --texture (without "
+                              "--manipulated or --from-features)")
+    path = Path(d)
+    if path.exists() and not path.is_dir():
+        raise RulewriterError(f"--save-exemplars {d} exists and is not a folder")
+    return path
 
-    for p in args.after:
-        if same_file(out, p) or same_file(out, str(p) + ".json"):
-            raise RulewriterError(f"--out {out} is one of the --after edits; write the new edit to a new file")
-    return [Edit.load(p) for p in args.after]
+
+def save_pasted(folder: Path, shown) -> list[Path]:
+    """Write each pasted exemplar as ``<original stem>.pasted.png`` (atomic; never over an input file)."""
+    import io
+
+    from ..atomic import atomic_bytes
+
+    out = []
+    inputs = {Path(n).resolve() for n, _ in shown}
+    for name, im in shown:
+        dest = folder / f"{Path(name).stem}.pasted.png"
+        if dest.resolve() in inputs:
+            raise RulewriterError(f"refusing to overwrite the input {dest}")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(atomic_bytes(dest, buf.getvalue()))
+    return out
+
+
+def before_after(clf, edit, shown) -> list[dict]:
+    """Top-3 (label, probability) of each exemplar before and after the edit."""
+    import torch
+
+    x = clf.preprocess.batch([im for _, im in shown])
+    with torch.no_grad():
+        before = clf.predict(x, topk=3)
+        with edit.applied(clf.model):
+            after = clf.predict(x, topk=3)
+    return [{"image": n, "before": [[lab, round(p, 4)] for _, lab, p in b],
+             "after": [[lab, round(p, 4)] for _, lab, p in a]} for (n, _), b, a in zip(shown, before, after)]
 
 
 def texture(src: str):
@@ -54,7 +99,9 @@ def texture(src: str):
 
 
 def pasted_rule(clf, layer, args):
-    """Paste the texture into each mask to make the manipulated images, then read the rule from pixels."""
+    """Paste the texture into each mask to make the manipulated images, then read the rule from pixels.
+
+    Returns the rule and the pasted images."""
     from ..concepts.masks import load_mask
     from ..models.data import load_image
     from ..concepts.manipulate import paste_texture
@@ -66,7 +113,7 @@ def pasted_rule(clf, layer, args):
     man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
     rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view)
     rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
-    return rule
+    return rule, man
 
 
 def cmd_heatmap(args) -> None:
@@ -92,7 +139,8 @@ def cmd_heatmap(args) -> None:
     clf = load_model(args)
     layer = resolve_layer(args, clf)
     # The concept key is the masked mean of the exemplars' own keys (a rule from an image to itself).
-    rule = rule_from_images(clf, layer, args.concept_image, args.concept_image, args.concept_mask, view=args.view)
+    rule = rule_from_images(clf, layer, args.concept_image, args.concept_image, args.concept_mask, view=args.view,
+                            views=0)  # a concept key, not an edit: the exemplars alone
     k = rule.key().double()
     c = c_raw = None
     if args.stats or args.stats_data:
@@ -140,9 +188,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="update directions: with --context mean, one per rule (always); with svd/zca, the top N "
                         "directions of the masked keys (default 1)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="C + εI with ε = ridge · tr(C)/d")
-    p.add_argument("--context", default="mean", choices=["mean", "svd", "zca"],
+    p.add_argument("--context", default="auto", choices=["auto", "mean", "svd", "zca"],
                    help="where the update directions come from: each rule's mean key k*, or the top "
-                        "directions of all masked keys (svd, or zca: whitened by C)")
+                        "directions of all masked keys (svd, or zca: whitened by C); auto: the mean key or "
+                        "the top 4 SVD directions, chosen with the strength by validation on the exemplars")
+    p.add_argument("--save-exemplars", default=None, metavar="DIR",
+                   help="with --texture: save the pasted exemplars there (<photo>.pasted.png), to see what the "
+                        "rule was read from")
     p.add_argument("--fit", default="pairs", choices=["pairs", "mean"],
                    help="pairs: least squares over every masked key/value pair; mean: map each k* exactly to "
                         "its v* (needs --context mean)")

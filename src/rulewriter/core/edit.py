@@ -405,6 +405,17 @@ class Edit(Reversible):
             raise
         return backup
 
+    def scaled(self, strength: float) -> "Edit":
+        """The same edit with every ``Λ`` multiplied by ``strength`` (its directions unchanged).
+
+        Example:
+            >>> e = Edit([LayerUpdate("fc", 2, torch.ones(2, 1), torch.ones(3, 1))])
+            >>> e.scaled(2.0).updates[0].lam.flatten().tolist()
+            [2.0, 2.0]
+        """
+        return Edit([LayerUpdate(u.layer, u.view, u.lam * strength, u.direction, u.keys, u.values)
+                     for u in self.updates], dict(self.meta))
+
     # -------------------------------------------------------------- compose
     def __add__(self, other: "Edit") -> "Edit":
         return self.compose(other)

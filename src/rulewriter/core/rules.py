@@ -16,6 +16,7 @@ places of a few exemplar images (thesis Sections 2.2.1 and 2.3.1):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,10 @@ class Rule:
     values: torch.Tensor
     weights: torch.Tensor
     description: dict = field(default_factory=dict)
+    #: Which exemplar view each pair was read from, and the views themselves (for choosing the strength by
+    #: validation, see :mod:`rulewriter.core.generalise`); None for rules without views. Not saved with an edit.
+    pair_view: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    views: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.keys.shape[0]
@@ -118,7 +123,8 @@ def layer_io(classifier, layer: str, x: torch.Tensor,
     return tr.input, tr.output
 
 
-def masked_pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: torch.Tensor):
+def masked_pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, masks_s: torch.Tensor,
+                 with_source: bool = False):
     """Rows of (key, value, weight) at the key-grid locations the masks cover, float64.
 
     ``keys`` (N, d, h, w) and ``values`` (N, e, h, w) are one view's keys and values of N exemplars;
@@ -134,13 +140,16 @@ def masked_pairs(mem: LayerMemory, keys: torch.Tensor, values: torch.Tensor, mas
     from ..concepts.masks import mask_to_grid
 
     grid = tuple(keys.shape[2:])
-    ks, vs, ws = [], [], []
+    ks, vs, ws, src = [], [], [], []
     for i in range(keys.shape[0]):
         g = mask_to_grid(masks_s[i], grid).to(keys.device)
         sel = g > 0
         ks.append(keys[i].permute(1, 2, 0)[sel])
         vs.append(values[i].permute(1, 2, 0)[sel])
         ws.append(g[sel])
+        src.append(torch.full((int(sel.sum()),), i, dtype=torch.long))
+    if with_source:  # and the exemplar (image index) of each row
+        return torch.cat(ks).double(), torch.cat(vs).double(), torch.cat(ws).double(), torch.cat(src)
     return torch.cat(ks).double(), torch.cat(vs).double(), torch.cat(ws).double()
 
 
@@ -180,6 +189,8 @@ def rule_from_images(
     masks: Sequence[MaskLike],
     *,
     view: int = 2,
+    views: int | None = None,
+    seed: int = 0,
 ) -> Rule:
     """Keys from manipulated images, values from the originals, at the masked places (Section 2.2.1).
 
@@ -190,21 +201,63 @@ def rule_from_images(
         manipulated: the same photos with the concept changed (e.g. a texture pasted into the mask).
         masks: one mask per exemplar, non-zero where the concept is, at the exemplar's size or any size.
         view: memory view (1 or 2; forward direction).
+        views: joint augmentations (crop, flip, scale, lighting) per exemplar whose pairs join the rule
+            (default :data:`~rulewriter.core.generalise.DEFAULT_VIEWS`; 0: the exemplars alone, the thesis's
+            rule). The views are kept on the rule so that :func:`rewrite` can choose the edit's strength
+            by validation on them.
+        seed: of the augmentations.
 
     Example:
         >>> rule = rule_from_images(clf, "_blocks.10._project_conv", ["car.jpg"], ["wood.jpg"], ["wheels.png"])  # doctest: +SKIP
     """
     if view not in (1, 2):
         raise EditError("rules from images are forward-direction edits: use view 1 or 2")
+    from .generalise import DEFAULT_VIEWS
+
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
     orig, man, masks_s = load_exemplars(classifier, originals, manipulated, masks)
-    x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
-    x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
-    keys, values = mem.keys(x_m), mem.values(x_o)
-    k, v, w = masked_pairs(mem, keys, values, masks_s)
     desc = {"method": "images", "originals": describe_sources(originals),
             "manipulated": describe_sources(manipulated), "masks": describe_sources(masks)}
-    return Rule(layer, view, k, v, w, desc)
+    views = DEFAULT_VIEWS if views is None else int(views)
+    if views <= 0:
+        x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
+        x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
+        keys, values = mem.keys(x_m), mem.values(x_o)
+        k, v, w = masked_pairs(mem, keys, values, masks_s)
+        return Rule(layer, view, k, v, w, {**desc, "views": 0})
+    return _rule_from_views(classifier, mem, layer, view, orig, man, masks, views, seed, desc)
+
+
+def _rule_from_views(classifier, mem: LayerMemory, layer: str, view: int, orig: list[Image.Image],
+                     man: list[Image.Image], masks: Sequence[MaskLike], views: int, seed: int, desc: dict) -> Rule:
+    """The rule read from each exemplar and its joint augmentations, with the views kept for validation."""
+    from ..concepts.masks import load_mask
+    from .generalise import ViewSet, exemplar_views, read_views
+    from ..models.preprocess import mask_for_image
+
+    full_masks = [mask_for_image(load_mask(m), o.size) for m, o in zip(masks, orig)]
+    vo, vm, vk, groups = exemplar_views(orig, man, full_masks, views, seed=seed)
+    pre = classifier.preprocess
+    # A view whose mask the centre crop loses adds no pair; it still validates (its whole image).
+    masks_s = torch.stack([pre.mask(m) for m in vk])
+    keep = [i for i in range(len(vo)) if float(masks_s[i].max()) > 0]
+    x_o, t_o, logits = read_views(classifier, layer, pre.batch(vo))
+    x_m, t_m, _ = read_views(classifier, layer, pre.batch(vm))
+    keys, values = mem.keys(x_m[keep]), mem.values(x_o[keep])
+    k, v, w, src = masked_pairs(mem, keys, values, masks_s[keep], with_source=True)
+    pair_view = torch.as_tensor(keep, dtype=torch.long)[src]
+    if t_o is None or t_m is None:  # no tail shortcut: validation runs the whole model on the images
+        start, t_o, t_m = None, pre.batch(vo), pre.batch(vm)
+    else:
+        from .generalise import tail_start
+
+        start = tail_start(classifier.model, layer)
+    per = (len(vo) // len(orig)) - 1
+    own = torch.arange(len(vo)) % (per + 1) == 0
+    vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own)
+    desc = {**desc, "views": per, "augmentation": "joint crop (35-100% of the area), flip, scale to 256 px, "
+            "brightness/contrast/colour ±20%", "seed": seed}
+    return Rule(layer, view, k, v, w, desc, pair_view=pair_view, views=vs)
 
 
 def rule_from_features(
@@ -252,12 +305,14 @@ def rewrite(
     *,
     rank: int | None = None,
     ridge: float = DEFAULT_RIDGE,
-    context: str = "mean",
+    context: str = "auto",
     fit: str = "pairs",
     solver: str = "closed-form",
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     steps: int = 2000,
     on: Sequence[Edit] = (),
+    strength: float | str = "auto",
+    budget: float | None = None,
 ) -> Edit:
     """Solve for the update that makes the layer map each rule's keys to its values.
 
@@ -270,11 +325,20 @@ def rewrite(
             directions of all masked keys (default 1).
         ridge: ``C + ε I`` with ``ε = ridge · tr(C)/d`` (see :data:`~rulewriter.core.edit.DEFAULT_RIDGE`).
         context: where the directions come from: ``"mean"`` (each rule's ``k*``), ``"svd"`` or ``"zca"``.
+            ``"auto"`` (the default) validates the mean key and the top 4 SVD directions of the masked keys,
+            with and without the augmented views' pairs, along with the strength (see ``strength``) when
+            the rule carries exemplar views and no rank is given; otherwise it is ``"mean"``.
         fit: ``"pairs"`` fits Λ to every masked (key, value) pair by least squares; ``"mean"`` makes the
             layer map each ``k*`` exactly to its ``v*`` (the thesis's single constraint; needs
             ``context="mean"``).
         solver: ``"closed-form"`` or ``"projected-gd"`` (eq. 2.20, through ``post`` when given).
         post: for projected GD, a map of value rows through what follows the layer.
+        strength: the magnitude ``s`` of the update along its direction (``s·Λ``). ``"auto"`` chooses it
+            per edit by validation on the rule's exemplar views (leave one exemplar out), under a
+            collateral budget on the statistics images (:func:`rulewriter.core.generalise.choose_strength`);
+            a rule without views, or the projected-GD solver, gets 1. A number fixes it.
+        budget: the collateral budget of ``"auto"`` (default
+            :data:`~rulewriter.core.generalise.DEFAULT_COLLATERAL`).
         on: earlier edits this one is written on (sequential editing, :mod:`rulewriter.core.sequential`):
             the update is solved for the weights they leave and keeps every earlier rule's key ``k*``
             mapping to its output exactly (``ΔW K_p = 0``). Apply the result together with them
@@ -292,47 +356,68 @@ def rewrite(
     layer, view = rules[0].layer, rules[0].view
     if any((r.layer, r.view) != (layer, view) for r in rules):
         raise EditError("all rules of one rewrite must share a layer and view; compose separate edits instead")
-    if fit not in ("pairs", "mean") or context not in ("mean", "svd", "zca"):
+    if fit not in ("pairs", "mean") or context not in ("auto", "mean", "svd", "zca"):
         raise EditError(f"unknown fit {fit!r} or context {context!r}")
+    validated = (strength == "auto" and solver == "closed-form" and len(rules) == 1
+                 and rules[0].views is not None and rules[0].pair_view is not None)
+    search = context == "auto" and rank is None and fit == "pairs" and validated
+    context = "mean" if context == "auto" else context
     if fit == "mean" and context != "mean":
         raise EditError('fit="mean" constrains each rule\'s k*, so it needs context="mean"')
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
     c = stats.moment() if hasattr(stats, "moment") else torch.as_tensor(stats)
     if c.shape != (mem.key_dim, mem.key_dim):
         raise EditError(f"statistics are for {c.shape[0]}-dim keys; layer {layer!r} view {view} has {mem.key_dim}")
-    k = torch.cat([r.keys for r in rules]).double()
-    v = torch.cat([r.values for r in rules]).double()
-    w = torch.cat([r.weights for r in rules]).double()
-    if context == "mean":
-        u = torch.stack([r.key() for r in rules], 1)
-        if rank is not None and rank != len(rules):
-            raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
-    else:
-        # One ridge for both: zca's whitening C^{-1/2} and the solve's C⁻¹ must be of the same C + εI.
-        u = context_dirs(k, rank or 1, method=context, C=c, weights=w, ridge=ridge)
+    if context == "mean" and rank is not None and rank != len(rules):
+        raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
+    if solver not in ("closed-form", "projected-gd"):
+        raise EditError(f"unknown solver {solver!r}; use 'closed-form' or 'projected-gd'")
     on = list(on)
     if on:
         from .sequential import edited_matrix, preserved_keys, preserving_direction
 
-        d = preserving_direction(c, u, preserved_keys(on, layer, view), ridge)
+        preserved = preserved_keys(on, layer, view)
         w0 = edited_matrix(classifier.model, layer, view, on)
     else:
-        d = update_direction(c, u, ridge)
         w0 = mem.matrix().double()
-    d = d.to(w0.device)
-    if fit == "mean":
-        kk, vv, ww = u, torch.stack([r.value() for r in rules], 1), None
-    else:
-        kk, vv, ww = k.T, v.T, w
-    if solver == "closed-form":
-        lam = solve_lambda(w0, kk, vv, d, ww)
-        losses = None
-    elif solver == "projected-gd":
+
+    def solve(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], context: str = context,
+              rank: int | None = rank):
+        """Λ and D from each rule's (keys, values, weights)."""
+        k = torch.cat([p[0] for p in parts]).double()
+        v = torch.cat([p[1] for p in parts]).double()
+        w = torch.cat([p[2] for p in parts]).double()
+        if context == "mean":  # each rule's mask-weighted mean key k* (Rule.key)
+            u = torch.stack([(pk * pw[:, None]).sum(0) / pw.sum() for pk, _, pw in parts], 1)
+        else:
+            # One ridge for both: zca's whitening C^{-1/2} and the solve's C⁻¹ must be of the same C + εI.
+            u = context_dirs(k, rank or 1, method=context, C=c, weights=w, ridge=ridge)
+        d = preserving_direction(c, u, preserved, ridge) if on else update_direction(c, u, ridge)
+        d = d.to(w0.device)
+        if fit == "mean":
+            kk, ww = u, None
+            vv = torch.stack([(pv * pw[:, None]).sum(0) / pw.sum() for _, pv, pw in parts], 1)
+        else:
+            kk, vv, ww = k.T, v.T, w
+        if solver == "closed-form":
+            return solve_lambda(w0, kk, vv, d, ww), d, None, k.shape[0]
         # Targets live after ``post``: the values the original keys produced through it.
         target = vv if post is None else post(vv.T).T
         lam, losses = projected_gd(w0, kk, target, d, post=post, weights=ww, steps=steps)
-    else:
-        raise EditError(f"unknown solver {solver!r}; use 'closed-form' or 'projected-gd'")
+        return lam, d, losses, k.shape[0]
+
+    parts = [(r.keys.double(), r.values.double(), r.weights.double()) for r in rules]
+    lam, d, losses, n_pairs = solve(parts)
+    # Candidates, simplest first: the exemplars' own pairs or all views; the mean key or SVD directions.
+    cands = ([(ctx, r, aug) for ctx, r in [("mean", 1)] + [("svd", r) for r in SEARCH_RANKS]
+              for aug in (False, True)] if search else None)
+    choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
+                       cands)
+    if choice.get("candidate"):
+        context, rank, aug = choice["candidate"]
+        choice["augmented"] = bool(aug)
+        lam, d, losses, n_pairs = solve(_own_pairs(rules[0], parts) if not aug else parts, context, rank)
+    lam = lam * choice["chosen"]
     meta = {
         "created": timestamp(),
         "model": classifier.name,
@@ -344,8 +429,9 @@ def rewrite(
         "context": context,
         "fit": fit,
         "solver": solver,
-        "n_pairs": int(k.shape[0]),
+        "n_pairs": int(n_pairs),
         "stats": getattr(stats, "count", None),
+        "strength": choice,
         "rules": [r.description for r in rules],
     }
     if losses:
@@ -361,3 +447,81 @@ def rewrite(
         meta["preserved_keys"] = int(sum(0 if u.keys is None else u.keys.shape[1] for e in on for u in e.updates
                                          if (u.layer, u.view) == (layer, view)))
     return Edit([LayerUpdate(layer, view, lam, d, ks, vs)], meta)
+
+
+#: Context ranks that ``context="auto"`` validates beside the mean key (rank 1), each with and without the
+#: augmented views' pairs.
+SEARCH_RANKS = (4,)
+
+
+def _own_pairs(rule: Rule, parts):
+    """The pairs read from the exemplars themselves (not their augmented views)."""
+    keep = rule.views.own[rule.pair_view]
+    pk, pv, pw = parts[0]
+    return [(pk[keep], pv[keep], pw[keep])]
+
+
+def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
+              strength: float | str, budget: float | None, solver: str, cands: list | None = None) -> dict:
+    """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
+    from .generalise import DEFAULT_COLLATERAL, StrengthChoice, choose_strength, relative_collateral
+
+    budget = DEFAULT_COLLATERAL if budget is None else float(budget)
+    unit = relative_collateral(w0, lam @ d.T, c)
+    if strength != "auto":
+        try:
+            s = float(strength)
+        except (TypeError, ValueError):
+            raise EditError(f'strength must be "auto" or a number, got {strength!r}') from None
+        if not math.isfinite(s) or s <= 0:
+            raise EditError(f"strength must be a positive number, got {strength!r}")
+        return {"chosen": s, "reason": "given", "collateral": unit * s * s, "budget": budget}
+    if solver != "closed-form":
+        why = "the projected-GD solver is not validated: strength 1"
+    elif len(rules) != 1 or rules[0].views is None or rules[0].pair_view is None:
+        why = "the rule carries no exemplar views to validate on: strength 1 (the closed form)"
+    else:
+        why = None
+    if why is not None:
+        return {**StrengthChoice(1.0, why, budget=budget).to_dict(), "collateral": unit}
+    rule = rules[0]
+    views = rule.views
+    pair_group = views.group[rule.pair_view]
+
+    def fold_edit(left_out: int | None, cand: tuple | None = None) -> Edit:
+        keep = torch.ones_like(pair_group, dtype=torch.bool) if left_out is None else pair_group != left_out
+        if cand is not None and not cand[2]:  # without augmentation: the exemplars' own pairs only
+            keep &= views.own[rule.pair_view]
+        if not bool(keep.any()):
+            raise EditError("a validation fold leaves no pair to fit")
+        pk, pv, pw = parts[0]
+        sub = [(pk[keep], pv[keep], pw[keep])]
+        lam_f, d_f, _, _ = solve(sub) if cand is None else solve(sub, cand[0], cand[1])
+        return Edit([LayerUpdate(layer, view, lam_f, d_f)])
+
+    if cands is None:
+        out = choose_strength(classifier.model, views, fold_edit, lambda s: unit * s * s, budget=budget)
+        return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
+    units: dict[tuple, float] = {}
+
+    def cand_collateral(s: float, cand: tuple) -> float:
+        if cand not in units:
+            lam_c, d_c, _, _ = solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
+            units[cand] = relative_collateral(w0, lam_c @ d_c.T, c)
+        return units[cand] * s * s
+
+    def safe_fold(left_out: int | None, cand: tuple) -> Edit:
+        try:
+            return fold_edit(left_out, cand)
+        except EditError:  # too few keys left in this fold for the rank: it scores as no edit
+            return Edit([LayerUpdate(layer, view, torch.zeros(w0.shape[0], 1), torch.ones(w0.shape[1], 1))])
+
+    ok = []
+    for cand in cands:  # a rank the masked keys cannot support is not a candidate
+        try:
+            solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
+            ok.append(cand)
+        except EditError:
+            continue
+    out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
+    return {**out.to_dict(), "collateral": cand_collateral(out.chosen, tuple(out.candidate))}

@@ -1,0 +1,395 @@
+"""Edits that carry to new photos: augmented exemplar views and a strength chosen by validation.
+
+A rule read from a few exemplars is exact on their keys, but keys of the same concept in other photos differ
+from them, and the closed-form update moves those only part of the way. Two defaults make an edit carry:
+
+* **Joint augmentation.** :func:`exemplar_views` crops, flips and rescales each (original, manipulated,
+  mask) triple *together* (one random box and flip for all three, so the mask stays on the concept), so the
+  rule sees the concept at several scales and positions instead of one. ``rule_from_images`` reads its
+  pairs from every view.
+* **Strength chosen by validation.** The update ``Λ Dᵀ`` keeps its direction; its magnitude ``s`` (``s·Λ``)
+  is chosen per edit by :func:`choose_strength`, from the exemplars alone. Each fold leaves out the views
+  of one exemplar (with one exemplar: half of its augmented views), solves the rule on the rest, and counts
+  for every candidate ``s`` the left-out manipulated views whose top-1 returns to the unedited model's top-1
+  on their clean view, plus the clean views that keep it. The setting that restores the most exemplars
+  themselves (fitted on all views), then has the most left-out views right, then the higher mean
+  probability of the right class, then the smaller ``s``, wins, among the strengths whose
+  **collateral on the statistics images** stays within budget: ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)``, the
+  mean-square change of the layer's output over the images ``C`` was collected from, relative to the
+  output's own mean square (exact, from ``C`` alone). No held-out photo takes part.
+
+Example::
+
+    rule = rule_from_images(clf, layer, originals, manipulated, masks)      # views=DEFAULT_VIEWS
+    edit = rewrite(clf, rule, stats)                                        # strength="auto"
+    edit.meta["strength"]["chosen"], edit.meta["strength"]["reason"]       # doctest: +SKIP
+
+The network's tail after the edited layer is run from cached activations where the model allows it
+(:func:`tail_start`, :func:`run_tail`: EfficientNet's blocks), so validating ten strengths costs a few
+tail passes, not full forward passes.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torch import nn
+
+__all__ = [
+    "DEFAULT_VIEWS",
+    "MIN_VIEWS",
+    "STRENGTHS",
+    "DEFAULT_COLLATERAL",
+    "augment_exemplar",
+    "exemplar_views",
+    "view_groups",
+    "tail_start",
+    "run_tail",
+    "ViewSet",
+    "read_views",
+    "relative_collateral",
+    "StrengthChoice",
+    "choose_strength",
+]
+
+#: Augmented views per exemplar, besides the exemplar itself.
+DEFAULT_VIEWS = 4
+#: At least this many augmented views in all (one exemplar gets 8), so every validation fold has views.
+MIN_VIEWS = 8
+#: Candidate magnitudes of the update along its direction (``s·Λ``); 1 is the closed form.
+STRENGTHS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+#: Collateral budget: the edit may change the layer's output on the statistics images by at most 1% of the
+#: output's mean square (an RMS change of 10%), measured exactly from ``C``.
+DEFAULT_COLLATERAL = 0.01
+#: Smallest crop (fraction of the photo's area) of an augmented view: a view keeps at least a third of the
+#: photo, the range of framings a person photographs an object at, so the concept stays recognisable.
+MIN_CROP_AREA = 0.35
+VIEW_SIZE = 256
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+def _box(size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random resized crop box (area ``MIN_CROP_AREA``–1, aspect 3/4–4/3), else the centre square."""
+    w, h = size
+    for _ in range(10):
+        area = w * h * rng.uniform(MIN_CROP_AREA, 1.0)
+        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    c = min(w, h)
+    return (w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c
+
+
+def _mask_image(mask: np.ndarray | torch.Tensor) -> Image.Image:
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
+    if m.max() > 1.0:
+        m = m / 255.0
+    return Image.fromarray(np.clip(m, 0.0, 1.0).astype(np.float32), mode="F")
+
+
+def augment_exemplar(original: Image.Image, manipulated: Image.Image, mask: np.ndarray | torch.Tensor,
+                     rng: np.random.Generator, size: int = VIEW_SIZE,
+                     ) -> tuple[Image.Image, Image.Image, np.ndarray]:
+    """One joint view of an exemplar: the same crop box, flip and resize for image, manipulated image and mask.
+
+    ``mask`` is (H, W) at the images' size, values in [0, 1] (or 0–255). The crop is retried (up to ten
+    boxes) until it keeps part of the mask. Brightness, contrast and colour change by the same factor in
+    both images, so the rule sees the concept under a few lightings. Returns PIL images of ``size``² and the
+    mask as an (size, size) float32 array.
+
+    Example::
+
+        >>> o, m, k = augment_exemplar(img, img_wood, wheel_mask, np.random.default_rng(0))  # doctest: +SKIP
+        >>> o.size == m.size == (256, 256) and k.shape == (256, 256)                          # doctest: +SKIP
+        True
+    """
+    from ..errors import EditError
+
+    if original.size != manipulated.size:
+        raise EditError(f"original {original.size} and manipulated {manipulated.size} must align")
+    mimg = _mask_image(mask)
+    if mimg.size != original.size:
+        raise EditError(f"mask {mimg.size[::-1]} does not match its image {original.size[::-1]}")
+    out = (size, size)
+    for _ in range(10):
+        box = _box(original.size, rng)
+        mk = np.asarray(mimg.resize(out, Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+        if mk.max() > 0:
+            break
+    else:  # the concept is too small to survive a crop: keep the whole photo
+        box = (0, 0, *original.size)
+        mk = np.asarray(mimg.resize(out, Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+    o = original.convert("RGB").resize(out, Image.Resampling.BILINEAR, box=box)
+    s = manipulated.convert("RGB").resize(out, Image.Resampling.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        o, s, mk = ImageOps.mirror(o), ImageOps.mirror(s), mk[:, ::-1]
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        f = float(rng.uniform(0.8, 1.2))
+        o, s = enhancer(o).enhance(f), enhancer(s).enhance(f)
+    mk = np.clip(mk, 0.0, 1.0).copy()
+    # Contrast pivots on each image's own mean grey, so recombine: outside the mask the two views must be
+    # the same pixels, as they were before augmenting.
+    mf = mk[..., None]
+    s = Image.fromarray(np.clip(np.rint(np.asarray(o, np.float32) * (1 - mf) + np.asarray(s, np.float32) * mf),
+                                0, 255).astype(np.uint8))
+    return o, s, mk
+
+
+def view_groups(n_exemplars: int, views_per: int) -> list[int]:
+    """Validation fold of each view, exemplar-major (exemplar e: its own photo, then its ``views_per`` views).
+
+    With two or more exemplars a fold is one exemplar (leave one exemplar out: its photo and views). With
+    one exemplar its photo is never left out (group -1) and its views alternate between folds 0 and 1.
+    """
+    if n_exemplars >= 2:
+        return [e for e in range(n_exemplars) for _ in range(views_per + 1)]
+    return [-1] + [v % 2 for v in range(views_per)]
+
+
+def exemplar_views(originals: Sequence[Image.Image], manipulated: Sequence[Image.Image],
+                   masks: Sequence[np.ndarray | torch.Tensor], views: int = DEFAULT_VIEWS, *, seed: int = 0
+                   ) -> tuple[list[Image.Image], list[Image.Image], list[np.ndarray], list[int]]:
+    """Each exemplar followed by ``views`` joint augmentations (at least :data:`MIN_VIEWS` in all).
+
+    Masks are at their image's size. Returns originals, manipulated images, masks (float32 at each view's
+    size) and the validation fold of every view (:func:`view_groups`). Deterministic in ``seed``.
+    """
+    n = len(originals)
+    per = 0 if views <= 0 else max(int(views), math.ceil(MIN_VIEWS / max(n, 1)))
+    oo, mm, kk = [], [], []
+    for e, (o, s, k) in enumerate(zip(originals, manipulated, masks)):
+        oo.append(o)
+        mm.append(s)
+        kk.append(np.asarray(_mask_image(k), dtype=np.float32))
+        rng = np.random.default_rng([seed, e])
+        for _ in range(per):
+            a, b, c = augment_exemplar(o, s, k, rng)
+            oo.append(a)
+            mm.append(b)
+            kk.append(c)
+    return oo, mm, kk, view_groups(n, per)
+
+
+# ------------------------------------------------------------------------------------------ tails
+def tail_start(model: nn.Module, layer: str) -> str | None:
+    """The module whose input lets an EfficientNet run from just before ``layer`` (None: no shortcut)."""
+    if not (hasattr(model, "_blocks") and hasattr(model, "_conv_head") and hasattr(model, "_fc")):
+        return None
+    m = re.match(r"^_blocks\.(\d+)(\.|$)", layer)
+    if m:
+        return f"_blocks.{int(m.group(1))}"
+    if layer == "_conv_head" or layer.startswith(("_bn1", "_fc")):
+        return "_conv_head"
+    return None
+
+
+def run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet's forward from the input of module ``start`` to the logits (eval mode)."""
+    if start.startswith("_blocks."):
+        first = int(start.split(".")[1])
+        n = len(model._blocks)
+        for idx in range(first, n):
+            rate = model._global_params.drop_connect_rate
+            rate = rate * float(idx) / n if rate else rate
+            x = model._blocks[idx](x, drop_connect_rate=rate)
+    x = model._swish(model._bn1(model._conv_head(x)))
+    x = model._avg_pooling(x).flatten(1)
+    return model._fc(model._dropout(x))
+
+
+@dataclass
+class ViewSet:
+    """Exemplar views ready for validation: where the tail starts, its cached inputs, the targets, the folds.
+
+    ``x_orig``/``x_man`` are the inputs of module ``start`` for the clean and manipulated views (the
+    preprocessed images when ``start`` is None: full forward passes). ``target`` is the unedited model's
+    top-1 on each clean view; ``group`` each view's validation fold (-1: never left out).
+    """
+
+    start: str | None
+    x_orig: torch.Tensor
+    x_man: torch.Tensor
+    target: torch.Tensor
+    group: torch.Tensor
+    own: torch.Tensor | None = None  # (n,) bool: the view is an exemplar itself, not an augmentation
+    batch_size: int = 64
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    @torch.no_grad()
+    def logits(self, model: nn.Module, which: str, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the clean (``"orig"``) or manipulated (``"man"``) views with the model as it is now."""
+        x = self.x_orig if which == "orig" else self.x_man
+        x = x if idx is None else x[idx]
+        run = (lambda z: run_tail(model, self.start, z)) if self.start else model
+        if x.shape[0] == 0:
+            return torch.empty(0, 0)
+        return torch.cat([run(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
+
+
+@torch.no_grad()
+def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 32
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward pass over preprocessed ``images``: the layer's input, the tail's input and the logits.
+
+    The tail's input is None when the model has no tail shortcut for ``layer`` (see :func:`tail_start`).
+    """
+    from .trace import Trace
+
+    model = classifier.model
+    start = tail_start(model, layer)
+    dev = next(model.parameters()).device
+    xs, ts, ls = [], [], []
+    for i in range(0, images.shape[0], batch_size):
+        with ExitStack() as stack:
+            tr = stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
+            ts_tr = stack.enter_context(Trace(model, start, retain_output=False, clone=True)) if start else None
+            ls.append(model(images[i:i + batch_size].to(dev)))
+            xs.append(tr.input)
+            if ts_tr is not None:
+                ts.append(ts_tr.input)
+    tail_in = torch.cat(ts) if start else None
+    if start is not None:  # trust the shortcut only where it reproduces the model
+        full = torch.cat(ls)
+        diff = float((torch.cat([run_tail(model, start, t) for t in ts]) - full).abs().max())
+        if diff > 1e-4 * max(1.0, float(full.abs().max())):
+            tail_in = None
+    return torch.cat(xs), tail_in, torch.cat(ls)
+
+
+# ------------------------------------------------------------------------------------------ collateral
+def relative_collateral(w0: torch.Tensor, delta: torch.Tensor, c: torch.Tensor) -> float:
+    """``tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)``: mean-square output change over the statistics keys, relative.
+
+    ``C = E[k kᵀ]`` over the statistics images' keys, so ``tr(ΔW C ΔWᵀ) = E‖ΔW k‖²`` exactly; scaling the
+    update by ``s`` scales this by ``s²``.
+
+    Example:
+        >>> relative_collateral(torch.eye(2), 0.1 * torch.eye(2), torch.eye(2))
+        0.010000000000000002
+    """
+    w0, d, c = w0.double(), delta.double(), c.double().to(w0.device)
+    num = float(((d @ c) * d).sum())
+    den = float(((w0 @ c) * w0).sum())
+    return num / den if den > 0 else math.inf
+
+
+@dataclass
+class StrengthChoice:
+    """The strength picked for one edit and the evidence: one row per candidate strength."""
+
+    chosen: float
+    reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    budget: float = DEFAULT_COLLATERAL
+    folds: int = 0
+    n_validation: int = 0
+    candidate: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"chosen": self.chosen, "reason": self.reason, "budget": self.budget, "folds": self.folds,
+               "n_validation": self.n_validation, "candidates": self.rows}
+        if self.candidate is not None:
+            out["candidate"] = self.candidate
+        return out
+
+
+def choose_strength(
+    model: nn.Module,
+    views: ViewSet,
+    solve: Callable[..., Any],
+    collateral: Callable[..., float],
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    budget: float = DEFAULT_COLLATERAL,
+    candidates: Sequence[Any] | None = None,
+) -> StrengthChoice:
+    """Pick the update's magnitude (and, given ``candidates``, its rank) by validation on left-out views.
+
+    Args:
+        model: the network (edits are applied to it and undone).
+        views: the exemplar views and their folds.
+        solve: ``solve(left_out)`` (or ``solve(left_out, candidate)``) returns an
+            :class:`~rulewriter.edit.Edit` fitted without the views of fold ``left_out`` (None: all views).
+        collateral: ``collateral(s)`` (or ``collateral(s, candidate)``): the full edit's collateral on the
+            statistics images at strength ``s``.
+        strengths: the candidate strengths; 1 (the closed form) is always among them.
+        budget: the largest collateral allowed; strength 1 of the first candidate is always admissible.
+        candidates: other knobs to choose with the strength (e.g. ``(context, rank)`` pairs), simplest
+            first; None: the strength alone.
+
+    Settings are ranked first by the exemplars themselves (``views.own``) that the edit fitted on all views
+    restores (what the user showed must be fixed first), then by the number of left-out views right
+    (manipulated view back to the clean view's unedited top-1, plus clean views keeping it), then by the
+    higher mean probability of that class, then the simpler candidate and the smaller ``s``.
+    """
+    strengths = sorted({float(s) for s in strengths} | {1.0})
+    single = candidates is None
+    cands = [None] if single else list(candidates)
+    folds = sorted({int(g) for g in views.group.tolist() if g >= 0})
+    if not folds:
+        return StrengthChoice(1.0, "no validation views: the closed form (strength 1)", budget=budget)
+    own = views.own if views.own is not None else torch.zeros(len(views), dtype=torch.bool)
+    own_idx = torch.nonzero(own).flatten()
+    restored = {(c, s): 0 for c in range(len(cands)) for s in strengths}
+    if own_idx.numel():  # the exemplars themselves under the edit fitted on everything
+        for ci, cand in enumerate(cands):
+            full = solve(None) if single else solve(None, cand)
+            for s in strengths:
+                with full.scaled(s).applied(model):
+                    top = views.logits(model, "man", own_idx).argmax(1)
+                restored[ci, s] = int((top == views.target[own_idx]).sum())
+    right = {(c, s): 0 for c in range(len(cands)) for s in strengths}
+    fixed, kept = dict(right), dict(right)
+    prob = {(c, s): 0.0 for c in range(len(cands)) for s in strengths}
+    n_val = 0
+    for f in folds:
+        idx = torch.nonzero(views.group == f).flatten()
+        tgt = views.target[idx]
+        n_val += int(idx.numel())
+        for ci, cand in enumerate(cands):
+            fold_edit = solve(f) if single else solve(f, cand)
+            for s in strengths:
+                with fold_edit.scaled(s).applied(model):
+                    for which in ("man", "orig"):
+                        p = views.logits(model, which, idx).softmax(1)
+                        hit = int((p.argmax(1) == tgt).sum())
+                        right[ci, s] += hit
+                        (fixed if which == "man" else kept)[ci, s] += hit
+                        prob[ci, s] += float(p.gather(1, tgt[:, None].to(p.device)).sum())
+    rows = []
+    for ci, cand in enumerate(cands):
+        for s in strengths:
+            col = collateral(s) if single else collateral(s, cand)
+            row = {"strength": s, "exemplars_restored": restored[ci, s], "exemplars": int(own_idx.numel()),
+                   "right": right[ci, s], "of": 2 * n_val, "fixed": fixed[ci, s], "kept": kept[ci, s],
+                   "mean_prob": prob[ci, s] / (2 * n_val),
+                   "collateral": col, "within_budget": bool((ci == 0 and s == 1.0) or col <= budget)}
+            if not single:
+                row = {"candidate": cand, **row}
+            rows.append(row)
+    order = {id(r): k for k, r in enumerate(rows)}
+    ok = [r for r in rows if r["within_budget"]]
+    best = max(ok, key=lambda r: (r["exemplars_restored"], r["right"], round(r["mean_prob"], 6), -order[id(r)]))
+    base = rows[0]
+    capped = [r for r in rows if not r["within_budget"]]
+    what = f"strength {best['strength']:g}" + ("" if single else f", {best['candidate']}")
+    reason = (f"{what}: restores {best['exemplars_restored']}/{best['exemplars']} exemplars, "
+              f"{best['right']}/{best['of']} left-out exemplar views right "
+              f"(closed form {base['right']}/{base['of']}), mean right-class probability "
+              f"{best['mean_prob']:.2f}, over {len(folds)} fold(s); collateral on the statistics images "
+              f"{best['collateral']:.2g} of the layer's output energy (budget {budget:g})")
+    if capped:
+        reason += f"; {len(capped)} setting(s) over the budget were not considered"
+    out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
+    out.candidate = best.get("candidate")
+    return out
