@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=NAME, help="results file name (default generalise)")
     ap.add_argument("--methods", default=None, help="only methods whose name starts with one of these "
                     "(comma-separated), for iterating")
+    ap.add_argument("--exemplars", default="5,1", help="exemplar counts to run (default 5,1)")
     ap.add_argument("--scenarios", default=None, help="comma-separated subset of: " + ", ".join(SCENARIOS))
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", "data/ade20k-samples",
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         kind, tex = spec[name]
         sc = build_scenario(clf, layer, name, tex, textures[tex], trains[kind], tests[kind], clean)
-        for n in N_EXEMPLARS:
+        for n in [int(x) for x in args.exemplars.split(",")]:
             if n > len(sc.ex_orig):
                 continue
             for meth, change, secs, info in methods(clf, layer, start, sc, n, stats, steps, grid_steps,

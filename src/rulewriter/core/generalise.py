@@ -230,6 +230,8 @@ class ViewSet:
         """Logits of the clean (``"orig"``) or manipulated (``"man"``) views with the model as it is now."""
         x = self.x_orig if which == "orig" else self.x_man
         x = x if idx is None else x[idx]
+        p = next(model.parameters())
+        x = x.to(p.device, p.dtype)
         run = (lambda z: run_tail(model, self.start, z)) if self.start else model
         if x.shape[0] == 0:
             return torch.empty(0, 0)
@@ -247,13 +249,13 @@ def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 3
 
     model = classifier.model
     start = tail_start(model, layer)
-    dev = next(model.parameters()).device
+    p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
     xs, ts, ls = [], [], []
     for i in range(0, images.shape[0], batch_size):
         with ExitStack() as stack:
             tr = stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
             ts_tr = stack.enter_context(Trace(model, start, retain_output=False, clone=True)) if start else None
-            ls.append(model(images[i:i + batch_size].to(dev)))
+            ls.append(model(images[i:i + batch_size].to(p.device, p.dtype)))
             xs.append(tr.input)
             if ts_tr is not None:
                 ts.append(ts_tr.input)
