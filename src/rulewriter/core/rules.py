@@ -358,7 +358,9 @@ def rewrite(
         raise EditError("all rules of one rewrite must share a layer and view; compose separate edits instead")
     if fit not in ("pairs", "mean") or context not in ("auto", "mean", "svd", "zca"):
         raise EditError(f"unknown fit {fit!r} or context {context!r}")
-    validated = (strength == "auto" and solver == "closed-form" and len(rules) == 1
+    on = list(on)
+    # Validation applies candidate edits to the model alone, so an edit written on earlier ones is not validated.
+    validated = (strength == "auto" and solver == "closed-form" and len(rules) == 1 and not on
                  and rules[0].views is not None and rules[0].pair_view is not None)
     search = context == "auto" and rank is None and fit == "pairs" and validated
     context = "mean" if context == "auto" else context
@@ -372,7 +374,6 @@ def rewrite(
         raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
     if solver not in ("closed-form", "projected-gd"):
         raise EditError(f"unknown solver {solver!r}; use 'closed-form' or 'projected-gd'")
-    on = list(on)
     if on:
         from .sequential import edited_matrix, preserved_keys, preserving_direction
 
@@ -412,7 +413,7 @@ def rewrite(
     cands = ([(ctx, r, aug) for ctx, r in [("mean", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
-                       cands)
+                       cands, on)
     if choice.get("candidate"):
         context, rank, aug = choice["candidate"]
         choice["augmented"] = bool(aug)
@@ -462,7 +463,8 @@ def _own_pairs(rule: Rule, parts):
 
 
 def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
-              strength: float | str, budget: float | None, solver: str, cands: list | None = None) -> dict:
+              strength: float | str, budget: float | None, solver: str, cands: list | None = None,
+              on: Sequence[Edit] = ()) -> dict:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
     from .generalise import DEFAULT_COLLATERAL, StrengthChoice, choose_strength, relative_collateral
 
@@ -480,6 +482,8 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         why = "the projected-GD solver is not validated: strength 1"
     elif len(rules) != 1 or rules[0].views is None or rules[0].pair_view is None:
         why = "the rule carries no exemplar views to validate on: strength 1 (the closed form)"
+    elif on:
+        why = "an edit written on earlier edits is not validated: strength 1 (the closed form)"
     else:
         why = None
     if why is not None:
