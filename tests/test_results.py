@@ -147,3 +147,14 @@ def test_bus_gravel_table_matches_bus_gravel_json():
     for f in folds.values():
         for m in ("finetune", "last-layer"):
             assert f["training"][m]["lr"] == 1e-4 and f["training"][m]["fitted"]
+
+
+def test_generalisation_scoreboard_tables_match_generalise_json():
+    """The README's scoreboard tables are benchmarks/generalise_summary.py's rendering of generalise.json."""
+    import sys
+
+    data = _json("generalise")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generalise_summary import summary
+
+    assert summary(data) in README
