@@ -241,7 +241,7 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     import _common as C
 
