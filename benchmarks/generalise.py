@@ -287,7 +287,7 @@ def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, 
             grid_steps: int, only: Sequence[str] | None = None) -> list[tuple[str, Any, float, dict[str, Any]]]:
     """(name, change, seconds, info) of every method on the first ``n`` exemplars."""
     from rulewriter.studies.finetune import finetune_layer, retrain_last_layer
-    from rulewriter.core.generalise import run_tail
+    from rulewriter.core.generalise import DEFAULT_VIEWS, run_tail
     from rulewriter.core.rules import rewrite, rule_from_images
 
     o, m, k = sc.ex_orig[:n], sc.ex_man[:n], sc.ex_mask[:n]
@@ -303,7 +303,7 @@ def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, 
         return rewrite(clf, plain_rule(), stats, strength=1.0), {}
 
     def default() -> tuple[Any, dict]:
-        e = rewrite(clf, rule_from_images(clf, layer, o, m, k), stats)
+        e = rewrite(clf, rule_from_images(clf, layer, o, m, k, views=DEFAULT_VIEWS), stats)
         return e, {"strength": e.meta["strength"]}
 
     def finetune() -> tuple[Any, dict]:

@@ -64,7 +64,7 @@ def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, ph
     out_edit, saved = tmp_path / "E.safetensors", tmp_path / "pasted"
     argv = ["edit", "--model", "efficientnet-lite0", "--original", files / "coffee.png", "--mask", files / "mask.png",
             "--texture", files / "coffee_gravel.png", "--stats-data", photo_dir, "--stats-samples", "60",
-            "--out", out_edit, "--quiet", "--save-exemplars", saved]
+            "--out", out_edit, "--quiet", "--save-exemplars", saved, "--views", "4"]
     code, out, err = _run(capsys, *argv, "--json")
     assert code == 0, err
     info = json.loads(out)

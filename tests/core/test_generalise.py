@@ -9,6 +9,7 @@ from torch import nn
 
 from rulewriter.core.edit import Edit, LayerUpdate
 from rulewriter.core.generalise import (
+    DEFAULT_VIEWS,
     MIN_VIEWS,
     STRENGTHS,
     augment_exemplar,
@@ -149,7 +150,7 @@ def _stats(clf, layer):
 def test_chosen_strength_never_exceeds_the_collateral_budget(tiny, budget):
     layer = "features.2"
     imgs, masks = _images(3), _masks(3)
-    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks)
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
     stats = _stats(tiny, layer)
     edit = rewrite(tiny, rule, stats, budget=budget)
     ch = edit.meta["strength"]
@@ -169,7 +170,7 @@ def test_chosen_strength_never_exceeds_the_collateral_budget(tiny, budget):
 def test_auto_strength_is_the_closed_form_scaled(tiny):
     layer = "features.2"
     imgs, masks = _images(2), _masks(2)
-    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks)
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
     stats = _stats(tiny, layer)
     auto = rewrite(tiny, rule, stats)
     ctx, rank, aug = auto.meta["strength"]["candidate"]
@@ -190,7 +191,7 @@ def test_validation_folds_never_fit_on_the_views_they_score(tiny, monkeypatch):
 
     layer = "features.2"
     imgs, masks = _images(3), _masks(3)
-    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks)
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
     seen = []
     real = G.choose_strength
 
@@ -285,7 +286,7 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
             return int((C.top1(clf, x_held) == y_held).sum()), C.top1(clf, clf.preprocess.batch(s)).tolist()
 
     old, _ = fixed(rewrite(clf, rule_from_images(clf, layer, o, s, m, views=0), stats, strength=1))
-    new_edit = rewrite(clf, rule_from_images(clf, layer, o, s, m), stats)
+    new_edit = rewrite(clf, rule_from_images(clf, layer, o, s, m, views=DEFAULT_VIEWS), stats)
     new, ex_top = fixed(new_edit)
     assert new >= 1 and new >= old, (new, old, new_edit.meta["strength"]["reason"])
     assert sum(a == e[3] for a, e in zip(ex_top, ex)) >= 2

@@ -16,11 +16,15 @@ def cmd_edit(args) -> None:
 
     out = check_rule_args(args)
     save_dir = check_save_exemplars(args)
+    earlier = after_edits(args, out)
     clf = load_model(args)
+    for path, e in zip(args.after, earlier):
+        e.check_model(clf, path)
     layer = resolve_layer(args, clf)
     shown = None  # the exemplars as the model sees them: (name, image)
     if args.manipulated:
-        rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view)
+        rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view,
+                                views=args.views)
         shown = [(str(p), load_image(p)) for p in args.manipulated]
     elif args.from_features:
         rule = rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
@@ -29,22 +33,35 @@ def cmd_edit(args) -> None:
         shown = [(str(p), im) for p, im in zip(args.original, pasted)]
     stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples)
     edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
-                   solver=args.solver, fit=args.fit)
-    top3 = before_after(clf, edit, shown) if shown else []
+                   solver=args.solver, fit=args.fit, on=earlier)
+    top3 = before_after(clf, edit, shown, earlier) if shown else []
     saved = save_pasted(save_dir, shown) if save_dir is not None and not args.manipulated and shown else []
     edit.save(out)
     st = edit.meta.get("strength", {})
     info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
             "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "context": edit.meta["context"],
             "strength": st.get("chosen"), "why": st.get("reason"), "exemplars": top3,
-            "saved_exemplars": [str(p) for p in saved]}
-    lines = [f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs)",
+            "saved_exemplars": [str(p) for p in saved], "after": list(args.after),
+            "preserved_keys": edit.meta.get("preserved_keys", 0)}
+    kept = f", keeping {info['preserved_keys']} earlier rule keys" if args.after else ""
+    lines = [f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs{kept})",
              f"chose: context {info['context']}, rank {info['rank']}, strength {info['strength']:g} — {info['why']}"]
     for e in top3:
         fmt = lambda t: ", ".join(f"{lab} {p:.2f}" for lab, p in t)  # noqa: E731
         lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
     lines += [f"saved {p}" for p in saved]
     emit(info, args.json, "\n".join(lines))
+
+
+def after_edits(args, out: Path) -> list:
+    """The ``--after`` edits, read before any work; ``--out`` may not replace one of them."""
+    from ..core.edit import Edit
+    from ..core.export import same_file
+
+    for p in args.after:
+        if same_file(out, p) or same_file(out, str(p) + ".json"):
+            raise RulewriterError(f"--out {out} is one of the --after edits; write the new edit to a new file")
+    return [Edit.load(p) for p in args.after]
 
 
 def check_save_exemplars(args) -> Path | None:
@@ -79,12 +96,16 @@ def save_pasted(folder: Path, shown) -> list[Path]:
     return out
 
 
-def before_after(clf, edit, shown) -> list[dict]:
-    """Top-3 (label, probability) of each exemplar before and after the edit."""
+def before_after(clf, edit, shown, earlier=()) -> list[dict]:
+    """Top-3 (label, probability) of each exemplar before and after the edit (on top of ``earlier`` edits)."""
+    import contextlib
+
     import torch
 
     x = clf.preprocess.batch([im for _, im in shown])
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for e in earlier:  # "before" is the model as the earlier edits left it
+            stack.enter_context(e.applied(clf.model))
         before = clf.predict(x, topk=3)
         with edit.applied(clf.model):
             after = clf.predict(x, topk=3)
@@ -111,7 +132,7 @@ def pasted_rule(clf, layer, args):
     tex = texture(args.texture)
     originals = [load_image(p) for p in args.original]
     man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
-    rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view)
+    rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view, views=getattr(args, "views", 0))
     rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
     return rule, man
 
@@ -192,6 +213,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="where the update directions come from: each rule's mean key k*, or the top "
                         "directions of all masked keys (svd, or zca: whitened by C); auto: the mean key or "
                         "the top 4 SVD directions, chosen with the strength by validation on the exemplars")
+    p.add_argument("--views", type=int, default=0, metavar="N",
+                   help="opt-in: N joint augmented views per exemplar; then the strength, rank and augmentation are "
+                        "chosen per edit by leave-one-exemplar-out validation under a collateral budget (more "
+                        "held-out photos fixed, more change on unrelated near-ties: see the README); 0 is the "
+                        "thesis's closed form")
     p.add_argument("--save-exemplars", default=None, metavar="DIR",
                    help="with --texture: save the pasted exemplars there (<photo>.pasted.png), to see what the "
                         "rule was read from")

@@ -20,7 +20,7 @@ from them, and the closed-form update moves those only part of the way. Two defa
 
 Example::
 
-    rule = rule_from_images(clf, layer, originals, manipulated, masks)      # views=DEFAULT_VIEWS
+    rule = rule_from_images(clf, layer, originals, manipulated, masks, views=DEFAULT_VIEWS)
     edit = rewrite(clf, rule, stats)                                        # strength="auto"
     edit.meta["strength"]["chosen"], edit.meta["strength"]["reason"]       # doctest: +SKIP
 
@@ -58,7 +58,7 @@ __all__ = [
     "choose_strength",
 ]
 
-#: Augmented views per exemplar, besides the exemplar itself.
+#: Augmented views per exemplar, besides the exemplar itself, when a rule asks for views (opt-in).
 DEFAULT_VIEWS = 4
 #: At least this many augmented views in all (one exemplar gets 8), so every validation fold has views.
 MIN_VIEWS = 8
