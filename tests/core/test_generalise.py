@@ -23,36 +23,8 @@ from rulewriter.core.rules import Rule, layer_io, rewrite, rule_from_images
 from rulewriter.core.stats import SecondMoment
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 6, 1))
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
-
-
-@pytest.fixture()
-def tiny():
-    torch.manual_seed(0)
-    pre = Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    return load_classifier(Tiny(), preprocess=pre)
-
-
-def _images(n, seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _masks(n, size=(48, 40)):
-    out = []
-    for i in range(n):
-        m = np.zeros((size[1], size[0]), np.float32)
-        m[8 + i: 24 + i, 10:30] = 1
-        out.append(m)
-    return out
+# The fixture model and images of the rule tests (one copy for both files).
+from test_rules import Tiny, _images, _masks, tiny  # noqa: E402,F401
 
 
 def _pasted(images, masks, seed=5):

@@ -339,20 +339,23 @@ def test_feature_map_reconstruction_converges_and_heatmaps(tmp_path):
     json.dumps(rec.to_dict(every=10))
 
 
+class L2:
+    """A pixel distance for reconstructions (what a FeatureDistance would measure, without a network)."""
+
+    label = "pixel L2 (test)"
+
+    def features(self, t):
+        return [t]
+
+    def compare(self, a, b):
+        return float((a[0] - b[0]).pow(2).mean())
+
+
 def test_image_reconstruction_lowers_the_loss(tiny):
     from rulewriter.extensions.reconstruct import FeatureDistance
 
     x = tiny.preprocess.batch(_images(1))
     _, y = layer_io(tiny, "features.4", x)
-
-    class L2:
-        label = "pixel L2 (test)"
-
-        def features(self, t):
-            return [t]
-
-        def compare(self, a, b):
-            return float((a[0] - b[0]).pow(2).mean())
 
     rec = reconstruct_image(tiny, "features.4", y, {"truth": x}, steps=30, lr=0.1, distance=L2())
     assert isinstance(rec, Reconstruction) and rec.metric == "pixel L2 (test)"
@@ -383,15 +386,6 @@ def test_float64_models_in_the_inverse_direction(tiny):
         pass
     x = clf.preprocess.batch(_images(1))
     _, y = layer_io(clf, "features.4", x)
-
-    class L2:
-        label = "pixel L2 (test)"
-
-        def features(self, t):
-            return [t]
-
-        def compare(self, a, b):
-            return float((a[0] - b[0]).pow(2).mean())
 
     rec = reconstruct_image(clf, "features.4", y, {"truth": x.double()}, steps=3, distance=L2())
     assert rec.result.dtype == torch.float64 and rec.losses[-1] < rec.losses[0]
