@@ -115,7 +115,8 @@ def test_snow_table_matches_snow_json():
         assert rows[name][2].startswith(f"{res[key]['top1']:.1f} %"), name
     lr4 = next(v for k, v in abl.items() if k.startswith("fine-tuning one layer, lr 0.0001"))
     row = next(v for k, v in rows.items() if k.startswith("fine-tuning the layer, lr 1e-4"))
-    assert row[0].startswith(fixed(lr4["groups"]["all"])) and row[1] == f"{lr4['groups']['all']['introduced']}/131"
+    g4 = lr4["groups"]["all"]
+    assert row[0].startswith(fixed(g4)) and row[1] == f"{g4['introduced']}/{g4['n']}"
     assert row[2] == f"{lr4['top1']:.1f} % ({-lr4['cost']:+.1f})".replace("-", "−")
     assert lr4["finetune"]["fitted"] and f"{lr4['finetune']['steps_run']} steps" in \
         next(k for k in rows if k.startswith("fine-tuning the layer, lr 1e-4"))
