@@ -24,15 +24,7 @@ from rulewriter.models import registry
 LAYER = "features.2"
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 6, 1))
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
+from fixture_models import Tiny  # noqa: E402
 
 
 def tiny_classifier(name: str | None = None, weights=None):

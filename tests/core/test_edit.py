@@ -13,12 +13,7 @@ from rulewriter.core.memory import LayerMemory
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the maths in float64 (tests/conftest.py)
 
 
 def _problem(f=4, d=6, n_data=200, r=2, seed=0):

@@ -17,12 +17,7 @@ from rulewriter.errors import EditError
 D, F = 12, 5
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the maths in float64 (tests/conftest.py)
 
 
 def _clf(seed=0, weights="w-abc"):
