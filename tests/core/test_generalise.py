@@ -1,6 +1,8 @@
 """generalise: joint exemplar views, the collateral measure and the validation-chosen strength."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -136,7 +138,13 @@ def test_chosen_strength_never_exceeds_the_collateral_budget(tiny, budget):
     order = {id(r): k for k, r in enumerate(ch["candidates"])}
     best = max(ok, key=lambda r: (r["exemplars_restored"], r["right"], round(r["mean_prob"], 6), -order[id(r)]))
     assert (ch["chosen"], ch["candidate"]) == (best["strength"], best["candidate"])
-    assert all(r["collateral"] > budget for r in ch["candidates"] if not r["within_budget"])
+    # A setting is over the budget when measured so, or when a smaller strength of its candidate already was.
+    for r in ch["candidates"]:
+        if not r["within_budget"]:
+            assert r["collateral"] is None or r["collateral"] > budget
+            if r["collateral"] is None:
+                assert any(q["candidate"] == r["candidate"] and q["strength"] < r["strength"]
+                           and q["collateral"] is not None and q["collateral"] > budget for q in ch["candidates"])
 
 
 def test_auto_strength_is_the_closed_form_scaled(tiny):
@@ -176,7 +184,7 @@ def test_validation_folds_never_fit_on_the_views_they_score(tiny, monkeypatch):
         return real(model, views, wrapped, collateral, **kw)
 
     monkeypatch.setattr(G, "choose_strength", spy)
-    rewrite(tiny, rule, _stats(tiny, layer))
+    rewrite(tiny, rule, _stats(tiny, layer), budget=10.0)  # every setting admissible, so every one is validated
     assert sorted({f for f, _, _ in seen}) == [0, 1, 2]
     stats = _stats(tiny, layer)
     assert {c for _, c, _ in seen} == {("mean", 1, False), ("mean", 1, True), ("svd", 4, False), ("svd", 4, True)}
@@ -262,3 +270,77 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     new, ex_top = fixed(new_edit)
     assert new >= 1 and new >= old, (new, old, new_edit.meta["strength"]["reason"])
     assert sum(a == e[3] for a, e in zip(ex_top, ex)) >= 2
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def test_calibration_counts_top1_changes_exactly(tiny):
+    from rulewriter.core.generalise import NEAR_TIE, calibration_set
+
+    layer = "features.2"
+    imgs = _images(40, seed=11)
+    cal = calibration_set(tiny, layer, tiny.preprocess.batch(imgs))
+    x = tiny.preprocess.batch(imgs)
+    with torch.no_grad():
+        logits = tiny.model(x)
+    p = logits.softmax(1).topk(2, 1).values
+    assert torch.equal(cal.base, logits.argmax(1))
+    assert torch.equal(cal.near_tie, (p[:, 0] - p[:, 1]) <= NEAR_TIE)
+    torch.manual_seed(2)
+    w0 = LayerMemory(dict(tiny.model.named_modules())[layer], 2).matrix()
+    edit = Edit([LayerUpdate(layer, 2, 30 * torch.randn(w0.shape[0], 1).double(), torch.randn(w0.shape[1], 1).double())])
+    got = cal.changed(tiny.model, edit)
+    with edit.applied(tiny.model), torch.no_grad():
+        top = tiny.model(x).argmax(1)
+    diff = top != logits.argmax(1)
+    assert got["changed"] == pytest.approx(float(diff.double().mean())) and got["n"] == 40
+    assert 0 < got["changed"]  # the random edit does change something, so the count is not vacuous
+    if int(cal.near_tie.sum()):
+        assert got["changed_near_tie"] == pytest.approx(float(diff[cal.near_tie].double().mean()))
+    assert torch.equal(tiny.model(x).argmax(1), logits.argmax(1))  # the edit was undone
+    assert len(calibration_set(tiny, layer, tiny.preprocess.batch(imgs), limit=10)) == 10
+
+
+def test_locality_budget_admits():
+    from rulewriter.core.generalise import LocalityBudget
+
+    b = LocalityBudget(changed=0.01, near_tie=0.1)
+    assert b.admits({"changed": 0.01, "changed_near_tie": 0.1})
+    assert not b.admits({"changed": 0.011, "changed_near_tie": 0.0})
+    assert not b.admits({"changed": 0.0, "changed_near_tie": 0.2})
+    assert b.admits({"changed": 0.0, "changed_near_tie": None})  # no near ties: only the overall share counts
+
+
+@pytest.mark.parametrize("changed", [0.0, 0.05, 1.0])
+def test_chosen_strength_keeps_the_calibration_images_within_the_locality_budget(tiny, changed):
+    """Recounted independently: the chosen edit changes at most the budget's share of calibration top-1s."""
+    from rulewriter.core.generalise import LocalityBudget
+
+    layer = "features.2"
+    imgs, masks = _images(3), _masks(3)
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
+    cal_imgs = tiny.preprocess.batch(_images(60, seed=21))
+    budget = LocalityBudget(changed=changed, near_tie=1.0)
+    edit = rewrite(tiny, rule, _stats(tiny, layer), calibration=cal_imgs, budget=budget)
+    ch = edit.meta["strength"]
+    with torch.no_grad():
+        base = tiny.model(cal_imgs).argmax(1)
+        with edit.applied(tiny.model):
+            share = float((tiny.model(cal_imgs).argmax(1) != base).double().mean())
+    first = ch["candidates"][0]
+    fallback = (ch["chosen"], ch["candidate"]) == (1.0, first["candidate"])
+    assert fallback or share <= changed + 1e-12
+    assert ch["budget"] == {"changed": changed, "near_tie": 1.0}
+    json.dumps(ch)  # the record is JSON
+    if changed == 1.0:  # everything admissible: the strongest settings were validated too
+        assert all(r["within_budget"] for r in ch["candidates"])
+
+
+def test_a_locality_budget_needs_calibration_images(tiny):
+    from rulewriter.core.generalise import LocalityBudget
+    from rulewriter.errors import EditError
+
+    layer = "features.2"
+    imgs, masks = _images(2), _masks(2)
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
+    with pytest.raises(EditError, match="calibration"):
+        rewrite(tiny, rule, _stats(tiny, layer), budget=LocalityBudget())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -312,7 +312,8 @@ def rewrite(
     steps: int = 2000,
     on: Sequence[Edit] = (),
     strength: float | str = "auto",
-    budget: float | None = None,
+    budget: Any = None,
+    calibration: Any = None,
 ) -> Edit:
     """Solve for the update that makes the layer map each rule's keys to its values.
 
@@ -335,9 +336,16 @@ def rewrite(
         post: for projected GD, a map of value rows through what follows the layer.
         strength: the magnitude ``s`` of the update along its direction (``s·Λ``). ``"auto"`` chooses it
             per edit by validation on the rule's exemplar views (leave one exemplar out), under a
-            collateral budget on the statistics images (:func:`rulewriter.core.generalise.choose_strength`);
-            a rule without views, or the projected-GD solver, gets 1. A number fixes it.
-        budget: the collateral budget of ``"auto"`` (default
+            collateral budget (:func:`rulewriter.core.generalise.choose_strength`); a rule without views,
+            or the projected-GD solver, gets 1. A number fixes it.
+        calibration: images the budget is measured on, as top-1 changes: a
+            :class:`~rulewriter.core.generalise.Calibration` or anything
+            :func:`~rulewriter.core.generalise.calibration_set` takes (a folder, paths, a Dataset, a
+            preprocessed batch); use the statistics images. None: the budget is the layer's output energy
+            on the statistics keys (exact from ``C``, but looser than top-1 locality).
+        budget: the budget of ``"auto"``: a :class:`~rulewriter.core.generalise.LocalityBudget` with
+            calibration images (default ``LocalityBudget()``: top-1 changes on ≤ 0.5 % of them and ≤ 5 % of
+            their near ties), else a relative output energy (default
             :data:`~rulewriter.core.generalise.DEFAULT_COLLATERAL`).
         on: earlier edits this one is written on (sequential editing, :mod:`rulewriter.core.sequential`):
             the update is solved for the weights they leave and keeps every earlier rule's key ``k*``
@@ -413,7 +421,7 @@ def rewrite(
     cands = ([(ctx, r, aug) for ctx, r in [("mean", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
-                       cands, on)
+                       cands, on, calibration)
     if choice.get("candidate"):
         context, rank, aug = choice["candidate"]
         choice["augmented"] = bool(aug)
@@ -463,13 +471,23 @@ def _own_pairs(rule: Rule, parts):
 
 
 def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
-              strength: float | str, budget: float | None, solver: str, cands: list | None = None,
-              on: Sequence[Edit] = ()) -> dict:
+              strength: float | str, budget: Any, solver: str, cands: list | None = None,
+              on: Sequence[Edit] = (), calibration: Any = None) -> dict:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
-    from .generalise import DEFAULT_COLLATERAL, StrengthChoice, choose_strength, relative_collateral
+    from .generalise import (DEFAULT_COLLATERAL, Calibration, LocalityBudget, StrengthChoice, calibration_set,
+                             choose_strength, relative_collateral)
 
-    budget = DEFAULT_COLLATERAL if budget is None else float(budget)
     unit = relative_collateral(w0, lam @ d.T, c)
+    validating = strength == "auto" and solver == "closed-form" and len(rules) == 1 and not on and \
+        rules[0].views is not None and rules[0].pair_view is not None
+    if calibration is not None and validating and not isinstance(calibration, Calibration):
+        calibration = calibration_set(classifier, layer, calibration)
+    if budget is None:
+        budget = LocalityBudget() if calibration is not None else DEFAULT_COLLATERAL
+    elif isinstance(budget, LocalityBudget) and calibration is None and validating:
+        raise EditError("a LocalityBudget is measured on calibration images: pass calibration=")
+    elif not isinstance(budget, LocalityBudget):
+        budget = float(budget)
     if strength != "auto":
         try:
             s = float(strength)
@@ -477,7 +495,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
             raise EditError(f'strength must be "auto" or a number, got {strength!r}') from None
         if not math.isfinite(s) or s <= 0:
             raise EditError(f"strength must be a positive number, got {strength!r}")
-        return {"chosen": s, "reason": "given", "collateral": unit * s * s, "budget": budget}
+        return {**StrengthChoice(s, "given", budget=budget).to_dict(), "collateral": unit * s * s}
     if solver != "closed-form":
         why = "the projected-GD solver is not validated: strength 1"
     elif len(rules) != 1 or rules[0].views is None or rules[0].pair_view is None:
@@ -492,6 +510,13 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     views = rule.views
     pair_group = views.group[rule.pair_view]
 
+    def measure(lam_c: torch.Tensor, d_c: torch.Tensor, s: float) -> Any:
+        energy = relative_collateral(w0, lam_c @ d_c.T, c) * s * s
+        if not isinstance(budget, LocalityBudget):
+            return energy
+        edit = Edit([LayerUpdate(layer, view, lam_c * s, d_c)])
+        return {**calibration.changed(classifier.model, edit), "energy": energy}
+
     def fold_edit(left_out: int | None, cand: tuple | None = None) -> Edit:
         keep = torch.ones_like(pair_group, dtype=torch.bool) if left_out is None else pair_group != left_out
         if cand is not None and not cand[2]:  # without augmentation: the exemplars' own pairs only
@@ -504,15 +529,19 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         return Edit([LayerUpdate(layer, view, lam_f, d_f)])
 
     if cands is None:
-        out = choose_strength(classifier.model, views, fold_edit, lambda s: unit * s * s, budget=budget)
+        out = choose_strength(classifier.model, views, fold_edit, lambda s: measure(lam, d, s), budget=budget)
         return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
-    units: dict[tuple, float] = {}
+    full: dict[tuple, tuple] = {}
 
-    def cand_collateral(s: float, cand: tuple) -> float:
-        if cand not in units:
+    def cand_collateral(s: float, cand: tuple) -> Any:
+        if cand not in full:
             lam_c, d_c, _, _ = solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
-            units[cand] = relative_collateral(w0, lam_c @ d_c.T, c)
-        return units[cand] * s * s
+            full[cand] = (lam_c, d_c)
+        return measure(*full[cand], s)
+
+    def energy(s: float, cand: tuple) -> float:
+        got = cand_collateral(s, cand)
+        return got["energy"] if isinstance(got, dict) else got
 
     def safe_fold(left_out: int | None, cand: tuple) -> Edit:
         try:
@@ -528,4 +557,4 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         except EditError:
             continue
     out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
-    return {**out.to_dict(), "collateral": cand_collateral(out.chosen, tuple(out.candidate))}
+    return {**out.to_dict(), "collateral": energy(out.chosen, tuple(out.candidate))}
