@@ -63,7 +63,12 @@ NEAR_TIE = 0.05
 ANCHOR_LR = 1e-4
 ANCHOR_LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 ANCHOR_STEPS = 20_000
-SCENARIOS = ("wood wheels", "snow ground", "gravel car", "brick car", "grass car", "snow car")
+SCENARIOS = ("wood wheels", "snow ground", "gravel car", "brick car", "grass car", "snow car", "gravel bus",
+             "gravel animals")
+#: DeepLab's Pascal VOC animal classes: the scenario that is not a vehicle.
+ANIMALS = "deeplab:bird,cat,cow,dog,horse,sheep"
+#: Joint augmentations per bus photo (imagenet-samples has ten bus photos, one per class).
+BUS_VIEWS = 24
 
 
 def log(msg: str) -> None:
@@ -128,6 +133,36 @@ def ade_set(shared: Path) -> list[Photo]:
     from snow import _ade_ground, ade_scenes  # noqa: E402  (the snow benchmark's ADE20K ground masks)
 
     return [Photo(f"ade20k/{p.name}", load_image(p), _ade_ground(p.with_suffix(".json"))) for p in ade_scenes(shared)]
+
+
+def deeplab_set(clf: Any, paths: Sequence[Path], spec: str) -> list[Photo]:
+    """imagenet-samples photos whose DeepLab mask (``spec``) covers ≥ 1/49 of the centre crop, with the mask."""
+    from rulewriter.models.data import load_image
+    from rulewriter.studies.segment import load_segmenter
+    from rulewriter.studies.spurious import DEFAULT_MIN_AREA
+
+    seg = C.cached_segmenter(load_segmenter(spec))
+    out = []
+    for p in paths:
+        im = load_image(p)
+        m = seg(im, p).astype(np.float32)
+        if float(clf.preprocess.mask(m).mean()) >= DEFAULT_MIN_AREA:
+            out.append(Photo(f"imagenet/{p.name}", im, m))
+    return out
+
+
+def augmented(photos: Sequence[Photo], n: int, seed: int = 0) -> list[Photo]:
+    """Each photo, then ``n`` joint augmentations of photo and mask (the package's recipe), interleaved
+    over photos so the first few span photos."""
+    from rulewriter.core.generalise import augment_exemplar
+
+    out = list(photos)
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(photos))]
+    for a in range(n):
+        for i, ph in enumerate(photos):
+            o, _, m = augment_exemplar(ph.image, ph.image, ph.mask, rngs[i])
+            out.append(Photo(f"{ph.name}#aug{a}", o, m))
+    return out
 
 
 def tail_inputs(clf: Any, layer: str, images: Sequence[Image.Image], chunk: int = 25
@@ -250,7 +285,7 @@ def anchor_edit(clf: Any, layer: str, rule: Any, stats: Any, lr: float, steps: i
 # ------------------------------------------------------------------------------------------ measuring
 @dataclass
 class Photos:
-    """The 500 odd-indexed imagenet-samples photos: tail inputs, labels, unedited predictions, near-ties."""
+    """The imagenet-samples photos of index 3 mod 4: tail inputs, labels, unedited predictions, near-ties."""
 
     x: torch.Tensor
     labels: torch.Tensor
@@ -284,7 +319,8 @@ def measure(clf: Any, start: str, sc: Scenario, n: int, photos: Photos, change: 
 
 
 def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, anchor_steps: int,
-            grid_steps: int, only: Sequence[str] | None = None) -> list[tuple[str, Any, float, dict[str, Any]]]:
+            grid_steps: int, only: Sequence[str] | None = None, cal: Any = None
+            ) -> list[tuple[str, Any, float, dict[str, Any]]]:
     """(name, change, seconds, info) of every method on the first ``n`` exemplars."""
     from rulewriter.studies.finetune import finetune_layer, retrain_last_layer
     from rulewriter.core.generalise import DEFAULT_VIEWS, run_tail
@@ -302,8 +338,12 @@ def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, 
     def closed() -> tuple[Any, dict]:
         return rewrite(clf, plain_rule(), stats, strength=1.0), {}
 
-    def default() -> tuple[Any, dict]:
+    def energy() -> tuple[Any, dict]:  # the opt-in of the previous round: output-energy budget
         e = rewrite(clf, rule_from_images(clf, layer, o, m, k, views=DEFAULT_VIEWS), stats)
+        return e, {"strength": e.meta["strength"]}
+
+    def default() -> tuple[Any, dict]:
+        e = rewrite(clf, rule_from_images(clf, layer, o, m, k, views=DEFAULT_VIEWS), stats, calibration=cal)
         return e, {"strength": e.meta["strength"]}
 
     def finetune() -> tuple[Any, dict]:
@@ -325,7 +365,7 @@ def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, 
         e, loss = anchor_edit(clf, layer, plain_rule(), stats, best, anchor_steps)
         return e, {"lr": best, "grid_losses": losses, "grid_steps": grid_steps, "final_loss": loss}
 
-    table = [("closed form (old default)", closed), ("default", default), ("fine-tune layer", finetune),
+    table = [("closed form (old default)", closed), ("views, energy budget", energy), ("default", default), ("fine-tune layer", finetune),
              ("retrain last layer", last), (f"EditingClassifiers lr 1e-4, {anchor_steps} steps", anchor_shipped),
              (f"EditingClassifiers best lr, {anchor_steps} steps", anchor_best)]
     out = []
@@ -385,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     from rulewriter.core.generalise import tail_start
     from rulewriter.models.registry import load_classifier
     from rulewriter.core.stats import collect_second_moment
+    from rulewriter.core.generalise import calibration_set
+    from rulewriter.models.data import load_image
 
     t_all = time.perf_counter()
     quick = args.quick
@@ -397,14 +439,20 @@ def main(argv: list[str] | None = None) -> int:
     paths, labels = C.imagenet_samples(shared, clf)
     n_ph = 200 if quick else 1000
     stats = collect_second_moment(clf, layer, paths[0:n_ph:2], cache_dir=C.CACHE_DIR, progress=False)
-    odd = paths[1:n_ph:2]
-    ph = cached_tensors(_key("photos", [p.name for p in odd], clf.weights_id), lambda: dict(zip(
-        ("x", "logits"), tail_inputs(clf, layer, [__import__("rulewriter.models.data", fromlist=["x"]).load_image(p)
-                                                  for p in odd]))))
+    # Three disjoint sets of imagenet-samples: C from the even indices, the calibration images of the
+    # locality budget from 1 mod 4, LR and Δ top-1 from 3 mod 4 (calibration images must not be C's own
+    # images: the update's directions C⁻¹u avoid exactly those keys, so they understate the collateral).
+    cal_paths, lr_paths = paths[1:n_ph:4], paths[3:n_ph:4]
+    ph = cached_tensors(_key("photos", [p.name for p in lr_paths], clf.weights_id), lambda: dict(zip(
+        ("x", "logits"), tail_inputs(clf, layer, [load_image(p) for p in lr_paths]))))
     prob = ph["logits"].softmax(1).topk(2, 1).values
-    photos = Photos(ph["x"], torch.as_tensor(labels[1:n_ph:2]), ph["logits"].argmax(1),
+    photos = Photos(ph["x"], torch.as_tensor(labels[3:n_ph:4]), ph["logits"].argmax(1),
                     (prob[:, 0] - prob[:, 1]) <= NEAR_TIE)
-    log(f"photos: {len(odd)} for LR ({int(photos.sensitive.sum())} near-ties), C from {len(paths[0:n_ph:2])}")
+    t0 = time.perf_counter()
+    cal = calibration_set(clf, layer, cal_paths)
+    cal_seconds = time.perf_counter() - t0
+    log(f"photos: {len(lr_paths)} for LR ({int(photos.sensitive.sum())} near-ties), {len(cal)} calibration "
+        f"({int(cal.near_tie.sum())} near-ties, {cal_seconds:.0f} s), C from {len(paths[0:n_ph:2])}")
     textures = load_textures(shared)
     limit = 30 if quick else None
     tests = {"wheels": car_set(shared, "testset", wheel_masks, limit), "car": car_set(
@@ -413,13 +461,21 @@ def main(argv: list[str] | None = None) -> int:
     trains = {"wheels": car_set(shared, "trainingset", wheel_masks, TRAIN_SCAN),
               "car": car_set(shared, "trainingset", lambda i, p: C.whole_car_mask(i, p), TRAIN_SCAN),
               "ground": car_set(shared, "trainingset", ground_mask, TRAIN_SCAN)}
+    if "gravel bus" in names:  # split by source photo: even-indexed bus photos teach, odd ones are held out
+        buses = deeplab_set(clf, paths, "deeplab:bus")
+        trains["bus"] = augmented(buses[0::2], BUS_VIEWS)
+        tests["bus"] = augmented(buses[1::2], BUS_VIEWS)
+    if "gravel animals" in names:  # exemplars from C's half, held out from the other half
+        trains["animals"] = deeplab_set(clf, paths[0:n_ph:2], ANIMALS)
+        tests["animals"] = deeplab_set(clf, paths[1:n_ph:2], ANIMALS)[:limit]
     clean = {}
     for kind, ps in tests.items():
         t = cached_tensors(_key("clean", [p.name for p in ps], clf.weights_id),
                            lambda: {"top1": tail_inputs(clf, layer, [p.image for p in ps])[1].argmax(1)})
         clean.update({p.name: v for p, v in zip(ps, t["top1"])})
     spec = {"wood wheels": ("wheels", "wood"), "snow ground": ("ground", "snow"), "gravel car": ("car", "gravel"),
-            "brick car": ("car", "brick"), "grass car": ("car", "grass"), "snow car": ("car", "snow")}
+            "brick car": ("car", "brick"), "grass car": ("car", "grass"), "snow car": ("car", "snow"),
+            "gravel bus": ("bus", "gravel"), "gravel animals": ("animals", "gravel")}
     rows: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
     for name in names:
@@ -429,14 +485,14 @@ def main(argv: list[str] | None = None) -> int:
             if n > len(sc.ex_orig):
                 continue
             for meth, change, secs, info in methods(clf, layer, start, sc, n, stats, steps, grid_steps,
-                                                     args.methods.split(",") if args.methods else None):
+                                                     args.methods.split(",") if args.methods else None, cal):
                 r = {"scenario": name, "method": meth, "n_exemplars": n, **measure(clf, start, sc, n, photos, change),
                      "seconds": secs}
                 rows.append(r)
                 details.append({**r, "info": info})
                 log(f"  {name} n={n} {meth}: SR {pct(r['SR'])} GR {pct(r['GR'])} of {r['n_heldout']} "
                     f"LR {pct(r['LR'])}/{pct(r['LR_sensitive'])} Δtop1 {r['d_top1']:+.1f} {secs:.1f}s")
-                if meth == "default":
+                if meth in ("default", "views, energy budget"):
                     log(f"    {info['strength']['reason']}")
         details.append({"scenario": name, "scanned": sc.scanned, "heldout": sc.ho_names})
     head = ["scenario", "exemplars", "method", "SR", "GR", "n_heldout", "LR", "LR_sensitive", "Δ top-1", "seconds"]
@@ -444,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
               pct(r["LR_sensitive"]), f"{r['d_top1']:+.1f}", f"{r['seconds']:.1f}"] for r in rows]
     md = (f"# Generalisation scoreboard{' (--quick)' if quick else ''}\n\n"
           f"EfficientNet-Lite0, layer `{layer}`; C from {len(paths[0:n_ph:2])} even-indexed imagenet-samples "
-          f"photos, LR and Δ top-1 on the {len(odd)} odd-indexed ones ({int(photos.sensitive.sum())} near-ties). "
+          f"photos, the locality budget's calibration images the {len(cal)} of index 1 mod 4 "
+          f"({cal_seconds:.0f} s to read once), LR and Δ top-1 on the {len(lr_paths)} of index 3 mod 4 "
+          f"({int(photos.sensitive.sum())} near-ties). "
           f"Anchor: {steps} Adam steps (lr grid {list(ANCHOR_LR_GRID)} by final training loss after "
           f"{grid_steps} steps). Total {time.perf_counter() - t_all:.0f} s.\n\n" + C.markdown_table(head, table))
     C.write_results(args.name, {"rows": rows, "details": details, "quick": quick, "anchor_steps": steps,
