@@ -63,12 +63,15 @@ def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, ph
     monkeypatch.setenv("RULEWRITER_CACHE", str(tmp_path / "cache"))
     out_edit, saved = tmp_path / "E.safetensors", tmp_path / "pasted"
     argv = ["edit", "--model", "efficientnet-lite0", "--original", files / "coffee.png", "--mask", files / "mask.png",
-            "--texture", files / "coffee_gravel.png", "--stats-data", photo_dir, "--stats-samples", "60",
-            "--out", out_edit, "--quiet", "--save-exemplars", saved, "--views", "4"]
+            "--texture", files / "coffee_gravel.png", "--stats-data", photo_dir, "--stats-samples", "30",
+            "--out", out_edit, "--quiet", "--save-exemplars", saved]
     code, out, err = _run(capsys, *argv, "--json")
     assert code == 0, err
+    # Views are the default; the 50 photos the statistics leave out are the calibration images.
+    assert "50 of the --stats-data images are calibration images" in err
     info = json.loads(out)
     assert info["strength"] > 0 and "left-out exemplar views" in info["why"]
+    assert "of 50 calibration images" in info["why"]
     (ex,) = info["exemplars"]
     assert len(ex["before"]) == len(ex["after"]) == 3 and ex["before"] != ex["after"]
     (png,) = info["saved_exemplars"]
@@ -85,6 +88,24 @@ def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, ph
                           "--out", bad, "--save-exemplars", tmp_path / "x", "--quiet")
     assert code == 2 and err.startswith("rulewriter: error:") and "--texture" in err
     assert not bad.exists() and not (tmp_path / "x").exists()
+
+
+def test_edit_without_calibration_images_is_the_closed_form_and_says_so(capsys, files, photo_dir, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("RULEWRITER_CACHE", str(tmp_path / "cache"))
+    base = ["edit", "--model", "efficientnet-lite0", "--original", files / "coffee.png", "--mask", files / "mask.png",
+            "--manipulated", files / "coffee_gravel.png", "--quiet", "--json"]
+    out_edit = tmp_path / "E.safetensors"
+    # 80 photos: a tenth is too few calibration images, so the edit is not validated.
+    code, out, err = _run(capsys, *base, "--stats-data", photo_dir, "--out", out_edit)
+    assert code == 0, err
+    assert "the closed form, not validated" in err
+    assert json.loads(out)["strength"] == 1.0
+    # Calibration images that are also statistics images are refused: nothing written.
+    bad = tmp_path / "bad.safetensors"
+    code, out, err = _run(capsys, *base, "--stats-data", photo_dir, "--calibration-data", photo_dir, "--out", bad)
+    assert code == 2 and err.startswith("rulewriter: error:") and "calibration images must not" in err
+    assert not bad.exists() and not Path(str(bad) + ".json").exists()
 
 
 def test_stats_and_merge(capsys, photo_dir, tmp_path):

@@ -344,3 +344,21 @@ def test_a_locality_budget_needs_calibration_images(tiny):
     rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
     with pytest.raises(EditError, match="calibration"):
         rewrite(tiny, rule, _stats(tiny, layer), budget=LocalityBudget())
+
+
+def test_calibration_split_keeps_calibration_and_statistics_images_apart(tmp_path):
+    from rulewriter.core.generalise import MIN_CALIBRATION_IMAGES, calibration_split
+    from rulewriter.models.data import subsample
+
+    paths = [tmp_path / f"{i:04d}.png" for i in range(1000)]
+    for p in paths:
+        p.write_bytes(b"")
+    stats, cal = calibration_split(paths)
+    assert len(cal) == 100 and len(stats) == 900 and not set(stats) & set(cal)  # a tenth set aside
+    assert set(stats) | set(cal) == set(paths)
+    stats, cal = calibration_split(paths, 300, limit=200)
+    assert stats == subsample(paths, 300, seed=0)  # the statistics are the subsample they would be anyway
+    assert len(cal) == 200 and not set(stats) & set(cal)
+    assert calibration_split(paths[:400]) == (paths[:400], [])  # a tenth would be too few to measure 0.5 %
+    assert calibration_split(paths[:100], 100 - MIN_CALIBRATION_IMAGES + 1)[1] == []
+    assert calibration_split(paths) == calibration_split(paths)  # deterministic

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..core.edit import DEFAULT_RIDGE
+from ..core.generalise import DEFAULT_VIEWS
 from ..errors import RulewriterError
 from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args, check_rule_args,
                      emit, load_model, load_stats, resolve_layer)
@@ -17,6 +19,7 @@ def cmd_edit(args) -> None:
     out = check_rule_args(args)
     save_dir = check_save_exemplars(args)
     earlier = after_edits(args, out)
+    stats_data, stats_samples, calibration, note = calibration_images(args)  # checked before any work
     clf = load_model(args)
     for path, e in zip(args.after, earlier):
         e.check_model(clf, path)
@@ -31,9 +34,11 @@ def cmd_edit(args) -> None:
     else:
         rule, pasted = pasted_rule(clf, layer, args)
         shown = [(str(p), im) for p, im in zip(args.original, pasted)]
-    stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples)
+    if note:  # after the exemplars were read, so a bad exemplar's error is the first line
+        print(f"rulewriter: {note}", file=sys.stderr)
+    stats = load_stats(args, clf, layer, stats_data, stats_samples)
     edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
-                   solver=args.solver, fit=args.fit, on=earlier)
+                   solver=args.solver, fit=args.fit, on=earlier, calibration=calibration)
     top3 = before_after(clf, edit, shown, earlier) if shown else []
     saved = save_pasted(save_dir, shown) if save_dir is not None and not args.manipulated and shown else []
     edit.save(out)
@@ -51,6 +56,44 @@ def cmd_edit(args) -> None:
         lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
     lines += [f"saved {p}" for p in saved]
     emit(info, args.json, "\n".join(lines))
+
+
+def calibration_images(args) -> tuple:
+    """(statistics data, its samples, calibration images, a note for stderr) for ``edit``; sets ``args.views``
+    to 0 where the strength cannot be validated (then the edit is the thesis's closed form; the note says why).
+
+    Calibration images come from ``--calibration-data``, else from the ``--stats-data`` folder, split so
+    that no image is in both (:func:`rulewriter.core.generalise.calibration_split`).
+    """
+    from ..core.generalise import calibration_split
+    from ..models.data import list_images
+
+    data, samples = args.stats_data, args.stats_samples
+    if args.views <= 0:
+        return data, samples, None, None
+    why = None
+    if args.after or args.from_features or args.solver != "closed-form":
+        why = "--after, --from-features and --solver projected-gd edits are not validated"
+    elif args.calibration_data:
+        cal = list_images(args.calibration_data)
+        if not cal:
+            raise RulewriterError(f"--calibration-data {args.calibration_data} holds no images")
+        if data and not args.stats:
+            overlap = {p.resolve() for p in cal} & {p.resolve() for p in list_images(data)}
+            if overlap:
+                raise RulewriterError(f"--calibration-data shares {len(overlap)} image(s) with --stats-data (e.g. "
+                                      f"{sorted(overlap)[0]}); calibration images must not be statistics images")
+        return data, samples, cal, None
+    elif data and not args.stats:
+        stats_paths, cal = calibration_split(data, samples)
+        if cal:
+            return stats_paths, None, cal, (f"{len(cal)} of the --stats-data images are calibration images for "
+                                            f"the locality budget, {len(stats_paths)} give the statistics")
+        why = "too few --stats-data images to set 50 aside for calibration images"
+    else:
+        why = "--stats FILE carries no images to calibrate on (add --calibration-data DIR)"
+    args.views = 0
+    return data, samples, None, f"the closed form, not validated: {why}"
 
 
 def after_edits(args, out: Path) -> list:
@@ -213,11 +256,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="where the update directions come from: each rule's mean key k*, or the top "
                         "directions of all masked keys (svd, or zca: whitened by C); auto: the mean key or "
                         "the top 4 SVD directions, chosen with the strength by validation on the exemplars")
-    p.add_argument("--views", type=int, default=0, metavar="N",
-                   help="opt-in: N joint augmented views per exemplar; then the strength, rank and augmentation are "
-                        "chosen per edit by leave-one-exemplar-out validation under a collateral budget (more "
-                        "held-out photos fixed, more change on unrelated near-ties: see the README); 0 is the "
-                        "thesis's closed form")
+    p.add_argument("--views", type=int, default=DEFAULT_VIEWS, metavar="N",
+                   help="N joint augmented views per exemplar; the strength, rank and augmentation are chosen per "
+                        "edit by leave-one-exemplar-out validation, under a locality budget on calibration images "
+                        "(top-1 changes on at most 0.5%% of them, 5%% of their near ties); 0 is the thesis's closed "
+                        "form. Without calibration images the edit is the closed form")
+    p.add_argument("--calibration-data", default=None, metavar="DIR",
+                   help="images the locality budget is measured on, none of them statistics images (default: a "
+                        "tenth of --stats-data, at most 500, set aside; or the images --stats-samples leaves out)")
     p.add_argument("--save-exemplars", default=None, metavar="DIR",
                    help="with --texture: save the pasted exemplars there (<photo>.pasted.png), to see what the "
                         "rule was read from")

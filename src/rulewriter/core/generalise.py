@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "LocalityBudget",
     "Calibration",
     "calibration_set",
+    "calibration_split",
     "StrengthChoice",
     "choose_strength",
 ]
@@ -77,8 +79,10 @@ STRENGTHS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_COLLATERAL = 0.01
 #: A calibration photo is a near tie when its unedited top-2 probabilities are within this (they flip first).
 NEAR_TIE = 0.05
-#: At most this many statistics images are kept as calibration images (a subsample, deterministic).
+#: At most this many images are calibration images (a subsample, deterministic).
 CALIBRATION_IMAGES = 500
+#: Fewer calibration images than this cannot measure a 0.5 % budget (one change is already over 2 %).
+MIN_CALIBRATION_IMAGES = 50
 #: Smallest crop (fraction of the photo's area) of an augmented view: a view keeps at least a third of the
 #: photo, the range of framings a person photographs an object at, so the concept stays recognisable.
 MIN_CROP_AREA = 0.35
@@ -385,6 +389,37 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
     prob = logits.softmax(1).topk(2, 1).values
     return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
                        ((prob[:, 0] - prob[:, 1]) <= NEAR_TIE).cpu())
+
+
+def calibration_split(data: Any, samples: int | None = None, *, seed: int = 0, limit: int = CALIBRATION_IMAGES
+                      ) -> tuple[list[Path], list[Path]]:
+    """Split an image folder (or list of paths) into statistics images and calibration images, disjoint.
+
+    Calibration images must not be among ``C``'s images: the update's directions ``C⁻¹u`` are chosen to
+    disturb exactly those keys least, so they understate what the edit changes elsewhere. With ``samples``
+    (fewer than the images), ``C`` takes that deterministic subsample and calibration up to ``limit`` of the
+    rest; otherwise a tenth of the images (at most ``limit``) is set aside for calibration and ``C`` takes
+    the others. Fewer than :data:`MIN_CALIBRATION_IMAGES` possible: no calibration images (``[]``).
+
+    Example::
+
+        >>> stats_paths, cal_paths = calibration_split("photos/", 2000)   # doctest: +SKIP
+    """
+    from ..models.data import list_images, subsample
+
+    paths = list_images(data) if isinstance(data, (str, Path)) else [Path(p) for p in data]
+    if samples is not None and samples < len(paths):
+        used = subsample(paths, samples, seed=seed)
+        chosen = set(used)
+        rest = [p for p in paths if p not in chosen]
+        cal = subsample(rest, limit, seed=seed)
+        return used, (cal if len(cal) >= MIN_CALIBRATION_IMAGES else [])
+    n_cal = min(limit, len(paths) // 10)
+    if n_cal < MIN_CALIBRATION_IMAGES:
+        return paths, []
+    cal = subsample(paths, n_cal, seed=seed + 1)
+    held = set(cal)
+    return [p for p in paths if p not in held], cal
 
 
 @dataclass
