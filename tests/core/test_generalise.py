@@ -216,8 +216,9 @@ def test_bad_strength_is_a_clear_error(tiny):
 def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     """Gravel on whole cars: an edit from car-parts *training* exemplars fixes car-parts *test* photos.
 
-    The default (views + validated strength) must fix at least one held-out error and no fewer than the
-    closed form from the same exemplars, and still restore its exemplars.
+    The validated edit (views, strength under the locality budget on calibration images disjoint from C's)
+    must fix at least one held-out error and no fewer than the closed form from the same exemplars, restore
+    its exemplars, and keep the calibration images within the budget.
     """
     import sys
     from pathlib import Path
@@ -257,6 +258,7 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     photos = sorted((shared / "data" / "imagenet-samples").glob("*.JPEG"))[:200:2] or \
         sorted((shared / "data" / "imagenet-samples").glob("*.jpg"))[:200:2]
     stats = collect_second_moment(clf, layer, photos, progress=False)
+    cal = [p for p in sorted((shared / "data" / "imagenet-samples").iterdir())[1:400:2]]  # none of C's
     o, s, m = [e[0] for e in ex], [e[1] for e in ex], [e[2] for e in ex]
     x_held = clf.preprocess.batch([h[1] for h in held])
     y_held = torch.tensor([h[3] for h in held])
@@ -266,10 +268,16 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
             return int((C.top1(clf, x_held) == y_held).sum()), C.top1(clf, clf.preprocess.batch(s)).tolist()
 
     old, _ = fixed(rewrite(clf, rule_from_images(clf, layer, o, s, m, views=0), stats, strength=1))
-    new_edit = rewrite(clf, rule_from_images(clf, layer, o, s, m, views=DEFAULT_VIEWS), stats)
+    new_edit = rewrite(clf, rule_from_images(clf, layer, o, s, m, views=DEFAULT_VIEWS), stats, calibration=cal)
     new, ex_top = fixed(new_edit)
-    assert new >= 1 and new >= old, (new, old, new_edit.meta["strength"]["reason"])
-    assert sum(a == e[3] for a, e in zip(ex_top, ex)) >= 2
+    why = new_edit.meta["strength"]["reason"]
+    assert new >= 1 and new >= old, (new, old, why)
+    assert sum(a == e[3] for a, e in zip(ex_top, ex)) >= 2, why
+    assert "of 200 calibration images" in why
+    if "fallback" not in why:  # recount the calibration images' top-1 changes independently
+        from rulewriter.core.generalise import LocalityBudget, calibration_set
+
+        assert LocalityBudget().admits(calibration_set(clf, layer, cal).changed(clf.model, new_edit))
 
 
 # ------------------------------------------------------------------------------------------ calibration

@@ -13,15 +13,19 @@ from them, and the closed-form update moves those only part of the way. Two defa
   for every candidate ``s`` the left-out manipulated views whose top-1 returns to the unedited model's top-1
   on their clean view, plus the clean views that keep it. The setting that restores the most exemplars
   themselves (fitted on all views), then has the most left-out views right, then the higher mean
-  probability of the right class, then the smaller ``s``, wins, among the strengths whose
-  **collateral on the statistics images** stays within budget: ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)``, the
-  mean-square change of the layer's output over the images ``C`` was collected from, relative to the
-  output's own mean square (exact, from ``C`` alone). No held-out photo takes part.
+  probability of the right class, then the smaller ``s``, wins, among the settings within the **locality
+  budget** (:class:`LocalityBudget`): the full edit changes the top-1 of at most 0.5 % of the calibration
+  images and 5 % of their near ties (:class:`Calibration`, images that are *not* among ``C``'s own,
+  :func:`calibration_split`). Without calibration images the budget is the output energy
+  ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ) ≤ 1 %`` (exact from ``C``, but on the scoreboard looser than top-1
+  locality). No held-out photo takes part.
 
 Example::
 
     rule = rule_from_images(clf, layer, originals, manipulated, masks, views=DEFAULT_VIEWS)
-    edit = rewrite(clf, rule, stats)                                        # strength="auto"
+    stats_paths, cal_paths = calibration_split("photos/")                  # disjoint
+    stats = collect_second_moment(clf, layer, stats_paths)
+    edit = rewrite(clf, rule, stats, calibration=cal_paths)                 # strength="auto"
     edit.meta["strength"]["chosen"], edit.meta["strength"]["reason"]       # doctest: +SKIP
 
 The network's tail after the edited layer is run from cached activations where the model allows it

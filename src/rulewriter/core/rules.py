@@ -204,9 +204,9 @@ def rule_from_images(
         views: joint augmentations (crop, flip, scale, lighting) per exemplar whose pairs join the rule
             (default 0: the exemplars alone, the thesis's rule). With views (e.g.
             :data:`~rulewriter.core.generalise.DEFAULT_VIEWS`), the views are kept on the rule and
-            :func:`rewrite` chooses the edit's strength, rank and augmentation by validation on them. This is
-            opt-in: on the generalisation scoreboard it fixes more held-out photos but changes unrelated
-            near-tie photos more than the closed form (see the README).
+            :func:`rewrite` chooses the edit's strength, rank and augmentation by validation on them, under
+            a locality budget on calibration images (``rewrite(calibration=...)``; ``rulewriter edit`` does
+            this by default). Without calibration images the budget is the looser output energy.
         seed: of the augmentations.
 
     Example:
