@@ -318,6 +318,32 @@ def test_mitigate_baselines_use_the_fair_lr_rule_unless_given(clf, scenes):
     assert "lr_rule" not in res.meta["change_meta"]["finetune"]
 
 
+def test_mitigate_with_calibration_images_validates_the_images_rewrite(clf, scenes):
+    """With calibration images, the images rewrite is what `rulewriter edit` builds by default: a rule with
+    joint views, its strength chosen under the locality budget; the choice is reported."""
+    from rulewriter.core.generalise import DEFAULT_VIEWS, LocalityBudget, calibration_set
+
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=1)
+    stats = _stats(clf, pairs)
+    closed = mitigate(clf, fs, 2, stats, methods=["images"], progress=False)
+    assert closed.meta["n_calibration"] is None
+    assert "no exemplar views" in closed.meta["change_meta"]["images"]["strength"]["reason"]
+    cal = calibration_set(clf, clf.default_layer, [p for p, _ in pairs])
+    res = mitigate(clf, fs, 2, stats, methods=["images"], calibration=cal, progress=False)
+    meta = res.meta["change_meta"]["images"]
+    assert res.meta["n_calibration"] == len(pairs)
+    assert meta["rules"][0]["views"] == DEFAULT_VIEWS and not closed.meta["change_meta"]["images"]["rules"][0].get("views")
+    st = meta["strength"]
+    assert "no exemplar views" not in st["reason"] and st["folds"] == 2 and st["budget"]["changed"] == 0.005
+    # The chosen strength's collateral, recounted on the calibration images, is inside the budget (or it is
+    # the closed form, the fallback).
+    recount = cal.changed(clf.model, res.changes["images"])
+    assert LocalityBudget().admits(recount) or st["chosen"] == 1.0
+    assert any(c.startswith("rewriting using images: strength") for c in res.choices())
+    assert "strength" in res.to_markdown()
+
+
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture()
 def cli_env(clf, scenes, monkeypatch, tmp_path):
@@ -358,12 +384,34 @@ def test_cli_probe_then_mitigate(cli_env, tmp_path, capsys):
                    "--cache-dir", str(tmp_path / "cache"), "--methods", "features,images,last-layer",
                    "--accuracy-data", str(data), "--out", str(mit), "--json", "--quiet"])
     assert rc == 0
-    d = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)
     assert d["meta"]["texture"] == str(tex) and set(d["rows"]) == {"no edit", "features", "images", "last-layer"}
     assert d["overall"]["no edit"] is not None
     assert (mit / "mitigation.md").is_file() and (mit / "index.html").is_file()
+    # Twelve photos are too few to set calibration images aside: the images rewrite is the closed form, said.
+    assert d["meta"]["n_calibration"] is None
+    assert "the closed form, not validated: too few --stats-data images" in captured.err
     # The baselines' learning rates: the fair rule by default, or as given.
     assert "smallest of" in d["meta"]["change_meta"]["last-layer"]["lr_rule"]
+    # With --calibration-data (other photos than the statistics'), the images rewrite is validated.
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i, p in enumerate(sorted(data.rglob("*.png"))[:6]):
+        Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(cal / f"c{i}.png")
+    rc = cli.main(["mitigate", "--probe", str(out), "--exemplars", "3", "--stats-data", str(data),
+                   "--calibration-data", str(cal), "--cache-dir", str(tmp_path / "cache"), "--methods", "images",
+                   "--out", str(tmp_path / "mit-cal"), "--json", "--quiet"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)
+    assert d["meta"]["n_calibration"] == 6 and "closed form" not in captured.err
+    assert "left-out exemplar views" in d["meta"]["change_meta"]["images"]["strength"]["reason"]
+    assert "rewriting using images: strength" in (tmp_path / "mit-cal" / "mitigation.md").read_text()
+    rc = cli.main(["mitigate", "--probe", str(out), "--stats-data", str(data), "--calibration-data", str(data),
+                   "--methods", "images", "--out", str(tmp_path / "never"), "--quiet"])
+    assert rc == 2 and "calibration images must not be statistics images" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
     rc = cli.main(["mitigate", "--probe", str(out), "--exemplars", "3", "--methods", "finetune,last-layer",
                    "--finetune-lr", "0.03", "--retrain-lr", "0.004", "--finetune-steps", "3",
                    "--out", str(tmp_path / "mit2"), "--json", "--quiet"])

@@ -151,6 +151,41 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
     return s
 
 
+def calibration_images(args: argparse.Namespace, why_not: str | None = None) -> tuple:
+    """(statistics data, its samples, calibration images, a note for stderr) for a command that validates
+    its edit under the locality budget (``edit``, ``mitigate``); the calibration images are None, with the
+    reason in the note, where the edit falls back to the closed form.
+
+    Calibration images come from ``--calibration-data``, else from the ``--stats-data`` folder, split so
+    that no image is in both (:func:`rulewriter.core.generalise.calibration_split`). ``why_not``: a reason
+    the command's own options rule validation out. Checked before any work.
+    """
+    from ..core.generalise import MIN_CALIBRATION_IMAGES, calibration_split
+    from ..models.data import list_images
+
+    data, samples = args.stats_data, args.stats_samples
+    stats_file = getattr(args, "stats", None)
+    if why_not is None and args.calibration_data:
+        cal = list_images(args.calibration_data)
+        if not cal:
+            raise RulewriterError(f"--calibration-data {args.calibration_data} holds no images")
+        if data and not stats_file:
+            overlap = {p.resolve() for p in cal} & {p.resolve() for p in list_images(data)}
+            if overlap:
+                raise RulewriterError(f"--calibration-data shares {len(overlap)} image(s) with --stats-data (e.g. "
+                                      f"{sorted(overlap)[0]}); calibration images must not be statistics images")
+        return data, samples, cal, None
+    if why_not is None and data and not stats_file:
+        stats_paths, cal = calibration_split(data, samples)
+        if cal:
+            return stats_paths, None, cal, (f"{len(cal)} of the --stats-data images are calibration images for "
+                                            f"the locality budget, {len(stats_paths)} give the statistics")
+        why_not = f"too few --stats-data images to set {MIN_CALIBRATION_IMAGES} aside for calibration images"
+    elif why_not is None:
+        why_not = "--stats FILE carries no images to calibrate on (add --calibration-data DIR)"
+    return data, samples, None, f"the closed form, not validated: {why_not}"
+
+
 def say_cached(stats) -> None:
     """Say on stderr that ``stats`` (collected with a cache folder) came from the cache, and from which file."""
     if getattr(stats, "source", None) is not None:  # so that a stale entry can be recognised and removed

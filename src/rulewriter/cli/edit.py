@@ -59,41 +59,18 @@ def cmd_edit(args) -> None:
 
 
 def calibration_images(args) -> tuple:
-    """(statistics data, its samples, calibration images, a note for stderr) for ``edit``; sets ``args.views``
-    to 0 where the strength cannot be validated (then the edit is the thesis's closed form; the note says why).
+    """:func:`rulewriter.cli.common.calibration_images` for ``edit``; sets ``args.views`` to 0 where the
+    strength cannot be validated (then the edit is the thesis's closed form; the note says why)."""
+    from .common import calibration_images as split
 
-    Calibration images come from ``--calibration-data``, else from the ``--stats-data`` folder, split so
-    that no image is in both (:func:`rulewriter.core.generalise.calibration_split`).
-    """
-    from ..core.generalise import calibration_split
-    from ..models.data import list_images
-
-    data, samples = args.stats_data, args.stats_samples
     if args.views <= 0:
-        return data, samples, None, None
-    why = None
-    if args.after or args.from_features or args.solver != "closed-form":
-        why = "--after, --from-features and --solver projected-gd edits are not validated"
-    elif args.calibration_data:
-        cal = list_images(args.calibration_data)
-        if not cal:
-            raise RulewriterError(f"--calibration-data {args.calibration_data} holds no images")
-        if data and not args.stats:
-            overlap = {p.resolve() for p in cal} & {p.resolve() for p in list_images(data)}
-            if overlap:
-                raise RulewriterError(f"--calibration-data shares {len(overlap)} image(s) with --stats-data (e.g. "
-                                      f"{sorted(overlap)[0]}); calibration images must not be statistics images")
-        return data, samples, cal, None
-    elif data and not args.stats:
-        stats_paths, cal = calibration_split(data, samples)
-        if cal:
-            return stats_paths, None, cal, (f"{len(cal)} of the --stats-data images are calibration images for "
-                                            f"the locality budget, {len(stats_paths)} give the statistics")
-        why = "too few --stats-data images to set 50 aside for calibration images"
-    else:
-        why = "--stats FILE carries no images to calibrate on (add --calibration-data DIR)"
-    args.views = 0
-    return data, samples, None, f"the closed form, not validated: {why}"
+        return args.stats_data, args.stats_samples, None, None
+    why = "--after, --from-features and --solver projected-gd edits are not validated" \
+        if args.after or args.from_features or args.solver != "closed-form" else None
+    data, samples, cal, note = split(args, why_not=why)
+    if cal is None:
+        args.views = 0
+    return data, samples, cal, note
 
 
 def after_edits(args, out: Path) -> list:

@@ -55,6 +55,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="target class (default: the most affected class)")
     p.add_argument("--stats-data", default=None, help="image folder for the key statistics")
     p.add_argument("--stats-samples", type=int, default=None, help="number of images for statistics (default: all)")
+    p.add_argument("--calibration-data", default=None, metavar="DIR",
+                   help="images (not statistics images, not the probe's) on which the images rewrite's locality "
+                        "budget is measured; default: a tenth of --stats-data set aside (at least 50). Without "
+                        "calibration images the images rewrite is the closed form")
     p.add_argument("--accuracy-data", default=None, help="labelled folder for overall top-1 accuracy")
     p.add_argument("--accuracy-samples", type=int, default=None,
                    help="a deterministic sample of N --accuracy-data images (default: all)")
@@ -132,7 +136,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 def cmd_mitigate(args: argparse.Namespace) -> None:
     """``rulewriter mitigate``: every input is checked before any file is written."""
-    from .common import emit, resolve_layer, load_model, load_stats
+    from .common import calibration_images, emit, resolve_layer, load_model, load_stats
     from ..studies.testsets import TestSet
 
     out = _check_out(args.out)
@@ -154,18 +158,22 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
         raise ImageLoadError(f"--stats-data {args.stats_data}: no such folder")
     if args.accuracy_data and not Path(args.accuracy_data).is_dir():
         raise ImageLoadError(f"--accuracy-data {args.accuracy_data}: no such folder")
+    stats_data, stats_samples, calibration, note = calibration_images(args) if "images" in methods else \
+        (args.stats_data, args.stats_samples, None, None)
     filtered = FilteredSet.load(args.probe)
     filtered.split(args.exemplars, args.seed)  # too few images fails here, before the model loads
+    if note:
+        print(f"rulewriter: {note}", file=sys.stderr)
     clf = load_model(args)
     layer = resolve_layer(args, clf)
     target = clf.class_index(args.target) if args.target is not None else None
     acc = TestSet.from_folder(clf, args.accuracy_data, samples=args.accuracy_samples) if args.accuracy_data else None
-    stats = load_stats(args, clf, layer, args.stats_data, args.stats_samples) if needs_stats else None
+    stats = load_stats(args, clf, layer, stats_data, stats_samples) if needs_stats else None
     res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
                    target=target, accuracy_set=acc, view=args.view, seed=args.seed,
                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, retrain_lr=args.retrain_lr,
                    stop_when_fitted=not args.train_to_convergence,
-                   batch_size=args.batch_size, progress=not args.quiet)
+                   batch_size=args.batch_size, progress=not args.quiet, calibration=calibration)
     paths = res.save(out)
     print(f"rulewriter: report written to {paths['html']}", file=sys.stderr)
     summary = {"out": str(paths["json"]), "report": str(paths["html"]), "markdown": str(paths["markdown"]),

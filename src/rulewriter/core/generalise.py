@@ -61,6 +61,7 @@ __all__ = [
     "relative_collateral",
     "NEAR_TIE",
     "CALIBRATION_IMAGES",
+    "MIN_CALIBRATION_IMAGES",
     "LocalityBudget",
     "Calibration",
     "calibration_set",

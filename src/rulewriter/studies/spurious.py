@@ -451,8 +451,21 @@ class MitigationResult:
         first = next(iter(self.rows.values()))
         return [g for g in ("target", "other", "all") if g in first]
 
+    def choices(self) -> list[str]:
+        """What each method chose on its exemplars, in words: the rewrite's strength and why, the baselines'
+        learning rate."""
+        out = []
+        for name, meta in (self.meta.get("change_meta") or {}).items():
+            st = (meta or {}).get("strength")
+            if isinstance(st, dict) and st.get("chosen") is not None:
+                out.append(f"{_METHOD_TITLES.get(name, name)}: strength {st['chosen']:g} — {st.get('reason')}")
+            elif (meta or {}).get("lr") is not None:
+                out.append(f"{_METHOD_TITLES.get(name, name)}: learning rate {meta['lr']:g}")
+        return out
+
     def to_markdown(self) -> str:
-        """The tables as GitHub markdown, one per group (target class, other classes, all)."""
+        """The tables as GitHub markdown, one per group (target class, other classes, all), then what each
+        method chose."""
         out = []
         for group in self.groups():
             head, body = self._table(group)
@@ -463,7 +476,8 @@ class MitigationResult:
             out.append("|" + "---|" * len(head))
             out.extend("| " + " | ".join(r) + " |" for r in body)
             out.append("")
-        return "\n".join(out)
+        out += [f"- {c}" for c in self.choices()]
+        return "\n".join(out) + ("\n" if self.choices() else "")
 
     def html_section(self) -> str:
         from .report import card, data_table, section
@@ -479,7 +493,7 @@ class MitigationResult:
                  f"train split, {m.get('n_test')} held-out test images (stylized copies evaluated).",
                  "Errors corrected: among the stylized test images the unedited model gets wrong, the share the "
                  "changed model gets right; w.r.t. the pre-edit prediction, 'right' means the unedited model's "
-                 "top-1 on the original image."]
+                 "top-1 on the original image.", *self.choices()]
         return section("Mitigation (Tables 2.3 and 2.4)", cards, intro=intro)
 
     def save(self, folder: str | Path, *, save_changes: bool = True) -> dict[str, Path]:
@@ -537,6 +551,7 @@ def mitigate(
     stop_when_fitted: bool = True,
     batch_size: int = 32,
     progress: bool = True,
+    calibration=None,
 ) -> MitigationResult:
     """Build each mitigation from a few exemplars and judge it on the held-out filtered images.
 
@@ -546,7 +561,10 @@ def mitigate(
     * ``"features"``: :func:`rules.rule_from_features` (the texture's features pasted into the concept
       mask at the layer) then :func:`rules.rewrite`;
     * ``"images"``: :func:`rules.rule_from_images` (keys of the stylized concept → values of the original)
-      then :func:`rules.rewrite`;
+      then :func:`rules.rewrite`; with ``calibration`` images, as ``rulewriter edit`` does by default: the
+      rule carries :data:`~rulewriter.core.generalise.DEFAULT_VIEWS` joint augmentations of each exemplar
+      and the strength, rank and augmentation are chosen by validation on them under the locality budget
+      measured on the calibration images (the choice is in ``meta["change_meta"]["images"]``);
     * ``"finetune"``: :func:`finetune.finetune_layer` of the same layer on the stylized exemplars with
       their true labels (eq. 2.22);
     * ``"last-layer"``: :func:`finetune.retrain_last_layer` likewise.
@@ -573,6 +591,9 @@ def mitigate(
             :func:`rulewriter.studies.finetune.smallest_fitting_lr`: the smallest of ``learning_rates``
             (default :data:`~rulewriter.studies.finetune.LEARNING_RATES`, 1e-4, 1e-3, 1e-2) that fits the
             exemplars, chosen on the exemplars alone. The chosen rate is in ``meta["change_meta"]``.
+        calibration: images the ``"images"`` rewrite's locality budget is measured on (a folder, paths, a
+            Dataset: see :func:`rulewriter.core.generalise.calibration_set`), disjoint from the statistics
+            images and from the filtered set. None: the closed form (strength 1, the thesis's rule).
         stop_when_fitted: stop each baseline's training as soon as every exemplar is classified right:
             the least training that makes the exemplars right, as a rewrite makes exactly its exemplars'
             rule hold. Training on to a near-zero loss over a few images overfits: measured on
@@ -587,6 +608,7 @@ def mitigate(
     from .evaluate import predict
     from .testsets import TestSet
     from .finetune import LEARNING_RATES, finetune_layer, retrain_last_layer, smallest_fitting_lr
+    from ..core.generalise import DEFAULT_VIEWS, Calibration, calibration_set
     from ..core.rules import rewrite, rule_from_features, rule_from_images
 
     methods = list(dict.fromkeys(methods))
@@ -599,6 +621,8 @@ def mitigate(
     rewriting = [m for m in methods if m in ("features", "images")]
     if rewriting and stats is None:
         raise EditError(f"methods {rewriting} rewrite with the second moment of the layer's keys; pass stats")
+    if calibration is not None and "images" in methods and not isinstance(calibration, Calibration):
+        calibration = calibration_set(classifier, layer, calibration)  # read once, before any method runs
     if "features" in methods:
         texture = texture if texture is not None else filtered.meta.get("texture")
         if texture is None:
@@ -624,9 +648,10 @@ def mitigate(
             rule.description.update(originals=train.sources, texture=str(texture))
             changes[m] = rewrite(classifier, rule, stats)
         elif m == "images":
-            rule = rule_from_images(classifier, layer, train.originals, train.stylized, ex_masks, view=view)
+            rule = rule_from_images(classifier, layer, train.originals, train.stylized, ex_masks, view=view,
+                                    views=0 if calibration is None else DEFAULT_VIEWS, seed=seed)
             rule.description.update(originals=train.sources, manipulated="stylized copies")
-            changes[m] = rewrite(classifier, rule, stats)
+            changes[m] = rewrite(classifier, rule, stats, calibration=calibration)
         else:
             fit = finetune_layer if m == "finetune" else retrain_last_layer
             args = (classifier, layer) if m == "finetune" else (classifier,)
@@ -672,7 +697,9 @@ def mitigate(
             "methods": methods, "stop_when_fitted": stop_when_fitted, "n_exemplars": len(train),
             "exemplars": train.sources, "n_test": n, "seed": seed, "target": tgt,
             "target_name": _name(classifier.labels, tgt), "texture": None if texture is None else str(texture),
-            "stats_count": getattr(stats, "count", None), "n_accuracy": n_acc, "seconds_building": seconds,
+            "stats_count": getattr(stats, "count", None),
+            "n_calibration": len(calibration) if isinstance(calibration, Calibration) else None,
+            "n_accuracy": n_acc, "seconds_building": seconds,
             "filtered": {k: filtered.meta.get(k) for k in ("segmenter", "stylizer", "model")},
             "change_meta": {k: getattr(v, "meta", None) for k, v in changes.items() if v is not None}}
     return MitigationResult(rows, overall, meta, {k: v for k, v in changes.items() if v is not None})
