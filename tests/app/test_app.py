@@ -376,6 +376,39 @@ def test_edit_lifecycle(client, tiny, tmp_path):
         assert torch.equal(v, weights[k])
 
 
+def test_pasted_edits_are_validated_on_calibration_images_never_in_c(tiny, tmp_path):
+    """As in `rulewriter edit`: with enough statistics images, some are set aside as calibration images
+    (never C's), and an edit from pasted exemplars has its strength chosen under the locality budget; a key
+    region exemplar (no manipulated image to augment) keeps the closed form."""
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i:02d}.png")
+    app = create_app(tiny, d, out_dir=tmp_path / "out", stats_samples=10)
+    state = app.state.rulewriter
+    assert len(state.stats_paths) == 10 and len(state.calibration_paths) == 50
+    assert not set(state.stats_paths) & set(state.calibration_paths)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/api/info").json()["stats"]["calibration_images"] == 50
+        sid, ids = _session(client), _ids(client)
+        assert _exemplar(client, sid, ids["im00.png"]).status_code == 200
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+        assert job["state"] == "done", job
+        info = job["result"]["edit"]
+        assert info["strength"] is not None and "50 calibration images" in info["why"], info
+        assert info["rules"][0]["views"] >= 4  # one exemplar gets MIN_VIEWS (8)
+        assert _exemplar(client, sid, ids["im01.png"], target={"kind": "key", "image_id": ids["im02.png"],
+                                                               "mask": _data_url(_mask())}).status_code == 200
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+        assert job["state"] == "done", job
+        assert "no exemplar views" in job["result"]["edit"]["why"]
+    # Without --stats-samples a tenth is set aside, and a tenth of 60 is too few: the closed form, said.
+    few = create_app(tiny, d, out_dir=tmp_path / "out2").state.rulewriter
+    assert few.calibration_paths == [] and len(few.stats_paths) == 60
+    assert "closed form" in few.stats_source()["validation"]
+
+
 def test_edit_names_stay_in_the_output_folder(client, tmp_path):
     sid, ids = _session(client), _ids(client)
     _exemplar(client, sid, ids["img0.png"])

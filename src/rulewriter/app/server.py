@@ -274,8 +274,10 @@ def create_app(
         if s.edit is None:
             return None
         d = s.edit.describe()
+        st = d["meta"].get("strength") or {}
         return {"source": s.edit_source, "updates": d["updates"], "rules": d["meta"].get("rules"),
-                "stats": d["meta"].get("stats"), "layer": d["updates"][0]["layer"] if d["updates"] else None}
+                "stats": d["meta"].get("stats"), "layer": d["updates"][0]["layer"] if d["updates"] else None,
+                "strength": st.get("chosen"), "why": st.get("reason")}
 
     def safe_name(name: str) -> str:
         stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
@@ -521,7 +523,8 @@ def create_app(
             stats = state.stats(job, 0.0, 0.45)
             job.report(0.5, f"reading the rule from {len(exemplars)} exemplar(s)")
             rule = state.build_rule(s, exemplars)
-            job.report(0.6, "solving the update (strength and rank chosen by validation on the exemplars)")
+            job.report(0.6, "solving the update (strength and rank chosen by validation on the exemplars)"
+                       if rule.views is not None else "solving the update (the closed form)")
             edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
             state.check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
             edit.meta["stats_source"] = state.stats_source()["source"]

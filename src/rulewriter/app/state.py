@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.generalise import MIN_CALIBRATION_IMAGES
 from ..errors import EditError, ImageLoadError, RulewriterError
 from .jobs import Job, JobRunner
 
@@ -159,6 +160,7 @@ class AppState:
         cache_dir: str | os.PathLike[str] | None = None,
         workers: int = 2,
     ) -> None:
+        from ..core.generalise import calibration_split
         from ..core.memory import LayerMemory
         from ..core.trace import get_module
 
@@ -183,6 +185,10 @@ class AppState:
         if stats_samples is not None and stats_samples < 1:
             raise RulewriterError(f"--stats-samples must be positive, got {stats_samples}")
         self.stats_samples = stats_samples
+        # Calibration images for the locality budget of validated edits, never among C's images (as in
+        # `rulewriter edit`): a tenth of the statistics images, or the ones --stats-samples leaves out.
+        self.stats_paths, self.calibration_paths = calibration_split(self.stats_paths, stats_samples)
+        self._calibration = None
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.model_lock = threading.RLock()
@@ -255,7 +261,9 @@ class AppState:
                                   "refusing to read a rule or solve against another edit")
 
     def solve(self, rule, stats):
-        """The edit for ``rule``: :func:`~rulewriter.core.rules.rewrite` against the original weights.
+        """The edit for ``rule``: :func:`~rulewriter.core.rules.rewrite` against the original weights, its
+        strength and rank chosen by validation under the locality budget where the rule carries exemplar
+        views (:meth:`build_rule`), as ``rulewriter edit`` does.
 
         ``rewrite`` reads the layer's live weights, so it runs holding the model lock, where no other
         session's edit is applied (and :meth:`check_unedited` proves it).
@@ -264,7 +272,23 @@ class AppState:
 
         with self.model_lock:
             self.check_unedited()
-            return rewrite(self.clf, rule, stats)
+            cal = self.calibration() if rule.views is not None else None
+            return rewrite(self.clf, rule, stats, calibration=cal)
+
+    def calibration(self):
+        """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` (read once, with the
+        layer's original weights), or None where there are too few (then edits are the closed form)."""
+        from ..core.generalise import calibration_set
+
+        if not self.calibration_paths:
+            return None
+        with self.model_lock:
+            if self._calibration is None:
+                self.check_unedited()
+                root = self.stats_data or self.root
+                self._calibration = calibration_set(
+                    self.clf, self.layer, CheckedImages(self.calibration_paths, root, self.clf.preprocess))
+            return self._calibration
 
     def predict(self, images: list[Image.Image], edit=None, source: str = "the edit") -> list[list[dict]]:
         """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released).
@@ -312,6 +336,13 @@ class AppState:
                 "samples": self.stats_samples, "layer": self.layer,
                 "ready": (self.layer, 2) in self._stats,
                 "warning": self.stats_warning(),
+                "calibration_images": len(self.calibration_paths),
+                "validation": (f"edits from pasted exemplars are validated (strength and rank) under the locality "
+                               f"budget on {len(self.calibration_paths)} calibration images set aside from C's"
+                               if self.calibration_paths else
+                               f"too few statistics images to set {MIN_CALIBRATION_IMAGES} aside for calibration "
+                               "(a tenth of them, or those --stats-samples leaves out), so edits are the closed "
+                               "form"),
                 "note": ("C comes from the browsed image folder; a few thousand images of the model's domain "
                          "(--stats-data DIR) give edits that generalise better") if not self.stats_data else
                         "C comes from --stats-data"}
@@ -369,18 +400,28 @@ class AppState:
     def build_rule(self, session: Session, exemplars: list[Exemplar]):
         """One rule from every exemplar: pasted targets pair keys and values per location; picked key
         regions pair the region's mean key with the exemplar's mean value."""
+        from ..core.generalise import DEFAULT_VIEWS
         from ..core.rules import Rule, rule_from_images
 
         if not exemplars:
             raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
         keys, values, weights, desc = [], [], [], []
         pasted = [e for e in exemplars if e.target in ("texture", "region")]
+        # Exemplar views (validated strength and rank) where every exemplar is pasted and there are
+        # calibration images: a picked key region has no manipulated image to augment.
+        views = DEFAULT_VIEWS if self.calibration_paths and len(pasted) == len(exemplars) else 0
         if pasted:
             originals = [self.image(e.image_id, session) for e in pasted]
             with self.model_lock:
                 self.check_unedited()  # the values are the layer's outputs: its original weights
                 r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
-                                     [e.mask for e in pasted])
+                                     [e.mask for e in pasted], views=views)
+            if views:
+                keep = ("views", "augmentation", "seed")
+                r.description = {"method": "app", **{k: r.description[k] for k in keep if k in r.description},
+                                 "exemplars": [{"image": self.image_name(e.image_id, session), "target": e.target,
+                                                **e.spec} for e in exemplars]}
+                return r
             keys.append(r.keys), values.append(r.values), weights.append(r.weights)
         for e in exemplars:
             if e.target == "key":

@@ -335,7 +335,9 @@ function renderResults(res, summary) {
 function renderEditStatus() {
   const e = state.edit;
   $("#edit-status").textContent = !e ? "No edit. The model is unchanged."
-    : `Edit (${e.source}): ${e.updates.map((u) => `${u.layer}, rank ${u.rank}`).join("; ")}. Applied only while predicting; the model file is never written.`;
+    : `Edit (${e.source}): ${e.updates.map((u) => `${u.layer}, rank ${u.rank}`).join("; ")}`
+      + (e.strength != null ? `, strength ${e.strength}: ${e.why}` : "")
+      + ". Applied only while predicting; the model file is never written.";
   updateButtons();
 }
 
