@@ -455,6 +455,15 @@ def _admits(measured: Any, budget: float | LocalityBudget) -> bool:
     return float(measured) <= budget
 
 
+def _no_worse(measured: Any, ref: Any) -> bool:
+    """Collateral ``measured`` is at most ``ref`` on every count (top-1 changes overall and on near ties, or
+    the output energy)."""
+    if isinstance(measured, dict):
+        nt, ref_nt = measured.get("changed_near_tie"), ref.get("changed_near_tie")
+        return measured["changed"] <= ref["changed"] and (nt is None or ref_nt is None or nt <= ref_nt)
+    return float(measured) <= float(ref)
+
+
 def _describe(measured: Any, budget: float | LocalityBudget) -> str:
     if isinstance(budget, LocalityBudget):
         nt = measured.get("changed_near_tie")
@@ -486,7 +495,8 @@ def choose_strength(
             number, the relative output energy on the statistics images (:func:`relative_collateral`).
         strengths: the candidate strengths; 1 (the closed form) is always among them.
         budget: a :class:`LocalityBudget` or the largest relative output energy; strength 1 of the first
-            candidate is always admissible (the thesis's edit is the fallback).
+            candidate is always admissible (the thesis's edit is the fallback), and where it is over the
+            budget itself, so is every setting whose collateral is no worse than its own on every count.
         candidates: other knobs to choose with the strength (e.g. ``(context, rank)`` pairs), simplest
             first; None: the strength alone.
 
@@ -506,18 +516,24 @@ def choose_strength(
         return StrengthChoice(1.0, "no validation views: the closed form (strength 1)", budget=budget)
     own = views.own if views.own is not None else torch.zeros(len(views), dtype=torch.bool)
     own_idx = torch.nonzero(own).flatten()
-    # Collateral first: only settings within the budget are worth validating.
+    # Collateral first: only settings within the budget are worth validating. The closed form (strength 1
+    # of the first candidate) is the fallback, so it is always admissible; where it is over the budget
+    # itself, a setting no worse than it on every count is admissible too: it adds no collateral that the
+    # fallback would not have.
     measured: dict[tuple[int, float], Any] = {}
     admissible: dict[tuple[int, float], bool] = {}
+    measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
     for ci, cand in enumerate(cands):
         over = False
         for s in strengths:
             if over:
                 measured[ci, s], admissible[ci, s] = None, False
                 continue
-            measured[ci, s] = collateral(s) if single else collateral(s, cand)
-            admissible[ci, s] = (ci == 0 and s == 1.0) or _admits(measured[ci, s], budget)
-            over = not _admits(measured[ci, s], budget)
+            if (ci, s) not in measured:
+                measured[ci, s] = collateral(s) if single else collateral(s, cand)
+            within = _admits(measured[ci, s], budget) or _no_worse(measured[ci, s], ref)
+            admissible[ci, s] = (ci == 0 and s == 1.0) or within
+            over = not within
     todo = {ci: [s for s in strengths if admissible[ci, s]] for ci in range(len(cands))}
     restored = {key: 0 for key in admissible}
     if own_idx.numel():  # the exemplars themselves under the edit fitted on everything
@@ -564,7 +580,7 @@ def choose_strength(
     order = {id(r): k for k, r in enumerate(rows)}
     ok_rows = [r for r in rows if r["within_budget"]]
     best = max(ok_rows, key=lambda r: (r["exemplars_restored"], r["right"], round(r["mean_prob"], 6), -order[id(r)]))
-    base = rows[0]
+    base = rows[strengths.index(1.0)]  # the closed form: strength 1 of the first candidate
     capped = [r for r in rows if not r["within_budget"]]
     what = f"strength {best['strength']:g}" + ("" if single else f", {best['candidate']}")
     reason = (f"{what}: restores {best['exemplars_restored']}/{best['exemplars']} exemplars, "
@@ -573,8 +589,9 @@ def choose_strength(
               f"{best['mean_prob']:.2f}, over {len(folds)} fold(s); {_describe(best['collateral'], budget)}")
     if capped:
         reason += f"; {len(capped)} setting(s) over the budget were not considered"
-    if not _admits(best["collateral"], budget):
-        reason += "; even the closed form is over the budget (it is the fallback)"
+    if not _admits(base["collateral"], budget):
+        reason += ("; even the closed form is over the budget (it is the fallback), so settings no worse than it "
+                   "on the calibration images were admitted")
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out
