@@ -24,9 +24,13 @@ def summary(data: dict) -> str:
     for n in sorted({r["n_exemplars"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["n_exemplars"] == n]
         held = {r["scenario"]: r["n_heldout"] for r in sel}
+        # Scenarios whose photos have an ImageNet class: GR against it as well (the second measure).
+        true = [s for s in scen if any(r.get("GR_true") is not None for r in sel if r["scenario"] == s)]
         head = ["method"] + [f"{s} ({held.get(s, 0)})" for s in scen] + ["mean SR", "mean GR", "min LR",
                                                                           "min LR sens.", "worst Δ top-1",
                                                                           "mean seconds"]
+        if true:
+            head.append(f"GR vs true class ({' / '.join(true)})")
         table = []
         for m in meth:
             rs = [r for r in sel if r["method"] == m]
@@ -37,7 +41,8 @@ def summary(data: dict) -> str:
             table.append([m] + [pct(by[s]["GR"]) if s in by else "—" for s in scen] + [
                 pct(sum(r["SR"] for r in rs) / len(rs)), pct(sum(grs) / len(grs) if grs else None),
                 pct(min(r["LR"] for r in rs)), pct(min(r["LR_sensitive"] for r in rs)),
-                f"{min(r['d_top1'] for r in rs):+.1f}", f"{sum(r['seconds'] for r in rs) / len(rs):.1f}"])
+                f"{min(r['d_top1'] for r in rs):+.1f}", f"{sum(r['seconds'] for r in rs) / len(rs):.1f}"]
+                + ([" / ".join(pct(by[s].get("GR_true")) if s in by else "—" for s in true)] if true else []))
         out.append(f"**{n} exemplar{'s' if n > 1 else ''}** — GR per scenario (held-out errors in brackets), "
                    "then means over scenarios:\n\n" + C.markdown_table(head, table))
     return "\n\n".join(out)

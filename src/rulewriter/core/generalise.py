@@ -364,7 +364,8 @@ class Calibration:
         diff = top != self.base
         nt = int(self.near_tie.sum())
         return {"changed": float(diff.double().mean()), "n": len(self),
-                "changed_near_tie": float(diff[self.near_tie].double().mean()) if nt else None, "n_near_tie": nt}
+                "changed_near_tie": float(diff[self.near_tie].double().mean()) if nt else None, "n_near_tie": nt,
+                "which": torch.nonzero(diff).flatten().tolist()}
 
 
 def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATION_IMAGES, seed: int = 0,
@@ -456,9 +457,11 @@ def _admits(measured: Any, budget: float | LocalityBudget) -> bool:
 
 
 def _no_worse(measured: Any, ref: Any) -> bool:
-    """Collateral ``measured`` is at most ``ref`` on every count (top-1 changes overall and on near ties, or
-    the output energy)."""
+    """Collateral ``measured`` adds nothing to ``ref``'s: it changes only calibration images that ``ref``
+    changes (``which``; without it, no more of them overall and on near ties), or no more output energy."""
     if isinstance(measured, dict):
+        if "which" in measured and "which" in ref:
+            return set(measured["which"]) <= set(ref["which"])
         nt, ref_nt = measured.get("changed_near_tie"), ref.get("changed_near_tie")
         return measured["changed"] <= ref["changed"] and (nt is None or ref_nt is None or nt <= ref_nt)
     return float(measured) <= float(ref)
@@ -496,7 +499,7 @@ def choose_strength(
         strengths: the candidate strengths; 1 (the closed form) is always among them.
         budget: a :class:`LocalityBudget` or the largest relative output energy; strength 1 of the first
             candidate is always admissible (the thesis's edit is the fallback), and where it is over the
-            budget itself, so is every setting whose collateral is no worse than its own on every count.
+            budget itself, so is every setting that changes only calibration images it changes too.
         candidates: other knobs to choose with the strength (e.g. ``(context, rank)`` pairs), simplest
             first; None: the strength alone.
 
@@ -518,8 +521,8 @@ def choose_strength(
     own_idx = torch.nonzero(own).flatten()
     # Collateral first: only settings within the budget are worth validating. The closed form (strength 1
     # of the first candidate) is the fallback, so it is always admissible; where it is over the budget
-    # itself, a setting no worse than it on every count is admissible too: it adds no collateral that the
-    # fallback would not have.
+    # itself, a setting that changes only calibration images the closed form changes too is admissible: it
+    # adds no collateral that the fallback would not have.
     measured: dict[tuple[int, float], Any] = {}
     admissible: dict[tuple[int, float], bool] = {}
     measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
@@ -590,8 +593,8 @@ def choose_strength(
     if capped:
         reason += f"; {len(capped)} setting(s) over the budget were not considered"
     if not _admits(base["collateral"], budget):
-        reason += ("; even the closed form is over the budget (it is the fallback), so settings no worse than it "
-                   "on the calibration images were admitted")
+        reason += ("; even the closed form is over the budget (it is the fallback), so settings that change only "
+                   "calibration images it changes were admitted")
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out
