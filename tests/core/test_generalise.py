@@ -139,7 +139,8 @@ def test_chosen_strength_never_exceeds_the_collateral_budget(tiny, budget):
     # The choice is the best admissible row of the table it prints.
     ok = [r for r in ch["candidates"] if r["within_budget"]]
     order = {id(r): k for k, r in enumerate(ch["candidates"])}
-    best = max(ok, key=lambda r: (r["exemplars_restored"], r["right"], round(r["mean_prob"], 6), -order[id(r)]))
+    best = max(ok, key=lambda r: (r["exemplars_restored"], r["admitted"] != "no new change", r["right"],
+                                  round(r["mean_prob"], 6), -order[id(r)]))
     assert (ch["chosen"], ch["candidate"]) == (best["strength"], best["candidate"])
     # A setting is over the budget when measured so, or when a smaller strength of its candidate already was.
     for r in ch["candidates"]:
@@ -374,7 +375,20 @@ def test_where_the_closed_form_is_over_the_budget_settings_adding_nothing_to_it_
         limit = 1.0 if cand == other else 2.0
         assert r["within_budget"] == (r["strength"] <= limit), r
         assert (r["collateral"] is None) == (r["strength"] > (1.5 if cand == other else 3)), r
-    assert ch["chosen"] <= 2 and "change only calibration images it changes" in ch["reason"]
+    assert ch["chosen"] <= 2 and "even the closed form is over the budget (it is the fallback)" in ch["reason"]
+    assert {r["admitted"] for r in ch["candidates"]} <= {"fallback", "no new change", None}
+    # Strength beyond the budget is spent on the user's exemplars only: a "no new change" setting is chosen
+    # only where it restores more of them than the fallback does.
+    best = next(r for r in ch["candidates"] if (r["strength"], tuple(r["candidate"])) ==
+                (ch["chosen"], tuple(ch["candidate"])))
+    fallback = ch["candidates"][0]
+    assert fallback["admitted"] == "fallback"
+    if best["admitted"] == "no new change":
+        assert best["exemplars_restored"] > fallback["exemplars_restored"]
+        assert "restores more exemplars than any within the budget" in ch["reason"]
+    else:
+        assert best is fallback or best["exemplars_restored"] >= max(
+            r["exemplars_restored"] for r in ch["candidates"] if r["admitted"] == "no new change")
 
 
 def test_a_locality_budget_needs_calibration_images(tiny):

@@ -507,9 +507,12 @@ def choose_strength(
     that candidate are not measured (collateral grows with the strength: exactly so for the output energy,
     ``∝ s²``; for top-1 changes as a rule) and count as over. Among the admissible settings, those are ranked
     first by the exemplars themselves (``views.own``) that the edit fitted on all views restores (what the
-    user showed must be fixed first), then by the number of left-out views right (manipulated view back to
-    the clean view's unedited top-1, plus clean views keeping it), then by the higher mean probability of
-    that class, then the simpler candidate and the smaller ``s``. Only admissible settings are validated.
+    user showed must be fixed first), then by being within the budget or the fallback (a setting admitted
+    only for adding no calibration change to the closed form's wins only by restoring more exemplars), then
+    by the number of left-out views right (manipulated view back to the clean view's unedited top-1, plus
+    clean views keeping it), then by the higher mean probability of that class, then the simpler candidate
+    and the smaller ``s``. Only admissible settings are validated. Each row's ``admitted`` says why it was
+    admissible (``"budget"``, ``"fallback"``, ``"no new change"``; None: it was not).
     """
     strengths = sorted({float(s) for s in strengths} | {1.0})
     single = candidates is None
@@ -525,6 +528,7 @@ def choose_strength(
     # adds no collateral that the fallback would not have.
     measured: dict[tuple[int, float], Any] = {}
     admissible: dict[tuple[int, float], bool] = {}
+    admitted: dict[tuple[int, float], str] = {}  # why a setting is admissible: "budget", "fallback", "no new change"
     measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
     for ci, cand in enumerate(cands):
         over = False
@@ -534,9 +538,14 @@ def choose_strength(
                 continue
             if (ci, s) not in measured:
                 measured[ci, s] = collateral(s) if single else collateral(s, cand)
-            within = _admits(measured[ci, s], budget) or _no_worse(measured[ci, s], ref)
-            admissible[ci, s] = (ci == 0 and s == 1.0) or within
-            over = not within
+            if ci == 0 and s == 1.0:
+                admitted[ci, s] = "fallback" if not _admits(ref, budget) else "budget"
+            elif _admits(measured[ci, s], budget):
+                admitted[ci, s] = "budget"
+            elif _no_worse(measured[ci, s], ref):
+                admitted[ci, s] = "no new change"
+            admissible[ci, s] = (ci, s) in admitted
+            over = not admissible[ci, s]
     todo = {ci: [s for s in strengths if admissible[ci, s]] for ci in range(len(cands))}
     restored = {key: 0 for key in admissible}
     if own_idx.numel():  # the exemplars themselves under the edit fitted on everything
@@ -576,13 +585,17 @@ def choose_strength(
                    "exemplars": int(own_idx.numel()), "right": right[ci, s] if ok else None, "of": 2 * n_val,
                    "fixed": fixed[ci, s] if ok else None, "kept": kept[ci, s] if ok else None,
                    "mean_prob": prob[ci, s] / (2 * n_val) if ok else None,
-                   "collateral": measured[ci, s], "within_budget": bool(ok)}
+                   "collateral": measured[ci, s], "within_budget": bool(ok), "admitted": admitted.get((ci, s))}
             if not single:
                 row = {"candidate": cand, **row}
             rows.append(row)
     order = {id(r): k for k, r in enumerate(rows)}
     ok_rows = [r for r in rows if r["within_budget"]]
-    best = max(ok_rows, key=lambda r: (r["exemplars_restored"], r["right"], round(r["mean_prob"], 6), -order[id(r)]))
+    # A setting admitted only because it adds no calibration change to the closed form's must restore more
+    # of the user's exemplars than the budget's settings and the fallback do: strength beyond the budget is
+    # spent on what the user showed, never on validation views alone.
+    best = max(ok_rows, key=lambda r: (r["exemplars_restored"], r["admitted"] != "no new change", r["right"],
+                                       round(r["mean_prob"], 6), -order[id(r)]))
     base = rows[strengths.index(1.0)]  # the closed form: strength 1 of the first candidate
     capped = [r for r in rows if not r["within_budget"]]
     what = f"strength {best['strength']:g}" + ("" if single else f", {best['candidate']}")
@@ -593,8 +606,10 @@ def choose_strength(
     if capped:
         reason += f"; {len(capped)} setting(s) over the budget were not considered"
     if not _admits(base["collateral"], budget):
-        reason += ("; even the closed form is over the budget (it is the fallback), so settings that change only "
-                   "calibration images it changes were admitted")
+        reason += "; even the closed form is over the budget (it is the fallback)"
+        if best["admitted"] == "no new change":
+            reason += (", and this setting restores more exemplars than any within the budget while it changes "
+                       "only calibration images the closed form changes")
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out
