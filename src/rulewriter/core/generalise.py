@@ -533,7 +533,7 @@ def choose_strength(
     for ci, cand in enumerate(cands):
         over = False
         for s in strengths:
-            if over:
+            if over and (ci, s) != (0, 1.0):  # the fallback is admissible whatever a smaller strength measured
                 measured[ci, s], admissible[ci, s] = None, False
                 continue
             if (ci, s) not in measured:
