@@ -308,6 +308,7 @@ def test_calibration_counts_top1_changes_exactly(tiny):
         top = tiny.model(x).argmax(1)
     diff = top != logits.argmax(1)
     assert got["changed"] == pytest.approx(float(diff.double().mean())) and got["n"] == 40
+    assert got["which"] == torch.nonzero(diff).flatten().tolist()  # which images, for the closed-form floor
     assert 0 < got["changed"]  # the random edit does change something, so the count is not vacuous
     if int(cal.near_tie.sum()):
         assert got["changed_near_tie"] == pytest.approx(float(diff[cal.near_tie].double().mean()))
