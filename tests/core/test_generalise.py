@@ -194,7 +194,8 @@ def test_validation_folds_never_fit_on_the_views_they_score(tiny, monkeypatch):
     rewrite(tiny, rule, _stats(tiny, layer), budget=10.0)  # every setting admissible, so every one is validated
     assert sorted({f for f, _, _ in seen}) == [0, 1, 2]
     stats = _stats(tiny, layer)
-    assert {c for _, c, _ in seen} == {("mean", 1, False), ("mean", 1, True), ("svd", 4, False), ("svd", 4, True)}
+    assert {c for _, c, _ in seen} == {(ctx, r, aug) for ctx, r in (("mean", 1), ("uniform", 1), ("svd", 4))
+                                       for aug in (False, True)}
     for f, (ctx, rank, aug), e in seen:
         # The fold's edit is the closed form of a rule made of the other exemplars' pairs only.
         keep = rule.views.group[rule.pair_view] != f

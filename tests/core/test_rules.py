@@ -121,6 +121,42 @@ def test_float64_models_read_rules_and_rewrite(tiny):
     assert y.dtype == torch.float64
 
 
+def test_uniform_direction_is_the_constrained_minimum_and_still_maps_k_star(tiny):
+    """context="uniform": d ∝ A⁻¹k* with A = C + λΣ + εI (Σ the concept keys' spread about k*, λ = trC/trΣ),
+    the minimiser of dᵀCd + λdᵀΣd + ε|d|² at dᵀk* = 1; with fit="mean" the edit still maps k* → v* exactly."""
+    from rulewriter.core.edit import DEFAULT_RIDGE, regularize
+    from rulewriter.core.rules import concept_spread
+
+    layer = "features.4"
+    rule = rule_from_images(tiny, layer, _images(3), _images(3, seed=1), _masks(3))
+    stats = _stats(tiny, layer)
+    c = stats.moment().double()
+    k, w = rule.keys.double(), rule.weights.double()
+    kstar = (k * w[:, None]).sum(0) / w.sum()
+    dev = k - kstar
+    sig = (dev * w[:, None]).T @ dev / w.sum()
+    spread = concept_spread([(k, rule.values, w)], c)
+    torch.testing.assert_close(spread, sig * (c.trace() / sig.trace()))
+    a = regularize(c + spread, DEFAULT_RIDGE)
+    want = torch.linalg.solve(a, kstar)
+    edit = rewrite(tiny, rule, stats, context="uniform", fit="mean", strength=1)
+    d = edit.updates[0].direction.double().flatten()
+    cos = float(d @ want / (d.norm() * want.norm()))
+    assert cos > 1 - 1e-10
+    # The constrained minimum: every other d with dᵀk* = 1 has a larger objective.
+    best = want / (want @ kstar)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        z = torch.randn(best.shape[0], generator=g, dtype=torch.float64)
+        z -= (z @ kstar) / (kstar @ kstar) * kstar  # stays on dᵀk* = 1
+        alt = best + 1e-2 * z
+        assert float(alt @ a @ alt) > float(best @ a @ best)
+    mem = LayerMemory(dict(tiny.model.named_modules())[layer], 2)
+    with edit.applied(tiny.model):
+        w1 = mem.matrix().double()
+    torch.testing.assert_close(w1 @ rule.key().double(), rule.value().double(), rtol=1e-6, atol=1e-6)
+
+
 def test_zca_directions_are_whitened_with_the_ridge_the_solve_uses(tiny):
     """rewrite(context="zca") updates along (C + εI)^{-1/2} Q for the same ε as its C⁻¹ (one ridge, not two)."""
     from rulewriter.concepts.keys import context

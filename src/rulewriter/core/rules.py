@@ -325,7 +325,9 @@ def rewrite(
             averaged ``k*`` each, eqs. 2.23–2.24). With ``"svd"``/``"zca"`` it is the number of top
             directions of all masked keys (default 1).
         ridge: ``C + ε I`` with ``ε = ridge · tr(C)/d`` (see :data:`~rulewriter.core.edit.DEFAULT_RIDGE`).
-        context: where the directions come from: ``"mean"`` (each rule's ``k*``), ``"svd"`` or ``"zca"``.
+        context: where the directions come from: ``"mean"`` (each rule's ``k*``), ``"uniform"`` (each
+            rule's ``k*`` through ``(C + λΣ + εI)⁻¹``, :func:`concept_spread`: the update responds alike to all
+            of the concept's keys, not only to their mean), ``"svd"`` or ``"zca"``.
             ``"auto"`` (the default) validates the mean key and the top 4 SVD directions of the masked keys,
             with and without the augmented views' pairs, along with the strength (see ``strength``) when
             the rule carries exemplar views and no rank is given; otherwise it is ``"mean"``.
@@ -364,7 +366,7 @@ def rewrite(
     layer, view = rules[0].layer, rules[0].view
     if any((r.layer, r.view) != (layer, view) for r in rules):
         raise EditError("all rules of one rewrite must share a layer and view; compose separate edits instead")
-    if fit not in ("pairs", "mean") or context not in ("auto", "mean", "svd", "zca"):
+    if fit not in ("pairs", "mean") or context not in ("auto", "mean", "uniform", "svd", "zca"):
         raise EditError(f"unknown fit {fit!r} or context {context!r}")
     on = list(on)
     # Validation applies candidate edits to the model alone, so an edit written on earlier ones is not validated.
@@ -372,13 +374,13 @@ def rewrite(
                  and rules[0].views is not None and rules[0].pair_view is not None)
     search = context == "auto" and rank is None and fit == "pairs" and validated
     context = "mean" if context == "auto" else context
-    if fit == "mean" and context != "mean":
-        raise EditError('fit="mean" constrains each rule\'s k*, so it needs context="mean"')
+    if fit == "mean" and context not in ("mean", "uniform"):
+        raise EditError('fit="mean" constrains each rule\'s k*, so it needs context="mean" or "uniform"')
     mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
     c = stats.moment() if hasattr(stats, "moment") else torch.as_tensor(stats)
     if c.shape != (mem.key_dim, mem.key_dim):
         raise EditError(f"statistics are for {c.shape[0]}-dim keys; layer {layer!r} view {view} has {mem.key_dim}")
-    if context == "mean" and rank is not None and rank != len(rules):
+    if context in ("mean", "uniform") and rank is not None and rank != len(rules):
         raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
     if solver not in ("closed-form", "projected-gd"):
         raise EditError(f"unknown solver {solver!r}; use 'closed-form' or 'projected-gd'")
@@ -396,12 +398,17 @@ def rewrite(
         k = torch.cat([p[0] for p in parts]).double()
         v = torch.cat([p[1] for p in parts]).double()
         w = torch.cat([p[2] for p in parts]).double()
-        if context == "mean":  # each rule's mask-weighted mean key k* (Rule.key)
+        if context in ("mean", "uniform"):  # each rule's mask-weighted mean key k* (Rule.key)
             u = torch.stack([(pk * pw[:, None]).sum(0) / pw.sum() for pk, _, pw in parts], 1)
         else:
             # One ridge for both: zca's whitening C^{-1/2} and the solve's C⁻¹ must be of the same C + εI.
             u = context_dirs(k, rank or 1, method=context, C=c, weights=w, ridge=ridge)
-        d = preserving_direction(c, u, preserved, ridge) if on else update_direction(c, u, ridge)
+        if on:
+            d = preserving_direction(c, u, preserved, ridge)
+        elif context == "uniform":
+            d = update_direction(c + concept_spread(parts, c), u, ridge)
+        else:
+            d = update_direction(c, u, ridge)
         d = d.to(w0.device)
         if fit == "mean":
             kk, ww = u, None
@@ -418,7 +425,7 @@ def rewrite(
     parts = [(r.keys.double(), r.values.double(), r.weights.double()) for r in rules]
     lam, d, losses, n_pairs = solve(parts)
     # Candidates, simplest first: the exemplars' own pairs or all views; the mean key or SVD directions.
-    cands = ([(ctx, r, aug) for ctx, r in [("mean", 1)] + [("svd", r) for r in SEARCH_RANKS]
+    cands = ([(ctx, r, aug) for ctx, r in [("mean", 1), ("uniform", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
                        cands, on, calibration)
@@ -461,6 +468,26 @@ def rewrite(
 #: Context ranks that ``context="auto"`` validates beside the mean key (rank 1), each with and without the
 #: augmented views' pairs.
 SEARCH_RANKS = (4,)
+
+
+def concept_spread(parts, c: torch.Tensor) -> torch.Tensor:
+    """``λ Σ``: the weighted second moment of each rule's keys about its own ``k*``, scaled to ``C``'s trace.
+
+    Added to ``C`` in the direction's solve (``context="uniform"``), it asks the update to respond alike to
+    every key of the concept, not only to its mean: ``d = (C + λΣ + εI)⁻¹ k*`` minimises ``dᵀCd`` (the change
+    to other keys) plus ``λ dᵀΣd`` (how unevenly the concept's own keys move) at ``dᵀk* = 1``; ``λ = tr C / tr Σ``
+    weighs the two alike.
+    """
+    sig = torch.zeros_like(c, dtype=torch.float64)
+    total = 0.0
+    for pk, _, pw in parts:
+        k, w = pk.double().to(c.device), pw.double().to(c.device)
+        dev = k - (k * w[:, None]).sum(0) / w.sum()
+        sig += (dev * w[:, None]).T @ dev
+        total += float(w.sum())
+    sig /= max(total, 1e-12)
+    tr = float(sig.trace())
+    return sig * (float(c.double().trace()) / tr) if tr > 0 else sig
 
 
 def _own_pairs(rule: Rule, parts):
