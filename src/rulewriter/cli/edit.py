@@ -229,9 +229,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="update directions: with --context mean, one per rule (always); with svd/zca, the top N "
                         "directions of the masked keys (default 1)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="C + εI with ε = ridge · tr(C)/d")
-    p.add_argument("--context", default="auto", choices=["auto", "mean", "svd", "zca"],
-                   help="where the update directions come from: each rule's mean key k*, or the top "
-                        "directions of all masked keys (svd, or zca: whitened by C); auto: the mean key or "
+    p.add_argument("--context", default="auto", choices=["auto", "mean", "uniform", "svd", "zca"],
+                   help="where the update directions come from: each rule's mean key k*, the same through "
+                        "(C + λΣ)⁻¹ so that all the concept's keys move alike (uniform), or the top directions of "
+                        "all masked keys (svd, or zca: whitened by C); auto: the mean key, the uniform one or "
                         "the top 4 SVD directions, chosen with the strength by validation on the exemplars")
     p.add_argument("--views", type=int, default=DEFAULT_VIEWS, metavar="N",
                    help="N joint augmented views per exemplar; the strength, rank and augmentation are chosen per "

@@ -328,12 +328,12 @@ def rewrite(
         context: where the directions come from: ``"mean"`` (each rule's ``k*``), ``"uniform"`` (each
             rule's ``k*`` through ``(C + λΣ + εI)⁻¹``, :func:`concept_spread`: the update responds alike to all
             of the concept's keys, not only to their mean), ``"svd"`` or ``"zca"``.
-            ``"auto"`` (the default) validates the mean key and the top 4 SVD directions of the masked keys,
-            with and without the augmented views' pairs, along with the strength (see ``strength``) when
-            the rule carries exemplar views and no rank is given; otherwise it is ``"mean"``.
+            ``"auto"`` (the default) validates the mean key, the uniform one and the top 4 SVD directions
+            of the masked keys, with and without the augmented views' pairs, along with the strength (see
+            ``strength``) when the rule carries exemplar views and no rank is given; otherwise ``"mean"``.
         fit: ``"pairs"`` fits Λ to every masked (key, value) pair by least squares; ``"mean"`` makes the
             layer map each ``k*`` exactly to its ``v*`` (the thesis's single constraint; needs
-            ``context="mean"``).
+            ``context="mean"`` or ``"uniform"``).
         solver: ``"closed-form"`` or ``"projected-gd"`` (eq. 2.20, through ``post`` when given).
         post: for projected GD, a map of value rows through what follows the layer.
         strength: the magnitude ``s`` of the update along its direction (``s·Λ``). ``"auto"`` chooses it
@@ -381,7 +381,7 @@ def rewrite(
     if c.shape != (mem.key_dim, mem.key_dim):
         raise EditError(f"statistics are for {c.shape[0]}-dim keys; layer {layer!r} view {view} has {mem.key_dim}")
     if context in ("mean", "uniform") and rank is not None and rank != len(rules):
-        raise EditError(f'context="mean" gives one direction per rule ({len(rules)}); got rank={rank}')
+        raise EditError(f'context="{context}" gives one direction per rule ({len(rules)}); got rank={rank}')
     if solver not in ("closed-form", "projected-gd"):
         raise EditError(f"unknown solver {solver!r}; use 'closed-form' or 'projected-gd'")
     if on:
@@ -424,7 +424,8 @@ def rewrite(
 
     parts = [(r.keys.double(), r.values.double(), r.weights.double()) for r in rules]
     lam, d, losses, n_pairs = solve(parts)
-    # Candidates, simplest first: the exemplars' own pairs or all views; the mean key or SVD directions.
+    # Candidates, simplest first: the exemplars' own pairs or all views; the mean key, the uniform one or SVD
+    # directions.
     cands = ([(ctx, r, aug) for ctx, r in [("mean", 1), ("uniform", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
