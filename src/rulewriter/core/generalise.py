@@ -527,14 +527,13 @@ def choose_strength(
     # itself, a setting that changes only calibration images the closed form changes too is admissible: it
     # adds no collateral that the fallback would not have.
     measured: dict[tuple[int, float], Any] = {}
-    admissible: dict[tuple[int, float], bool] = {}
     admitted: dict[tuple[int, float], str] = {}  # why a setting is admissible: "budget", "fallback", "no new change"
     measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
     for ci, cand in enumerate(cands):
         over = False
         for s in strengths:
             if over and (ci, s) != (0, 1.0):  # the fallback is admissible whatever a smaller strength measured
-                measured[ci, s], admissible[ci, s] = None, False
+                measured[ci, s] = None
                 continue
             if (ci, s) not in measured:
                 measured[ci, s] = collateral(s) if single else collateral(s, cand)
@@ -544,10 +543,9 @@ def choose_strength(
                 admitted[ci, s] = "budget"
             elif _no_worse(measured[ci, s], ref):
                 admitted[ci, s] = "no new change"
-            admissible[ci, s] = (ci, s) in admitted
-            over = not admissible[ci, s]
-    todo = {ci: [s for s in strengths if admissible[ci, s]] for ci in range(len(cands))}
-    restored = {key: 0 for key in admissible}
+            over = (ci, s) not in admitted
+    todo = {ci: [s for s in strengths if (ci, s) in admitted] for ci in range(len(cands))}
+    restored = {key: 0 for key in measured}
     if own_idx.numel():  # the exemplars themselves under the edit fitted on everything
         for ci, cand in enumerate(cands):
             if not todo[ci]:
@@ -557,9 +555,9 @@ def choose_strength(
                 with full.scaled(s).applied(model):
                     top = views.logits(model, "man", own_idx).argmax(1)
                 restored[ci, s] = int((top == views.target[own_idx]).sum())
-    right = {key: 0 for key in admissible}
+    right = {key: 0 for key in measured}
     fixed, kept = dict(right), dict(right)
-    prob = {key: 0.0 for key in admissible}
+    prob = {key: 0.0 for key in measured}
     n_val = 0
     for f in folds:
         idx = torch.nonzero(views.group == f).flatten()
@@ -580,7 +578,7 @@ def choose_strength(
     rows = []
     for ci, cand in enumerate(cands):
         for s in strengths:
-            ok = admissible[ci, s]
+            ok = (ci, s) in admitted
             row = {"strength": s, "exemplars_restored": restored[ci, s] if ok else None,
                    "exemplars": int(own_idx.numel()), "right": right[ci, s] if ok else None, "of": 2 * n_val,
                    "fixed": fixed[ci, s] if ok else None, "kept": kept[ci, s] if ok else None,
