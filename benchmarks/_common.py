@@ -170,7 +170,7 @@ def top1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 # The package's tail shortcut (EfficientNet from a block's cached input to the logits), under the names the
 # benchmarks have always used.
-from rulewriter.core.generalise import run_tail as _run_tail, tail_start as _tail_start  # noqa: E402
+from rulewriter.core.tail import run_tail as _run_tail, tail_start as _tail_start  # noqa: E402
 
 
 class TailEvaluator:

@@ -194,6 +194,11 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _layer_part(clf: Any, layer: str) -> tuple[str, ...]:
+    """The cache-key part for tail inputs read before ``layer`` (none for the default layer's)."""
+    return () if layer == clf.default_layer else (layer,)
+
+
 def cached_tensors(key: str, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file, save_file
 
@@ -242,7 +247,7 @@ def build_scenario(clf: Any, layer: str, name: str, texture_name: str, texture: 
         x, lg = tail_inputs(clf, layer, pasted)
         return {"x": x, "pasted": lg.argmax(1)}
 
-    h = cached_tensors(_key("held", name, [p.name for p in test], clf.weights_id), held)
+    h = cached_tensors(_key("held", name, [p.name for p in test], clf.weights_id, *_layer_part(clf, layer)), held)
     clean = torch.stack([clean_test[p.name] for p in test])
     err = torch.nonzero(h["pasted"] != clean).flatten()
     log(f"  {name}: {len(ex)} exemplar errors in {scanned} training photos; "
@@ -305,7 +310,7 @@ class Photos:
 
 
 def tail_top1(clf: Any, start: str, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    from rulewriter.core.generalise import run_tail
+    from rulewriter.core.tail import run_tail
 
     with torch.no_grad():
         return torch.cat([run_tail(clf.model, start, x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
@@ -337,7 +342,8 @@ def methods(clf: Any, layer: str, start: str, sc: Scenario, n: int, stats: Any, 
             ) -> list[tuple[str, Any, float, dict[str, Any]]]:
     """(name, change, seconds, info) of every method on the first ``n`` exemplars."""
     from rulewriter.studies.finetune import finetune_layer, retrain_last_layer, smallest_fitting_lr
-    from rulewriter.core.generalise import DEFAULT_VIEWS, run_tail
+    from rulewriter.core.generalise import DEFAULT_VIEWS
+    from rulewriter.core.tail import run_tail
     from rulewriter.core.rules import rewrite, rule_from_images
 
     o, m, k = sc.ex_orig[:n], sc.ex_man[:n], sc.ex_mask[:n]
@@ -442,13 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="only methods whose name starts with one of these "
                     "(comma-separated), for iterating")
     ap.add_argument("--exemplars", default="5,1", help="exemplar counts to run (default 5,1)")
+    ap.add_argument("--layer", default=None, help="the edited layer (default: the model's default layer)")
     ap.add_argument("--scenarios", default=None, help="comma-separated subset of: " + ", ".join(SCENARIOS))
     args = ap.parse_args(argv)
     shared = C.require_shared("data/imagenet-samples", "data/car-parts", "data/ade20k-samples",
                               "data/textures/snow_texture.jpg")
     C.setup_torch(args.threads)
     from accuracy_cost import load_textures
-    from rulewriter.core.generalise import tail_start
+    from rulewriter.core.tail import tail_start
     from rulewriter.models.registry import load_classifier
     from rulewriter.core.stats import collect_second_moment
     from rulewriter.core.generalise import calibration_set
@@ -460,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     grid_steps = min(steps, args.grid_steps)
     names = args.scenarios.split(",") if args.scenarios else (["wood wheels", "gravel car"] if quick else SCENARIOS)
     clf = load_classifier("efficientnet-lite0")
-    layer = clf.default_layer
+    layer = args.layer or clf.default_layer
     start = tail_start(clf.model, layer)
     paths, labels = C.imagenet_samples(shared, clf)
     n_ph = 200 if quick else 1000
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     # locality budget from 1 mod 4, LR and Δ top-1 from 3 mod 4 (calibration images must not be C's own
     # images: the update's directions C⁻¹u avoid exactly those keys, so they understate the collateral).
     cal_paths, lr_paths = paths[1:n_ph:4], paths[3:n_ph:4]
-    ph = cached_tensors(_key("photos", [p.name for p in lr_paths], clf.weights_id), lambda: dict(zip(
+    ph = cached_tensors(_key("photos", [p.name for p in lr_paths], clf.weights_id, *_layer_part(clf, layer)), lambda: dict(zip(
         ("x", "logits"), tail_inputs(clf, layer, [load_image(p) for p in lr_paths]))))
     prob = ph["logits"].softmax(1).topk(2, 1).values
     photos = Photos(ph["x"], torch.as_tensor(labels[3:n_ph:4]), ph["logits"].argmax(1),

@@ -20,7 +20,7 @@ import _common as C
 import generalise as G
 from rulewriter.models.registry import load_classifier
 from rulewriter.core.stats import collect_second_moment
-from rulewriter.core.generalise import tail_start, run_tail
+from rulewriter.core.tail import tail_start, run_tail
 from rulewriter.core.rules import rewrite, rule_from_images
 from rulewriter.models.data import load_image
 from accuracy_cost import load_textures

@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_RIDGE",
     "regularize",
     "update_direction",
+    "direction_factor",
     "solve_lambda",
     "projected_gd",
     "LayerUpdate",
@@ -84,8 +85,12 @@ def regularize(c: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     return c + eps * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
-def update_direction(c: torch.Tensor, u: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+def update_direction(c: torch.Tensor, u: torch.Tensor, ridge: float = DEFAULT_RIDGE, *,
+                     factor: torch.Tensor | None = None) -> torch.Tensor:
     """``D = (C + εI)⁻¹ U`` for ``U`` of shape (d,) or (d, r), by Cholesky solve in float64.
+
+    ``factor``: the Cholesky factor of ``C + εI`` from :func:`direction_factor`, when many directions are
+    solved against one ``C`` (``c`` and ``ridge`` are then not factorised again).
 
     Raises StatsError when ``C + εI`` is not positive definite (a singular ``C`` with ``ridge=0``).
 
@@ -94,20 +99,31 @@ def update_direction(c: torch.Tensor, u: torch.Tensor, ridge: float = DEFAULT_RI
         >>> update_direction(c, torch.tensor([1., 0., 0.]), ridge=0)
         tensor([0.5000, 0.0000, 0.0000], dtype=torch.float64)
     """
-    creg = regularize(c, ridge)
+    chol = direction_factor(c, ridge) if factor is None else factor
     vec = u.dim() == 1
-    u2 = u.double().reshape(u.shape[0], -1).to(creg.device)
-    if u2.shape[0] != creg.shape[0]:
-        raise StatsError(f"keys have dimension {u2.shape[0]}, the second moment has {creg.shape[0]}")
+    u2 = u.double().reshape(u.shape[0], -1).to(chol.device)
+    if u2.shape[0] != chol.shape[0]:
+        raise StatsError(f"keys have dimension {u2.shape[0]}, the second moment has {chol.shape[0]}")
     _check_finite("the key", u2)
-    chol, info = torch.linalg.cholesky_ex(creg)
+    d = torch.cholesky_solve(u2, chol)
+    return d[:, 0] if vec else d
+
+
+def direction_factor(c: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """The lower Cholesky factor of ``C + εI`` (float64) that :func:`update_direction` solves with.
+
+    Example:
+        >>> direction_factor(torch.eye(2) * 4, ridge=0)
+        tensor([[2., 0.],
+                [0., 2.]], dtype=torch.float64)
+    """
+    chol, info = torch.linalg.cholesky_ex(regularize(c, ridge))
     if info.item() != 0:
         raise StatsError(
             "the second moment is singular (not positive definite); collect statistics over more images "
             f"or use a ridge > 0 (got ridge={ridge})"
         )
-    d = torch.cholesky_solve(u2, chol)
-    return d[:, 0] if vec else d
+    return chol
 
 
 def solve_lambda(

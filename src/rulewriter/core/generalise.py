@@ -29,8 +29,8 @@ Example::
     edit.meta["strength"]["chosen"], edit.meta["strength"]["reason"]       # doctest: +SKIP
 
 The network's tail after the edited layer is run from cached activations where the model allows it
-(:func:`tail_start`, :func:`run_tail`: EfficientNet's blocks), so validating ten strengths costs a few
-tail passes, not full forward passes.
+(:mod:`rulewriter.core.tail`: EfficientNet's blocks, and past the last block's project conv an exact linear
+map), so validating ten strengths costs a few tail passes, not full forward passes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 
+from .tail import LinearTail, run_tail, tail_start
+
 __all__ = [
     "DEFAULT_VIEWS",
     "MIN_VIEWS",
@@ -54,8 +56,6 @@ __all__ = [
     "augment_exemplar",
     "exemplar_views",
     "view_groups",
-    "tail_start",
-    "run_tail",
     "ViewSet",
     "read_views",
     "relative_collateral",
@@ -199,33 +199,6 @@ def exemplar_views(originals: Sequence[Image.Image], manipulated: Sequence[Image
     return oo, mm, kk, view_groups(n, per)
 
 
-# ------------------------------------------------------------------------------------------ tails
-def tail_start(model: nn.Module, layer: str) -> str | None:
-    """The module whose input lets an EfficientNet run from just before ``layer`` (None: no shortcut)."""
-    if not (hasattr(model, "_blocks") and hasattr(model, "_conv_head") and hasattr(model, "_fc")):
-        return None
-    m = re.match(r"^_blocks\.(\d+)(\.|$)", layer)
-    if m:
-        return f"_blocks.{int(m.group(1))}"
-    if layer == "_conv_head" or layer.startswith(("_bn1", "_fc")):
-        return "_conv_head"
-    return None
-
-
-def run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
-    """EfficientNet's forward from the input of module ``start`` to the logits (eval mode)."""
-    if start.startswith("_blocks."):
-        first = int(start.split(".")[1])
-        n = len(model._blocks)
-        for idx in range(first, n):
-            rate = model._global_params.drop_connect_rate
-            rate = rate * float(idx) / n if rate else rate
-            x = model._blocks[idx](x, drop_connect_rate=rate)
-    x = model._swish(model._bn1(model._conv_head(x)))
-    x = model._avg_pooling(x).flatten(1)
-    return model._fc(model._dropout(x))
-
-
 @dataclass
 class ViewSet:
     """Exemplar views ready for validation: where the tail starts, its cached inputs, the targets, the folds.
@@ -290,20 +263,29 @@ def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 3
 
 
 # ------------------------------------------------------------------------------------------ collateral
-def relative_collateral(w0: torch.Tensor, delta: torch.Tensor, c: torch.Tensor) -> float:
+def relative_collateral(w0: torch.Tensor, delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                        c: torch.Tensor, *, reference: float | None = None) -> float:
     """``tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)``: mean-square output change over the statistics keys, relative.
 
     ``C = E[k kᵀ]`` over the statistics images' keys, so ``tr(ΔW C ΔWᵀ) = E‖ΔW k‖²`` exactly; scaling the
-    update by ``s`` scales this by ``s²``.
+    update by ``s`` scales this by ``s²``. ``delta`` is ``ΔW`` or its factors ``(Λ, D)`` (``ΔW = Λ Dᵀ``;
+    then ``tr((DᵀCD)(ΛᵀΛ))``, without forming ``ΔW``); ``reference`` is ``tr(W0 C W0ᵀ)`` when already known.
 
     Example:
         >>> relative_collateral(torch.eye(2), 0.1 * torch.eye(2), torch.eye(2))
         0.010000000000000002
     """
-    w0, d, c = w0.double(), delta.double(), c.double().to(w0.device)
-    num = float(((d @ c) * d).sum())
-    den = float(((w0 @ c) * w0).sum())
-    return num / den if den > 0 else math.inf
+    c = c.double().to(w0.device)
+    if isinstance(delta, tuple):
+        lam, d = (t.double().to(w0.device) for t in delta)
+        num = float(((d.T @ c @ d) * (lam.T @ lam)).sum())
+    else:
+        d = delta.double()
+        num = float(((d @ c) * d).sum())
+    if reference is None:
+        w0 = w0.double()
+        reference = float(((w0 @ c) * w0).sum())
+    return num / reference if reference > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -345,6 +327,9 @@ class Calibration:
     base: torch.Tensor
     near_tie: torch.Tensor
     batch_size: int = 100
+    #: The exact shortcut for edits of the last block's project conv (:class:`~rulewriter.core.tail.LinearTail`),
+    #: where the model has one: a candidate then costs ~1/30 of a tail pass.
+    linear: LinearTail | None = None
 
     def __len__(self) -> int:
         return int(self.base.shape[0])
@@ -359,8 +344,11 @@ class Calibration:
 
     def changed(self, model: nn.Module, edit: Any) -> dict[str, Any]:
         """Share of calibration images (and of their near ties) whose top-1 ``edit`` changes."""
-        with edit.applied(model):
-            top = self.top1(model)
+        if self.linear is not None and self.linear.covers(model, edit):
+            top = self.linear.logits(model, edit).argmax(1)
+        else:
+            with edit.applied(model):
+                top = self.top1(model)
         diff = top != self.base
         nt = int(self.near_tie.sum())
         return {"changed": float(diff.double().mean()), "n": len(self),
@@ -374,7 +362,9 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
     statistics) or a batch of preprocessed images; at most ``limit`` of them, subsampled deterministically.
 
     One forward pass caches each image's input to the network's tail after ``layer`` (the whole image when
-    the model has no shortcut), so counting the top-1 changes of a candidate edit costs a tail pass only.
+    the model has no shortcut), so counting the top-1 changes of a candidate edit costs a tail pass only;
+    for the last block's project conv it also caches the layer's keys and the head's pre-activations
+    (:class:`~rulewriter.core.tail.LinearTail`, about 0.5 MB an image), and a candidate costs the head alone.
     """
     from ..errors import EditError
     from .stats import statistics_dataset
@@ -390,11 +380,14 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
         if not items:
             raise EditError("no calibration images")
         images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-    _, tail, logits = read_views(classifier, layer, images, batch_size=batch_size)
+    keys, tail, logits = read_views(classifier, layer, images, batch_size=batch_size)
     start = tail_start(classifier.model, layer) if tail is not None else None
     prob = logits.softmax(1).topk(2, 1).values
+    linear = LinearTail.build(classifier.model, layer, keys)
+    if linear is not None and not torch.equal(linear.logits(classifier.model).argmax(1), logits.argmax(1).cpu()):
+        linear = None  # a top-1 the shortcut rounds differently would count as a change: trust the tail
     return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
-                       ((prob[:, 0] - prob[:, 1]) <= NEAR_TIE).cpu())
+                       ((prob[:, 0] - prob[:, 1]) <= NEAR_TIE).cpu(), linear=linear)
 
 
 def calibration_split(data: Any, samples: int | None = None, *, seed: int = 0, limit: int = CALIBRATION_IMAGES

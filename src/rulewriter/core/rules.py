@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, projected_gd, solve_lambda, timestamp, update_direction
+from .edit import (DEFAULT_RIDGE, Edit, LayerUpdate, direction_factor, projected_gd, solve_lambda, timestamp,
+                   update_direction)
 from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
@@ -249,7 +250,7 @@ def _rule_from_views(classifier, mem: LayerMemory, layer: str, view: int, orig: 
     if t_o is None or t_m is None:  # no tail shortcut: validation runs the whole model on the images
         start, t_o, t_m = None, pre.batch(vo), pre.batch(vm)
     else:
-        from .generalise import tail_start
+        from .tail import tail_start
 
         start = tail_start(classifier.model, layer)
     per = (len(vo) // len(orig)) - 1
@@ -392,6 +393,8 @@ def rewrite(
     else:
         w0 = mem.matrix().double()
 
+    factor: list[torch.Tensor] = []
+
     def solve(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], context: str = context,
               rank: int | None = rank):
         """Λ and D from each rule's (keys, values, weights)."""
@@ -407,8 +410,10 @@ def rewrite(
             d = preserving_direction(c, u, preserved, ridge)
         elif context == "uniform":
             d = update_direction(c + concept_spread(parts, c), u, ridge)
-        else:
-            d = update_direction(c, u, ridge)
+        else:  # one factorisation of C + εI for every candidate and fold (the uniform one has its own)
+            if not factor:
+                factor.append(direction_factor(c, ridge))
+            d = update_direction(c, u, ridge, factor=factor[0])
         d = d.to(w0.device)
         if fit == "mean":
             kk, ww = u, None
@@ -505,7 +510,9 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     from .generalise import (DEFAULT_COLLATERAL, Calibration, LocalityBudget, StrengthChoice, calibration_set,
                              choose_strength, relative_collateral)
 
-    unit = relative_collateral(w0, lam @ d.T, c)
+    w0c = w0.double()
+    reference = float(((w0c @ c.double().to(w0c.device)) * w0c).sum())  # tr(W0 C W0ᵀ), once for every candidate
+    unit = relative_collateral(w0, (lam, d), c, reference=reference)
     validating = strength == "auto" and solver == "closed-form" and len(rules) == 1 and not on and \
         rules[0].views is not None and rules[0].pair_view is not None
     if calibration is not None and validating and not isinstance(calibration, Calibration):
@@ -539,7 +546,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     pair_group = views.group[rule.pair_view]
 
     def measure(lam_c: torch.Tensor, d_c: torch.Tensor, s: float) -> Any:
-        energy = relative_collateral(w0, lam_c @ d_c.T, c) * s * s
+        energy = relative_collateral(w0, (lam_c, d_c), c, reference=reference) * s * s
         if not isinstance(budget, LocalityBudget):
             return energy
         edit = Edit([LayerUpdate(layer, view, lam_c * s, d_c)])

@@ -1,0 +1,103 @@
+"""The network's tail from cached activations: run_tail and the exact linear map of LinearTail."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rulewriter.core.edit import Edit, LayerUpdate
+from rulewriter.core.tail import LinearTail, run_tail, tail_start
+from rulewriter.core.trace import Trace
+
+LAYER = "_blocks.15._project_conv"
+
+
+@pytest.fixture(scope="module")
+def inputs(lite0):
+    """Two real photos' activations at block 15: its input (the tail's) and the project conv's (its keys)."""
+    from skimage import data
+
+    imgs = [data.astronaut(), data.chelsea(), data.coffee()]
+    from PIL import Image
+
+    x = lite0.preprocess.batch([Image.fromarray(a) for a in imgs])
+    with torch.no_grad(), Trace(lite0.model, LAYER, clone=True) as t, \
+            Trace(lite0.model, "_blocks.15", clone=True) as tb:
+        logits = lite0.model(x)
+    return tb.input, t.input, logits
+
+
+def _edit(lite0, rank: int, scale: float, seed: int = 0) -> Edit:
+    g = torch.Generator().manual_seed(seed)
+    conv = lite0.model._blocks[15]._project_conv
+    lam = torch.randn(conv.out_channels, rank, generator=g, dtype=torch.float64)
+    d = torch.randn(conv.in_channels, rank, generator=g, dtype=torch.float64)
+    lam *= scale * float(conv.weight.detach().norm()) / float(lam.norm() * d.norm())
+    return Edit([LayerUpdate(LAYER, 2, lam, d)])
+
+
+def test_run_tail_reproduces_the_model(lite0, inputs):
+    tail_in, _, logits = inputs
+    start = tail_start(lite0.model, LAYER)
+    assert start == "_blocks.15"
+    with torch.no_grad():
+        assert torch.allclose(run_tail(lite0.model, start, tail_in), logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank,scale", [(1, 0.05), (3, 0.5)])
+def test_linear_tail_gives_the_edited_models_logits(lite0, inputs, rank, scale):
+    """The rank-r update of the cached pre-activations is exactly the edited network's tail."""
+    tail_in, keys, logits = inputs
+    lt = LinearTail.build(lite0.model, LAYER, keys)
+    assert lt is not None and len(lt) == 3
+    assert torch.allclose(lt.logits(lite0.model), logits, atol=1e-4)
+    edit = _edit(lite0, rank, scale)
+    with torch.no_grad(), edit.applied(lite0.model):
+        want = run_tail(lite0.model, "_blocks.15", tail_in)
+    assert lt.covers(lite0.model, edit)
+    got = lt.logits(lite0.model, edit)
+    assert (got - logits).abs().max() > 1e-2  # the edit does change the logits: the check can fail
+    assert torch.allclose(got, want, atol=1e-4 * max(1.0, float(want.abs().max())))
+
+
+def test_linear_tail_covers_only_what_it_computes_exactly(lite0, inputs):
+    _, keys, _ = inputs
+    lt = LinearTail.build(lite0.model, LAYER, keys)
+    edit = _edit(lite0, 1, 0.05)
+    other = Edit([LayerUpdate("_blocks.14._project_conv", 2, torch.zeros(192, 1, dtype=torch.float64),
+                              torch.ones(1152, 1, dtype=torch.float64))])
+    assert lt.covers(lite0.model, edit + _edit(lite0, 1, 0.05, seed=1))  # one layer: a rank-2 update
+    assert not lt.covers(lite0.model, edit + other)  # two layers
+    assert not lt.covers(lite0.model, other)  # another layer
+    with edit.applied(lite0.model):  # the weights it was read with have changed: the tail must decide
+        assert not lt.covers(lite0.model, edit)
+    assert lt.covers(lite0.model, edit)  # restored bit for bit
+    lite0.model.train()
+    try:
+        assert not lt.covers(lite0.model, edit)
+    finally:
+        lite0.model.eval()
+    # Layers it does not cover: no map at all (the tail is used).
+    assert LinearTail.build(lite0.model, "_blocks.14._project_conv", torch.zeros(1, 1152, 7, 7)) is None
+    assert LinearTail.build(lite0.model, "_conv_head", torch.zeros(1, 320, 7, 7)) is None
+
+
+def test_calibration_counts_the_same_changes_with_and_without_the_map(lite0):
+    """Calibration.changed through LinearTail equals the tail pass, image by image."""
+    from skimage import data
+    from PIL import Image
+
+    from rulewriter.core.generalise import calibration_set
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.cat()]
+    batch = lite0.preprocess.batch([Image.fromarray(a) for a in photos])
+    cal = calibration_set(lite0, LAYER, batch)
+    assert cal.linear is not None
+    for scale in (0.05, 0.5, 2.0):
+        edit = _edit(lite0, 2, scale)
+        fast = cal.changed(lite0.model, edit)
+        linear, cal.linear = cal.linear, None
+        try:
+            slow = cal.changed(lite0.model, edit)
+        finally:
+            cal.linear = linear
+        assert fast == slow
