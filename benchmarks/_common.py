@@ -55,6 +55,9 @@ def require_shared(*needed: str) -> Path:
         print(f"SKIPPED: shared benchmark data not found at {where} "
               "(set RULEWRITER_SHARED to the shared data folder). Nothing was measured.")
         sys.exit(0)
+    # The segmenters look for their models under $RULEWRITER_SHARED (else ../shared from the cwd): point them
+    # at the folder found here, so a benchmark run from benchmarks/ finds DeepLab too.
+    os.environ.setdefault("RULEWRITER_SHARED", str(root))
     return root
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from rulewriter.concepts.heatmap import colormap, key_match, overlay, save_overlay
-from rulewriter.concepts.keys import Concept, concept_key, context, masked_keys
+from rulewriter.concepts.keys import Concept, concept_key, context, masked_keys, top_right_singular
 from rulewriter.concepts.masks import CocoIndex, coco_index, coco_masks, decode_rle, encode_rle, load_mask, mask_to_grid
 from rulewriter.errors import MaskError, RulewriterError, StatsError
 
@@ -277,6 +277,27 @@ def test_context_svd_top_subspace() -> None:
     top = Vh[:3].T
     assert torch.allclose(V @ V.T, top @ top.T, atol=1e-8)  # same subspace
     assert (ks.double().mean(0) @ V > 0).all()  # sign-normalised
+
+
+@pytest.mark.parametrize("n", [4, 9, 40])  # fewer keys than dimensions, and more
+def test_top_right_singular_equals_full_svd(n: int) -> None:
+    torch.manual_seed(n)
+    K = torch.randn(n, 9, dtype=torch.float64) @ torch.diag(torch.linspace(3.0, 0.2, 9, dtype=torch.float64))
+    r = min(3, n)
+    V = top_right_singular(K, r)
+    want = torch.linalg.svd(K, full_matrices=False)[2][:r].T
+    assert V.shape == (9, r)
+    assert torch.allclose((V * want).sum(0).abs(), torch.ones(r, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(V.T @ V, torch.eye(r, dtype=torch.float64), atol=1e-10)
+
+
+def test_top_right_singular_rank_deficient_falls_back_to_svd() -> None:
+    torch.manual_seed(3)
+    K = torch.randn(20, 2, dtype=torch.float64) @ torch.randn(2, 6, dtype=torch.float64)  # rank 2
+    V = top_right_singular(K, 4)  # directions 3 and 4 are at rounding level: the Gram cannot give them
+    assert torch.allclose(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    want = torch.linalg.svd(K, full_matrices=False)[2][:2].T
+    assert torch.allclose(V[:, :2] @ V[:, :2].T, want @ want.T, atol=1e-10)
 
 
 def test_context_zca_matches_explicit_math() -> None:

@@ -420,3 +420,21 @@ def test_calibration_split_keeps_calibration_and_statistics_images_apart(tmp_pat
     assert calibration_split(paths[:400]) == (paths[:400], [])  # a tenth would be too few to measure 0.5 %
     assert calibration_split(paths[:100], 100 - MIN_CALIBRATION_IMAGES + 1)[1] == []
     assert calibration_split(paths) == calibration_split(paths)  # deterministic
+
+
+def test_a_mask_too_small_for_the_svd_context_leaves_that_candidate_out(tiny, monkeypatch):
+    """When the exemplar's own pairs have fewer masked keys than an SVD candidate's rank, the search drops
+    that candidate (and scores a fold that cannot be fitted as no edit) instead of failing."""
+    import rulewriter.core.rules as R
+
+    monkeypatch.setattr(R, "SEARCH_RANKS", (8,))
+    layer = "features.2"
+    imgs = _images(1)
+    mask = np.zeros((40, 48), np.float32)
+    mask[20, 24] = 1
+    rule = rule_from_images(tiny, layer, imgs, _pasted(imgs, [mask]), [mask], views=DEFAULT_VIEWS)
+    assert int((rule.weights[rule.views.own[rule.pair_view]] > 0).sum()) < 8  # fewer keys than the rank
+    cal = tiny.preprocess.batch(_images(60, seed=21))
+    ch = rewrite(tiny, rule, _stats(tiny, layer), calibration=cal).meta["strength"]
+    tried = {tuple(r["candidate"]) for r in ch["candidates"]}
+    assert ("svd", 8, False) not in tried and ("mean", 1, False) in tried

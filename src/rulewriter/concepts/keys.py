@@ -27,7 +27,7 @@ import torch
 from ..atomic import atomic_bytes
 from ..errors import EditError, MaskError, StatsError
 
-__all__ = ["masked_keys", "concept_key", "context", "check_second_moment", "Concept"]
+__all__ = ["masked_keys", "concept_key", "context", "top_right_singular", "check_second_moment", "Concept"]
 
 
 def _check_keys_masks(keys: torch.Tensor, masks: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +143,37 @@ def check_second_moment(C: torch.Tensor, d: int) -> torch.Tensor:
     return C
 
 
+def top_right_singular(K: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` right-singular vectors of ``K`` (n, d) as columns (d, rank), largest first.
+
+    Only a few are needed, so they come from ``eigh`` of the smaller Gram matrix (``KᵀK`` when n ≥ d, else
+    ``KKᵀ`` mapped back through ``Kᵀ``): 2-3 times faster than a full SVD of a few thousand masked keys, and
+    the same directions up to sign wherever the singular values are distinct. Where the requested rank
+    reaches singular values at rounding level (a rank-deficient K) the full SVD is used instead, since the
+    Gram matrix cannot resolve those directions.
+
+    Example::
+
+        >>> K = torch.randn(30, 6, dtype=torch.float64)
+        >>> V = top_right_singular(K, 2)
+        >>> Vh = torch.linalg.svd(K, full_matrices=False)[2]
+        >>> torch.allclose((V * Vh[:2].T).sum(0).abs(), torch.ones(2, dtype=K.dtype))
+        True
+    """
+    n, d = K.shape
+    if n >= d:
+        evals, evecs = torch.linalg.eigh(K.T @ K)
+        evals, V = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+    else:
+        evals, evecs = torch.linalg.eigh(K @ K.T)
+        evals, U = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+        V = (K.T @ U) / evals.clamp_min(torch.finfo(K.dtype).tiny).sqrt()[None, :]
+    # eigh of a Gram matrix resolves eigenvalues down to about eps·λ_max; below a margin of that, fall back
+    if evals.numel() < rank or float(evals[-1]) <= 1e3 * torch.finfo(K.dtype).eps * float(evals[0].clamp_min(0)) * max(n, d):
+        return torch.linalg.svd(K, full_matrices=False)[2][:rank].T
+    return V
+
+
 def context(
     keys_sel: torch.Tensor,
     rank: int,
@@ -208,14 +239,12 @@ def context(
     else:
         mean = K.mean(0)
     if method == "svd":
-        _, _, Vh = torch.linalg.svd(K, full_matrices=False)
-        D = Vh[:rank].T
+        D = top_right_singular(K, rank)
     elif method == "zca":
         if C is None:
             raise StatsError("method='zca' needs the layer's second moment C")
         root, Z = _sqrt_pair(check_second_moment(C, d).to(K.device), ridge)
-        _, _, Vh = torch.linalg.svd(K @ Z, full_matrices=False)
-        Q = Vh[:rank].T
+        Q = top_right_singular(K @ Z, rank)
         D, _ = torch.linalg.qr((Z if space == "update" else root) @ Q)
     else:
         raise EditError(f"unknown context method {method!r}; use 'svd' or 'zca'")

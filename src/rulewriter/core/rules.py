@@ -581,7 +581,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     def safe_fold(left_out: int | None, cand: tuple) -> Edit:
         try:
             return fold_edit(left_out, cand)
-        except EditError:  # too few keys left in this fold for the rank: it scores as no edit
+        except (EditError, MaskError):  # too few keys left in this fold for the rank: it scores as no edit
             return Edit([LayerUpdate(layer, view, torch.zeros(w0.shape[0], 1), torch.ones(w0.shape[1], 1))])
 
     ok = []
@@ -589,7 +589,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         try:
             solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
             ok.append(cand)
-        except EditError:
+        except (EditError, MaskError):  # context() says MaskError when the keys are fewer than the rank
             continue
     out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
     return {**out.to_dict(), "collateral": energy(out.chosen, tuple(out.candidate))}
