@@ -26,7 +26,9 @@ def summary(data: dict) -> str:
         held = {r["scenario"]: r["n_heldout"] for r in sel}
         # Scenarios whose photos have an ImageNet class: GR against it as well (the second measure).
         true = [s for s in scen if any(r.get("GR_true") is not None for r in sel if r["scenario"] == s)]
-        head = ["method"] + [f"{s} ({held.get(s, 0)})" for s in scen] + ["mean SR", "mean GR", "min LR",
+        classes = any("GR_classes" in r for r in sel)  # runs before it was measured lack the column
+        head = ["method"] + [f"{s} ({held.get(s, 0)})" for s in scen] + ["mean SR", "mean GR"] + (
+            ["mean GR, clean classes"] if classes else []) + ["min LR",
                                                                           "min LR sens.", "worst Δ top-1",
                                                                           "mean seconds"]
         if true:
@@ -38,8 +40,10 @@ def summary(data: dict) -> str:
                 continue
             by = {r["scenario"]: r for r in rs}
             grs = [r["GR"] for r in rs if r["GR"] is not None]
+            gcs = [r["GR_classes"] for r in rs if r.get("GR_classes") is not None]
             table.append([m] + [pct(by[s]["GR"]) if s in by else "—" for s in scen] + [
-                pct(sum(r["SR"] for r in rs) / len(rs)), pct(sum(grs) / len(grs) if grs else None),
+                pct(sum(r["SR"] for r in rs) / len(rs)), pct(sum(grs) / len(grs) if grs else None)] + (
+                [pct(sum(gcs) / len(gcs) if gcs else None)] if classes else []) + [
                 pct(min(r["LR"] for r in rs)), pct(min(r["LR_sensitive"] for r in rs)),
                 f"{min(r['d_top1'] for r in rs):+.1f}", f"{sum(r['seconds'] for r in rs) / len(rs):.1f}"]
                 + ([" / ".join(pct(by[s].get("GR_true")) if s in by else "—" for s in true)] if true else []))
