@@ -500,7 +500,10 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, probe: Callable[..., None] | None = None) -> int:
+    """The scoreboard; or, with ``probe``, the same scenarios and sets for an experiment: ``probe(clf, layer,
+    start, scenario, n, stats, cal, photos)`` is called per scenario and exemplar count, and nothing is
+    written (``hard_negatives.py`` is one)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 scenarios, 30 test photos, 200 ImageNet photos, "
                     "500 anchor steps")
@@ -582,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(x) for x in args.exemplars.split(",")]:
             if n > len(sc.ex_orig):
                 continue
+            if probe is not None:
+                probe(clf, layer, start, sc, n, stats, cal, photos)
+                continue
             for meth, change, secs, info in methods(clf, layer, start, sc, n, stats, steps, grid_steps,
                                                      args.methods.split(",") if args.methods else None, cal):
                 r = {"scenario": name, "method": meth, "n_exemplars": n, **measure(clf, start, sc, n, photos, change),
@@ -596,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif meth == ORACLE:
                     log(f"    {', '.join(f'{k} {v}' for k, v in info.items() if k != 'build_seconds')}")
         details.append({"scenario": name, "scanned": sc.scanned, "heldout": sc.ho_names})
+    if probe is not None:
+        return 0
     head = ["scenario", "exemplars", "method", "SR", "GR", "GR true class", "n_heldout",
             "GR clean classes (of n)", "LR", "LR_sensitive", "Δ top-1", "seconds"]
     table = [[r["scenario"], r["n_exemplars"], r["method"], pct(r["SR"]), pct(r["GR"]), pct(r["GR_true"]),
