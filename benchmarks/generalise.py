@@ -623,5 +623,17 @@ def main(argv: list[str] | None = None, probe: Callable[..., None] | None = None
     return 0
 
 
+def run_probe(argv: list[str] | None, probe: Callable[..., None], scenarios: str = "gravel car",
+              exemplars: str = "5") -> int:
+    """:func:`main` with ``probe`` on ``scenarios`` and ``exemplars`` unless ``argv`` (default: the command
+    line) names its own."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--scenarios" not in argv:
+        argv += ["--scenarios", scenarios]
+    if "--exemplars" not in argv:
+        argv += ["--exemplars", exemplars]
+    return main(argv, probe=probe)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -75,13 +75,8 @@ def probe(rows: list[dict[str, Any]]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(argv if argv is not None else sys.argv[1:])
-    if "--scenarios" not in argv:
-        argv += ["--scenarios", "gravel car"]
-    if "--exemplars" not in argv:
-        argv += ["--exemplars", "5"]
     rows: list[dict[str, Any]] = []
-    G.main(argv, probe=probe(rows))
+    G.run_probe(argv, probe(rows))
     head = ["scenario", "exemplars", "round", "strength", "calibration changed", "GR", "SR", "LR", "LR sens.",
             "Δ top-1"]
     table = [[r["scenario"], r["n_exemplars"], r["round"], r["strength"], r["cal_changed"], G.pct(r["GR"]),

@@ -74,13 +74,8 @@ def probe(rows: list[dict[str, Any]]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(argv if argv is not None else sys.argv[1:])
-    if "--scenarios" not in argv:
-        argv += ["--scenarios", "gravel car"]
-    if "--exemplars" not in argv:
-        argv += ["--exemplars", "5"]
     rows: list[dict[str, Any]] = []
-    G.main(argv, probe=probe(rows))
+    G.run_probe(argv, probe(rows))
     head = ["scenario", "exemplars", "masked keys", "full SVD", "Gram eigh", "ratio", "max angle",
             "tail check", "linear map", "ratio", "same changed images", "reading the rule", "rewrite"]
     table = [[r["scenario"], r["n_exemplars"], f"{r['masked_keys']}×{r['key_dim']}", f"{1e3 * r['svd_s']:.0f} ms",
