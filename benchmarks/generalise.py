@@ -33,8 +33,9 @@ exemplars (reading the rule, validation, solving or training), not to evaluate i
 
 Methods, on identical splits: ``closed form (old default)`` (rule from the exemplars alone, strength 1);
 the ``oracle`` (the closed-form search space fitted on the held-out photos themselves, not a method: how
-far their keys are from what the layer's rank ≤ 4 update can map within the budget); ``views, energy budget`` (augmented views, strength/rank/augmentation by validation under the output-energy
-budget, the previous round's opt-in); ``default`` (the same under the locality budget on the calibration
+far their keys are from what the layer's rank ≤ 4 update can map within the budget); ``views, energy
+budget`` (augmented views, strength/rank/augmentation by validation under the output-energy budget, the
+previous round's opt-in); ``default`` (the same under the locality budget on the calibration
 images: what ``rulewriter edit`` does); ``fine-tune layer`` and ``retrain last layer`` (SGD lr 0.01, up to
 100 steps, stop once the exemplars are right) and the same at the fair learning-rate rule
 (``finetune.smallest_fitting_lr``: the smallest of 1e-4, 1e-3, 1e-2 that fits the exemplars); the
@@ -319,7 +320,7 @@ def oracle_edit(clf: Any, layer: str, start: str, sc: Scenario, stats: Any, cal:
     """The closed-form search space fitted on the photos it is scored on: the rule read from the held-out
     errors themselves (up to :data:`ORACLE_PHOTOS`, evenly spaced; no augmented views), mean key or SVD-4,
     at the strength of the ladder that fixes the most held-out errors within the locality budget on the
-    calibration images (the closed form where none is). Not a rival and not a strict bound (it has no views
+    calibration images (where none is, the better of the two at strength 1). Not a rival and not a strict bound (it has no views
     and no uniform candidate, so the default can beat it): it says how far held-out keys are from what a
     rank ≤ 4 update at this layer can map within the budget, even when the rule is read from them."""
     from rulewriter.concepts.manipulate import paste_texture
