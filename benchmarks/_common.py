@@ -275,10 +275,9 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
               f"Python {machine['python']}._\n")
     paths = (RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md")
     texts = (json.dumps(data, indent=2, default=str) + "\n", markdown.rstrip() + footer)
-    for path, text in zip(paths, texts):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    from rulewriter.atomic import atomic_files
+
+    atomic_files({path: text.encode("utf-8") for path, text in zip(paths, texts)})  # both files or neither
     return paths
 
 
@@ -291,6 +290,7 @@ def cached_segmenter(seg: Any, folder: Path | None = None) -> Any:
     """
     import hashlib
 
+    from rulewriter.atomic import atomic_write
     from rulewriter.studies.segmenters import Segmenter
 
     root = folder or CACHE_DIR / "masks"
@@ -309,10 +309,9 @@ def cached_segmenter(seg: Any, folder: Path | None = None) -> Any:
                 with Image.open(path) as im:
                     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
             m = seg(image, source)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            Image.fromarray(np.clip(np.rint(m * 255), 0, 255).astype(np.uint8), "L").save(tmp, format="PNG")
-            os.replace(tmp, path)
+            # A temp name of this process's own: two benchmarks may segment the same photo at once.
+            png = Image.fromarray(np.clip(np.rint(m * 255), 0, 255).astype(np.uint8), "L")
+            atomic_write(path, lambda fh: png.save(fh, format="PNG"))
             return m
 
     return Cached()
