@@ -35,7 +35,7 @@ def probe(rows: list[dict[str, Any]]):
         assert layer == FIRST, f"run with --layer {FIRST}"
         if "stats2" not in state:  # C and the calibration paths of the second layer, as generalise.main has them
             paths, _ = C.imagenet_samples(C.require_shared("data/imagenet-samples"), clf)
-            n_ph = len(paths) if len(paths) < 1000 else 1000
+            n_ph = 4 * len(cal)  # 1000 photos, or 200 with --quick: the calibration images are a quarter
             state["stats2"] = collect_second_moment(clf, SECOND, paths[0:n_ph:2], cache_dir=C.CACHE_DIR,
                                                     progress=False)
             state["cal_paths"] = paths[1:n_ph:4]
