@@ -320,9 +320,10 @@ def oracle_edit(clf: Any, layer: str, start: str, sc: Scenario, stats: Any, cal:
     """The closed-form search space fitted on the photos it is scored on: the rule read from the held-out
     errors themselves (up to :data:`ORACLE_PHOTOS`, evenly spaced; no augmented views), mean key or SVD-4,
     at the strength of the ladder that fixes the most held-out errors within the locality budget on the
-    calibration images (where none is, the better of the two at strength 1). Not a rival and not a strict bound (it has no views
-    and no uniform candidate, so the default can beat it): it says how far held-out keys are from what a
-    rank ≤ 4 update at this layer can map within the budget, even when the rule is read from them."""
+    calibration images (where none is, the better of the two at strength 1). Not a rival and not a strict
+    bound (it has no views and no uniform candidate, so the default can beat it): it says how far held-out
+    keys are from what a rank ≤ 4 update at this layer can map within the budget, even when the rule is read
+    from them."""
     from rulewriter.concepts.manipulate import paste_texture
     from rulewriter.core.generalise import STRENGTHS, LocalityBudget
     from rulewriter.core.rules import rewrite, rule_from_images

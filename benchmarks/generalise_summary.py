@@ -27,10 +27,9 @@ def summary(data: dict) -> str:
         # Scenarios whose photos have an ImageNet class: GR against it as well (the second measure).
         true = [s for s in scen if any(r.get("GR_true") is not None for r in sel if r["scenario"] == s)]
         classes = any("GR_classes" in r for r in sel)  # runs before it was measured lack the column
-        head = ["method"] + [f"{s} ({held.get(s, 0)})" for s in scen] + ["mean SR", "mean GR"] + (
-            ["mean GR, clean classes"] if classes else []) + ["min LR",
-                                                                          "min LR sens.", "worst Δ top-1",
-                                                                          "mean seconds"]
+        head = (["method"] + [f"{s} ({held.get(s, 0)})" for s in scen] + ["mean SR", "mean GR"]
+                + (["mean GR, clean classes"] if classes else [])
+                + ["min LR", "min LR sens.", "worst Δ top-1", "mean seconds"])
         if true:
             head.append(f"GR vs true class ({' / '.join(true)})")
         table = []

@@ -149,9 +149,8 @@ def top_right_singular(K: torch.Tensor, rank: int) -> torch.Tensor:
     Only a few are needed, so they come from ``eigh`` of the smaller Gram matrix (``KᵀK`` when n ≥ d, else
     ``KKᵀ`` mapped back through ``Kᵀ``): 1.6-2 times faster than a full SVD of ~1000 masked keys (measured by
     ``benchmarks/validation_speed.py``), and the same directions up to sign wherever the singular values are
-    distinct. Where the requested rank
-    reaches singular values at rounding level (a rank-deficient K) the full SVD is used instead, since the
-    Gram matrix cannot resolve those directions.
+    distinct. Where the requested rank reaches singular values at rounding level (a rank-deficient K) the
+    full SVD is used instead, since the Gram matrix cannot resolve those directions.
 
     Example::
 

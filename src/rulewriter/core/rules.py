@@ -586,10 +586,11 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
 
     ok = []
     for cand in cands:  # a rank the masked keys cannot support is not a candidate
-        try:
-            solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
-            ok.append(cand)
+        try:  # the full solve is kept for cand_collateral, so each candidate is solved once
+            lam_c, d_c, _, _ = solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
         except (EditError, MaskError):  # context() says MaskError when the keys are fewer than the rank
             continue
+        full[cand] = (lam_c, d_c)
+        ok.append(cand)
     out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
     return {**out.to_dict(), "collateral": energy(out.chosen, tuple(out.candidate))}
