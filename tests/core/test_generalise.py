@@ -351,6 +351,51 @@ def test_chosen_strength_keeps_the_calibration_images_within_the_locality_budget
         assert all(r["within_budget"] for r in ch["candidates"])
 
 
+class _PeakedViews:
+    """Views whose left-out views are right only near strength 2 (of a unit update on ``fc``), while the
+    exemplars themselves are right at every strength: the validation prefers 2, the budget allows more."""
+
+    def __init__(self) -> None:
+        self.group = torch.tensor([-1, 0, 0, 1, 1])
+        self.own = torch.tensor([True, False, False, False, False])
+        self.target = torch.zeros(5, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return 5
+
+    def logits(self, model, which, idx):
+        s = float(model.fc.weight.detach()[0, 0])  # the strength: the weight starts at 0 and the update adds s
+        own = self.own[idx]
+        right = torch.where(own, torch.tensor(4.0), torch.tensor(3.0 - 2.0 * abs(s - 2.0)))
+        return torch.stack([right, torch.zeros_like(right)], 1)
+
+
+def test_a_locality_budget_is_spent_on_the_validated_candidate():
+    """With a locality budget the validated strength (2) goes up to the strongest within the budget that
+    restores as many exemplars (4); an energy budget, a proxy for top-1 changes, keeps the validated one."""
+    from rulewriter.core.edit import Edit, LayerUpdate
+    from rulewriter.core.generalise import LocalityBudget, choose_strength
+
+    model = torch.nn.Sequential()
+    model.fc = torch.nn.Linear(1, 2, bias=False)
+    torch.nn.init.zeros_(model.fc.weight)
+    unit = Edit([LayerUpdate("fc", 2, torch.tensor([[1.0], [0.0]]), torch.ones(1, 1))])
+
+    def cal(s):  # top-1 changes start past strength 4
+        which = [] if s <= 4 else [1]
+        return {"changed": len(which) / 300, "n": 300, "changed_near_tie": 0.0, "n_near_tie": 10, "which": which}
+
+    views = _PeakedViews()
+    spent = choose_strength(model, views, lambda f: unit, cal, budget=LocalityBudget(changed=0.0))
+    assert spent.chosen == 4.0 and "strongest within the budget" in spent.reason
+    row = {r["strength"]: r for r in spent.rows}
+    assert row[2.0]["right"] > row[4.0]["right"] and row[4.0]["exemplars_restored"] == 1
+    assert not row[6.0]["within_budget"]
+    proxy = choose_strength(model, views, lambda f: unit, lambda s: 0.01 * s * s, budget=0.1)
+    assert proxy.chosen == 2.0 and "strongest" not in proxy.reason
+    assert float(model.fc.weight.detach()[0, 0]) == 0.0  # every edit was undone
+
+
 def test_where_the_closed_form_is_over_the_budget_settings_adding_nothing_to_it_are_admitted(tiny, monkeypatch):
     """The closed form is the fallback; a setting that changes only calibration images the closed form
     changes too adds nothing the fallback would not, so it is admitted. One that changes another image is

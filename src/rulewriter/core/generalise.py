@@ -16,9 +16,11 @@ from them, and the closed-form update moves those only part of the way. Two defa
   probability of the right class, then the smaller ``s``, wins, among the settings within the **locality
   budget** (:class:`LocalityBudget`): the full edit changes the top-1 of at most 0.5 % of the calibration
   images and 5 % of their near ties (:class:`Calibration`, images that are *not* among ``C``'s own,
-  :func:`calibration_split`). Without calibration images the budget is the output energy
-  ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ) ≤ 1 %`` (exact from ``C``, but on the scoreboard looser than top-1
-  locality). No held-out photo takes part.
+  :func:`calibration_split`). The winner's candidate is then scaled to its strongest strength within that
+  budget that restores as many exemplars: the views choose what to scale, the measured collateral how far.
+  Without calibration images the budget is the output energy ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ) ≤ 1 %``
+  (exact from ``C``, but on the scoreboard looser than top-1 locality, so it caps the strength and is not
+  spent). No held-out photo takes part.
 
 Example::
 
@@ -504,7 +506,9 @@ def choose_strength(
     only for adding no calibration change to the closed form's wins only by restoring more exemplars), then
     by the number of left-out views right (manipulated view back to the clean view's unedited top-1, plus
     clean views keeping it), then by the higher mean probability of that class, then the simpler candidate
-    and the smaller ``s``. Only admissible settings are validated. Each row's ``admitted`` says why it was
+    and the smaller ``s``. With a :class:`LocalityBudget` the winner's candidate is then spent up to the
+    budget: its strongest strength within the budget that restores as many exemplars (the validation
+    views choose what to scale, the measured collateral how far). Only admissible settings are validated. Each row's ``admitted`` says why it was
     admissible (``"budget"``, ``"fallback"``, ``"no new change"``; None: it was not).
     """
     strengths = sorted({float(s) for s in strengths} | {1.0})
@@ -587,6 +591,16 @@ def choose_strength(
     # spent on what the user showed, never on validation views alone.
     best = max(ok_rows, key=lambda r: (r["exemplars_restored"], r["admitted"] != "no new change", r["right"],
                                        round(r["mean_prob"], 6), -order[id(r)]))
+    picked = best
+    if isinstance(budget, LocalityBudget) and best["admitted"] == "budget":
+        # The validation views choose the candidate; the budget, measured in the top-1 changes the user
+        # cares about, sets how far it goes: the strongest setting of that candidate within it that restores
+        # as many exemplars. Views of a few exemplars cannot tell a held-out photo's key from theirs, so their
+        # preference among strengths is noise the budget need not pay for (an energy budget is only a proxy
+        # for top-1 changes and is not spent this way).
+        best = max((r for r in ok_rows if r.get("candidate") == best.get("candidate")
+                    and r["admitted"] == "budget" and r["exemplars_restored"] >= best["exemplars_restored"]),
+                   key=lambda r: r["strength"])
     base = rows[strengths.index(1.0)]  # the closed form: strength 1 of the first candidate
     capped = [r for r in rows if not r["within_budget"]]
     what = f"strength {best['strength']:g}" + ("" if single else f", {best['candidate']}")
@@ -594,6 +608,9 @@ def choose_strength(
               f"{best['right']}/{best['of']} left-out exemplar views right "
               f"(closed form {base['right']}/{base['of']}), mean right-class probability "
               f"{best['mean_prob']:.2f}, over {len(folds)} fold(s); {_describe(best['collateral'], budget)}")
+    if best is not picked:
+        reason += (f"; the strongest within the budget of the validated choice (strength {picked['strength']:g}, "
+                   f"{picked['right']}/{picked['of']} views right)")
     if capped:
         reason += f"; {len(capped)} setting(s) over the budget were not considered"
     if not _admits(base["collateral"], budget):
