@@ -79,8 +79,18 @@ def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, ph
         assert im.format == "PNG" and im.size == orig.size
     meta = json.loads((tmp_path / "E.safetensors.json").read_text())["meta"]
     assert meta["strength"]["chosen"] == info["strength"] and meta["strength"]["candidates"]
+    # No --layer: the rule is written at each candidate layer and the one its own validation prefers is kept.
+    layers = ["_blocks.15._project_conv", "_blocks.11._project_conv", "_conv_head"]
+    assert "writing the rule at " + ", ".join(layers) in err
+    choice = meta["layer_choice"]
+    assert [r["layer"] for r in choice["layers"]] == layers and choice["chosen"] == info["layer"] == meta["layer"]
+    assert info["layer_why"] == choice["reason"] and choice["reason"].startswith(f"layer {info['layer']}:")
     code, out, err = _run(capsys, *argv)  # the human-readable form says the same
     assert code == 0 and "chose:" in out and "before:" in out and "after:" in out
+    assert f"chose: layer {info['layer']}:" in out
+    code, out, err = _run(capsys, *argv, "--layer", "_conv_head", "--json")  # --layer names the one layer
+    assert code == 0 and json.loads(out)["layer"] == "_conv_head" and "writing the rule at" not in err
+    assert "layer_choice" not in json.loads((tmp_path / "E.safetensors.json").read_text())["meta"]
     # --save-exemplars needs --texture: a clear error, nothing written.
     bad = tmp_path / "bad.safetensors"
     code, out, err = _run(capsys, "edit", "--original", files / "coffee.png", "--mask", files / "mask.png",

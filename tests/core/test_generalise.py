@@ -483,3 +483,58 @@ def test_a_mask_too_small_for_the_svd_context_leaves_that_candidate_out(tiny, mo
     ch = rewrite(tiny, rule, _stats(tiny, layer), calibration=cal).meta["strength"]
     tried = {tuple(r["candidate"]) for r in ch["candidates"]}
     assert ("svd", 8, False) not in tried and ("mean", 1, False) in tried
+
+
+# ------------------------------------------------------------------------------------------ the layer
+def _record(restored, right, admitted="budget", prob=0.5, of=10, exemplars=2):
+    return {"chosen": 2.0, "candidate": ["mean", 1, False], "candidates": [
+        {"candidate": ["mean", 1, False], "strength": 1.0, "exemplars_restored": 0, "exemplars": exemplars,
+         "admitted": "budget", "right": of, "of": of, "mean_prob": 0.9},  # not the winner: never counted
+        {"candidate": ["mean", 1, False], "strength": 2.0, "exemplars_restored": restored, "exemplars": exemplars,
+         "admitted": admitted, "right": right, "of": of, "mean_prob": prob}]}
+
+
+def test_choose_layer_ranks_the_winning_settings_as_choose_strength_does():
+    from rulewriter.core.generalise import choose_layer
+
+    layers = ["default", "other"]
+    # 1. exemplars restored first, whatever the views say
+    assert choose_layer(layers, [_record(1, 9), _record(2, 1)])["chosen"] == "other"
+    # 2. then within the budget rather than the fallback
+    assert choose_layer(layers, [_record(2, 9, admitted="fallback"), _record(2, 1)])["chosen"] == "other"
+    # 3. then the share of left-out views right, then the mean probability
+    assert choose_layer(layers, [_record(2, 5), _record(2, 6)])["chosen"] == "other"
+    assert choose_layer(layers, [_record(2, 5, prob=0.4), _record(2, 5, prob=0.6)])["chosen"] == "other"
+    # shares, not counts: 6/10 beats 10/20
+    assert choose_layer(layers, [_record(2, 10, of=20), _record(2, 6)])["chosen"] == "other"
+    # 4. a tie keeps the earlier (default) layer
+    got = choose_layer(layers, [_record(2, 5), _record(2, 5)])
+    assert got["chosen"] == "default" and got["index"] == 0
+    assert got["reason"].startswith("layer default: restores 2/2 exemplars, 5/10 left-out views right")
+    # An unvalidated record scores nothing; with none validated the default layer stays.
+    unvalidated = {"chosen": 1.0, "reason": "no views", "candidates": []}
+    assert choose_layer(layers, [unvalidated, _record(0, 1)])["chosen"] == "other"
+    assert choose_layer(layers, [unvalidated, unvalidated])["chosen"] == "default"
+    with pytest.raises(ValueError):
+        choose_layer(layers, [_record(1, 1)])
+
+
+def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny):
+    from rulewriter.core.generalise import calibration_set, choose_layer
+    from rulewriter.core.rules import rewrite_choosing_layer
+    from rulewriter.errors import EditError
+
+    layers = ["features.2", "features.4"]
+    imgs, masks = _images(3), _masks(3)
+    pasted = _pasted(imgs, masks)
+    rule_at = lambda layer: rule_from_images(tiny, layer, imgs, pasted, masks, views=DEFAULT_VIEWS)  # noqa: E731
+    cal = tiny.preprocess.batch(_images(60, seed=21))
+    edit = rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer), calibration=cal)
+    alone = [rewrite(tiny, rule_at(layer), _stats(tiny, layer), calibration=cal) for layer in layers]
+    want = choose_layer(layers, [e.meta["strength"] for e in alone])
+    assert edit.meta["layer_choice"] == want and edit.updates[0].layer == want["chosen"] == edit.meta["layer"]
+    torch.testing.assert_close(edit.updates[0].delta(), alone[want["index"]].updates[0].delta())
+    json.dumps(edit.meta)
+    with pytest.raises(EditError, match="belongs to one layer"):
+        rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer),
+                               calibration=calibration_set(tiny, layers[0], cal))

@@ -13,7 +13,7 @@ from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg
 
 
 def cmd_edit(args) -> None:
-    from ..core.rules import rewrite, rule_from_features, rule_from_images
+    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rule_from_images
     from ..models.data import load_image
 
     out = check_rule_args(args)
@@ -23,39 +23,74 @@ def cmd_edit(args) -> None:
     clf = load_model(args)
     for path, e in zip(args.after, earlier):
         e.check_model(clf, path)
-    layer = resolve_layer(args, clf)
+    layers = edit_layers(args, clf, calibration)
     shown = None  # the exemplars as the model sees them: (name, image)
-    if args.manipulated:
-        rule = rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view,
-                                views=args.views)
-        shown = [(str(p), load_image(p)) for p in args.manipulated]
-    elif args.from_features:
-        rule = rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
-    else:
-        rule, pasted = pasted_rule(clf, layer, args)
+    pasted = None
+
+    def rule_at(layer: str):
+        nonlocal shown, pasted
+        if args.manipulated:
+            shown = [(str(p), load_image(p)) for p in args.manipulated]
+            return rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view,
+                                    views=args.views)
+        if args.from_features:
+            return rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
+        rule, pasted = pasted_rule(clf, layer, args, pasted)
         shown = [(str(p), im) for p, im in zip(args.original, pasted)]
+        return rule
+
+    rules = {layers[0]: rule_at(layers[0])}  # a bad exemplar's error comes before any statistics work
     if note:  # after the exemplars were read, so a bad exemplar's error is the first line
         print(f"rulewriter: {note}", file=sys.stderr)
-    stats = load_stats(args, clf, layer, stats_data, stats_samples)
-    edit = rewrite(clf, rule, stats, rank=args.rank, ridge=args.ridge, context=args.context,
-                   solver=args.solver, fit=args.fit, on=earlier, calibration=calibration)
+    stats_by = {}
+
+    def stats_at(layer: str):
+        stats_by[layer] = load_stats(args, clf, layer, stats_data, stats_samples)
+        return stats_by[layer]
+
+    kw = dict(rank=args.rank, ridge=args.ridge, context=args.context, solver=args.solver, fit=args.fit, on=earlier,
+              calibration=calibration)
+    if len(layers) > 1:
+        print(f"rulewriter: writing the rule at {', '.join(layers)} and keeping the layer its validation "
+              "prefers (--layer names one)", file=sys.stderr)
+        edit = rewrite_choosing_layer(clf, layers, lambda l: rules.pop(l, None) or rule_at(l), stats_at, **kw)
+    else:
+        edit = rewrite(clf, rules[layers[0]], stats_at(layers[0]), **kw)
+    layer = edit.updates[0].layer
+    stats = stats_by[layer]
     top3 = before_after(clf, edit, shown, earlier) if shown else []
     saved = save_pasted(save_dir, shown) if save_dir is not None and not args.manipulated and shown else []
     edit.save(out)
     st = edit.meta.get("strength", {})
+    lc = edit.meta.get("layer_choice")
     info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
             "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "context": edit.meta["context"],
             "strength": st.get("chosen"), "why": st.get("reason"), "exemplars": top3,
             "saved_exemplars": [str(p) for p in saved], "after": list(args.after),
             "preserved_keys": edit.meta.get("preserved_keys", 0)}
+    if lc is not None:
+        info["layer_why"] = lc["reason"]
     kept = f", keeping {info['preserved_keys']} earlier rule keys" if args.after else ""
-    lines = [f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs{kept})",
-             f"chose: context {info['context']}, rank {info['rank']}, strength {info['strength']:g} — {info['why']}"]
+    lines = [f"wrote {out} (layer {layer}, rank {info['rank']}, {info['pairs']} key/value pairs{kept})"]
+    if lc is not None:
+        lines.append(f"chose: {lc['reason']}")
+    lines.append(f"chose: context {info['context']}, rank {info['rank']}, strength {info['strength']:g} — "
+                 f"{info['why']}")
     for e in top3:
         fmt = lambda t: ", ".join(f"{lab} {p:.2f}" for lab, p in t)  # noqa: E731
         lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
     lines += [f"saved {p}" for p in saved]
     emit(info, args.json, "\n".join(lines))
+
+
+def edit_layers(args, clf, calibration) -> list[str]:
+    """The layers ``edit`` writes the rule at: ``--layer``; else, for a validated edit (exemplar views and
+    calibration images) without ``--stats FILE`` (one layer's statistics), the model's candidate layers,
+    default first (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`); else the default."""
+    if args.layer or getattr(args, "stats", None) or calibration is None or args.views <= 0 \
+            or args.rank is not None or args.context != "auto" or len(clf.candidate_layers) < 2:
+        return [resolve_layer(args, clf)]
+    return list(clf.candidate_layers)
 
 
 def calibration_images(args) -> tuple:
@@ -139,19 +174,23 @@ def texture(src: str):
     return texture_from(src)
 
 
-def pasted_rule(clf, layer, args):
+def pasted_rule(clf, layer, args, pasted=None):
     """Paste the texture into each mask to make the manipulated images, then read the rule from pixels.
 
-    Returns the rule and the pasted images."""
+    ``pasted``: the images an earlier call made (the paste does not depend on the layer). Returns the rule
+    and the pasted images."""
     from ..concepts.masks import load_mask
     from ..models.data import load_image
     from ..concepts.manipulate import paste_texture
     from ..models.preprocess import mask_for_image
     from ..core.rules import rule_from_images
 
-    tex = texture(args.texture)
     originals = [load_image(p) for p in args.original]
-    man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
+    if pasted is not None:
+        man = pasted
+    else:
+        tex = texture(args.texture)
+        man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
     rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view, views=getattr(args, "views", 0))
     rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
     return rule, man

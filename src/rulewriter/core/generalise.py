@@ -70,6 +70,8 @@ __all__ = [
     "calibration_split",
     "StrengthChoice",
     "choose_strength",
+    "chosen_row",
+    "choose_layer",
 ]
 
 #: Augmented views per exemplar, besides the exemplar itself, when a rule asks for views (opt-in).
@@ -274,8 +276,8 @@ def relative_collateral(w0: torch.Tensor, delta: torch.Tensor | tuple[torch.Tens
     then ``tr((DᵀCD)(ΛᵀΛ))``, without forming ``ΔW``); ``reference`` is ``tr(W0 C W0ᵀ)`` when already known.
 
     Example:
-        >>> relative_collateral(torch.eye(2), 0.1 * torch.eye(2), torch.eye(2))
-        0.010000000000000002
+        >>> round(relative_collateral(torch.eye(2), 0.1 * torch.eye(2), torch.eye(2)), 6)
+        0.01
     """
     c = c.double().to(w0.device)
     if isinstance(delta, tuple):
@@ -621,3 +623,60 @@ def choose_strength(
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out
+
+
+# ------------------------------------------------------------------------------------------ the layer
+def chosen_row(choice: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of a strength record (``edit.meta["strength"]``, :meth:`StrengthChoice.to_dict`) that won."""
+    cand = choice.get("candidate")
+    for r in choice.get("candidates", []):
+        if r["strength"] == choice["chosen"] and (cand is None or list(r.get("candidate") or []) == list(cand)):
+            return r
+    return None
+
+
+def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pick the layer of an edit among the same rule's edits at several layers, by their own validation.
+
+    ``choices[i]`` is the strength record (``edit.meta["strength"]``) of the edit written at ``layers[i]``;
+    the first layer is the model's default. Each edit's winning setting is scored as
+    :func:`choose_strength` scores settings within one layer, in the same order: the share of the user's
+    exemplars it restores, then being within the locality budget (not the fallback or a setting admitted for
+    adding no calibration change to it), then the share of left-out exemplar views right, then the mean
+    probability of the right class; ties go to the earlier layer. A record without validation rows (no
+    views, an energy budget's run without folds) scores nothing, so the default layer is kept unless
+    another layer was validated. Returns a JSON-ready dict: ``chosen`` (the layer), ``index``, ``reason``
+    and one score row per layer.
+
+    Example:
+        >>> rec = lambda restored, right: {"chosen": 1.0, "candidates": [{"strength": 1.0, "exemplars": 2,
+        ...     "exemplars_restored": restored, "admitted": "budget", "right": right, "of": 10, "mean_prob": 0.5}]}
+        >>> choose_layer(["b15", "b11"], [rec(1, 6), rec(2, 4)])["chosen"]
+        'b11'
+    """
+    if not layers or len(layers) != len(choices):
+        raise ValueError("choose_layer needs one strength record per layer")
+    rows = []
+    for layer, ch in zip(layers, choices):
+        r = chosen_row(ch)
+        if r is None or r.get("right") is None or not r.get("of"):
+            rows.append({"layer": layer, "score": None, "strength": ch.get("chosen")})
+            continue
+        restored = r["exemplars_restored"] / r["exemplars"] if r.get("exemplars") else 0.0
+        score = (restored, r.get("admitted") == "budget", r["right"] / r["of"], round(float(r["mean_prob"]), 6))
+        rows.append({"layer": layer, "score": list(score), "strength": ch.get("chosen"),
+                     "candidate": ch.get("candidate"), "exemplars_restored": r["exemplars_restored"],
+                     "exemplars": r["exemplars"], "within_budget": r.get("admitted") == "budget",
+                     "right": r["right"], "of": r["of"], "mean_prob": r["mean_prob"]})
+    scored = [i for i, r in enumerate(rows) if r["score"] is not None]
+    if not scored:
+        return {"chosen": layers[0], "index": 0, "layers": rows,
+                "reason": f"no layer's edit was validated: the default layer {layers[0]}"}
+    best = max(scored, key=lambda i: (tuple(rows[i]["score"]), -i))
+    b = rows[best]
+    reason = (f"layer {b['layer']}: restores {b['exemplars_restored']}/{b['exemplars']} exemplars, "
+              f"{b['right']}/{b['of']} left-out views right, "
+              f"{'within the budget' if b['within_budget'] else 'the fallback'}; "
+              + ", ".join(f"{r['layer']} {r['exemplars_restored']}/{r['exemplars']} and {r['right']}/{r['of']}"
+                          for i, r in enumerate(rows) if i != best and r["score"] is not None))
+    return {"chosen": b["layer"], "index": best, "reason": reason.rstrip("; "), "layers": rows}

@@ -31,7 +31,7 @@ from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "layer_io", "prepare_mask",
+__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "rewrite_choosing_layer", "layer_io", "prepare_mask",
            "masked_pairs", "describe_sources", "as_image"]
 
 ImageLike = str | Path | Image.Image
@@ -469,6 +469,46 @@ def rewrite(
         meta["preserved_keys"] = int(sum(0 if u.keys is None else u.keys.shape[1] for e in on for u in e.updates
                                          if (u.layer, u.view) == (layer, view)))
     return Edit([LayerUpdate(layer, view, lam, d, ks, vs)], meta)
+
+
+def rewrite_choosing_layer(
+    classifier,
+    layers: Sequence[str],
+    rule_at: Callable[[str], Rule],
+    stats_at: Callable[[str], Any],
+    **kwargs: Any,
+) -> Edit:
+    """:func:`rewrite` the same exemplars at each of ``layers`` and keep the edit whose own validation wins.
+
+    ``rule_at(layer)`` reads the rule at a layer (with exemplar views, so each edit is validated) and
+    ``stats_at(layer)`` gives that layer's statistics; ``kwargs`` go to :func:`rewrite` (``calibration=``
+    as data, not a :class:`~rulewriter.core.generalise.Calibration`, which belongs to one layer). The edits
+    are compared by :func:`rulewriter.core.generalise.choose_layer` on what each one's strength choice
+    recorded (exemplars restored, within the locality budget, left-out views right), never on held-out
+    photos; ties keep the earlier layer, so list the model's default first
+    (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`). The chosen edit's
+    ``meta["layer_choice"]`` keeps every layer's scores and the reason.
+
+    Example::
+
+        layers = clf.candidate_layers                      # the default layer first
+        edit = rewrite_choosing_layer(
+            clf, layers, lambda l: rule_from_images(clf, l, originals, pasted, masks, views=DEFAULT_VIEWS),
+            lambda l: collect_second_moment(clf, l, stats_paths), calibration=cal_paths)
+        edit.meta["layer_choice"]["chosen"], edit.meta["layer_choice"]["reason"]    # doctest: +SKIP
+    """
+    from .generalise import Calibration, choose_layer
+
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise EditError("no layer to rewrite")
+    if isinstance(kwargs.get("calibration"), Calibration) and len(layers) > 1:
+        raise EditError("a Calibration belongs to one layer; pass the calibration images themselves")
+    edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **kwargs) for layer in layers]
+    got = choose_layer(layers, [e.meta.get("strength", {}) for e in edits])
+    edit = edits[got["index"]]
+    edit.meta["layer_choice"] = got
+    return edit
 
 
 #: Context ranks that ``context="auto"`` validates beside the mean key (rank 1), each with and without the

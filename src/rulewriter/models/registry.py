@@ -48,6 +48,7 @@ from .preprocess import Preprocess, imagenet_preprocess
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "CANDIDATE_LAYERS",
     "Classifier",
     "get_module",
     "hub_checkpoint",
@@ -73,6 +74,15 @@ DEFAULT_LAYERS: dict[str, str] = {
     "vgg16": "features.28",
     "resnet18": "layer4.1.conv2",
     "resnet50": "layer4.2.conv3",
+}
+
+#: Layers an edit may be written at when none is named, the default first; ``rulewriter edit`` writes the
+#: rule at each and keeps the one its own validation prefers (``rewrite_choosing_layer``). For
+#: EfficientNet-Lite0, one whole key→value memory per late stage: the last block's projection (the
+#: default), the first projection of the stage before it and the head conv. Models not listed have only
+#: their default layer.
+CANDIDATE_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet-lite0": ("_blocks.15._project_conv", "_blocks.11._project_conv", "_conv_head"),
 }
 
 _EFFICIENTNET_LITE0 = "efficientnet-lite0"
@@ -101,6 +111,9 @@ class Classifier:
     weights_id: str
     default_layer: str | None = None
     wnids: list[str] | None = None
+    #: The layers an edit chooses among when none is named, the default first (:data:`CANDIDATE_LAYERS`);
+    #: empty: only ``default_layer``.
+    candidate_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.labels = list(self.labels)
@@ -617,9 +630,13 @@ def load_classifier(
         layer = convs[-1] if convs else None
     if layer is not None:
         get_module(net, layer)  # fail now, not at the first edit
+    # A caller's own default layer is the only one; otherwise the model's candidates, if it has any.
+    cands = CANDIDATE_LAYERS.get(name, ()) if default_layer is None and isinstance(model, str) else ()
+    for c in cands:
+        get_module(net, c)
     net.eval().to(device)
     return Classifier(model=net, preprocess=pre, labels=list(labels), name=name, weights_id=weights_id,
-                      default_layer=layer, wnids=wnids)
+                      default_layer=layer, wnids=wnids, candidate_layers=tuple(cands))
 
 
 @torch.no_grad()
