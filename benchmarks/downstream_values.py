@@ -96,15 +96,9 @@ def probe(rows: list[dict[str, Any]]):
                 lam = lam1 * s if how == "features" else fit_downstream(clf, layer, rule, lam1 * s, d, c)
                 secs = time.perf_counter() - t0
                 ed = Edit([LayerUpdate(layer, u.view, lam, d)])
-                ch = cal.changed(clf.model, ed)
-                r = {"scenario": sc.name, "n_exemplars": n, "strength": s, "values": how,
-                     "candidate": e.meta["strength"].get("candidate"), "default_strength": chosen,
-                     "cal_changed": ch["changed"], "cal_near_tie": ch["changed_near_tie"],
-                     **G.measure(clf, start, sc, n, photos, ed), "seconds": secs}
-                rows.append(r)
-                G.log(f"  {sc.name} n={n} s={s:g} {how}: cal {100 * ch['changed']:.1f}% SR {G.pct(r['SR'])} "
-                      f"GR {G.pct(r['GR'])} LR {G.pct(r['LR'])}/{G.pct(r['LR_sensitive'])} "
-                      f"Δ {r['d_top1']:+.1f} ({secs:.1f}s)")
+                rows.append(G.probe_row(clf, start, sc, n, photos, cal, ed, f"s={s:g} {how} ({secs:.1f}s)",
+                                        strength=s, values=how, candidate=e.meta["strength"].get("candidate"),
+                                        default_strength=chosen, seconds=secs))
     return run
 
 

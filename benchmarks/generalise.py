@@ -637,5 +637,32 @@ def run_probe(argv: list[str] | None, probe: Callable[..., None], scenarios: str
     return main(argv, probe=probe)
 
 
+def probe_row(clf: Any, start: str, sc: Scenario, n: int, photos: Photos, cal: Any, change: Any, label: str,
+              **fields: Any) -> dict[str, Any]:
+    """One row of a probe: ``fields``, the calibration images' top-1 changes and :func:`measure`'s rates;
+    logged as one line named ``label``."""
+    ch = cal.changed(clf.model, change)
+    r = {"scenario": sc.name, "n_exemplars": n, **fields, "cal_changed": ch["changed"],
+         "cal_near_tie": ch["changed_near_tie"], **measure(clf, start, sc, n, photos, change)}
+    log(f"  {sc.name} n={n} {label}: cal {100 * ch['changed']:.1f}% SR {pct(r['SR'])} GR {pct(r['GR'])} "
+        f"LR {pct(r['LR'])}/{pct(r['LR_sensitive'])} Δ {r['d_top1']:+.1f}")
+    return r
+
+
+def means_table(rows: list[dict[str, Any]], by: str) -> str:
+    """Markdown: per value of ``row[by]`` and exemplar count, mean SR and GR over the scenarios, and the
+    worst LR, near-tie LR and Δ top-1."""
+    out = []
+    for m in dict.fromkeys(r[by] for r in rows):
+        for n in sorted({r["n_exemplars"] for r in rows}, reverse=True):
+            rs = [r for r in rows if r[by] == m and r["n_exemplars"] == n]
+            if rs:
+                out.append([m, n, pct(sum(r["SR"] for r in rs) / len(rs)), pct(sum(r["GR"] for r in rs) / len(rs)),
+                            pct(min(r["LR"] for r in rs)), pct(min(r["LR_sensitive"] for r in rs)),
+                            f"{min(r['d_top1'] for r in rs):+.1f}"])
+    return ("Means over the scenarios (LR, near ties and Δ: the worst):\n\n"
+            + C.markdown_table([by, "exemplars", "SR", "GR", "min LR", "min near ties", "worst Δ"], out))
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

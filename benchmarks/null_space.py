@@ -58,7 +58,6 @@ def probe(rows: list[dict[str, Any]]):
         chosen = float(e.meta["strength"]["chosen"])
         lam1, d = u.lam.double() / chosen, u.direction.double()
         c = stats.moment()
-        sr_default = G.measure(clf, start, sc, n, photos, e)["SR"]
         variants = [("default", None, e, chosen)]
         for energy in ENERGIES:
             d2 = projector(c, energy) @ d
@@ -75,14 +74,8 @@ def probe(rows: list[dict[str, Any]]):
                 best = (None, Edit([LayerUpdate(layer, u.view, lam2, d2)]), 1.0)
             variants.append((f"null space {100 * energy:g}%", energy, best[1], best[2]))
         for how, energy, ed, s in variants:
-            ch = cal.changed(clf.model, ed)
-            r = {"scenario": sc.name, "n_exemplars": n, "method": how, "energy": energy, "strength": s,
-                 "cal_changed": ch["changed"], "cal_near_tie": ch["changed_near_tie"],
-                 **G.measure(clf, start, sc, n, photos, ed)}
-            rows.append(r)
-            G.log(f"  {sc.name} n={n} {how} s={s:g}: cal {100 * ch['changed']:.1f}% SR {G.pct(r['SR'])} "
-                  f"GR {G.pct(r['GR'])} LR {G.pct(r['LR'])}/{G.pct(r['LR_sensitive'])} Δ {r['d_top1']:+.1f}"
-                  f" (default SR {G.pct(sr_default)})")
+            rows.append(G.probe_row(clf, start, sc, n, photos, cal, ed, f"{how} s={s:g}", method=how,
+                                    energy=energy, strength=s))
     return run
 
 
@@ -94,18 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     table = [[r["scenario"], r["n_exemplars"], r["method"], f"{r['strength']:g}", G.pct(r["cal_changed"]),
               G.pct(r["SR"]), G.pct(r["GR"]), G.pct(r["LR"]), G.pct(r["LR_sensitive"]), f"{r['d_top1']:+.1f}"]
              for r in rows]
-    mean = []
-    for m in dict.fromkeys(r["method"] for r in rows):
-        for n in sorted({r["n_exemplars"] for r in rows}, reverse=True):
-            rs = [r for r in rows if r["method"] == m and r["n_exemplars"] == n]
-            mean.append([m, n, G.pct(sum(r["SR"] for r in rs) / len(rs)), G.pct(sum(r["GR"] for r in rs) / len(rs)),
-                         G.pct(min(r["LR"] for r in rs)), G.pct(min(r["LR_sensitive"] for r in rs)),
-                         f"{min(r['d_top1'] for r in rs):+.1f}"])
     md = ("# AlphaEdit's null space\n\nThe default's directions projected off the top eigenvectors of C holding "
           "99 % or 99.9 % of its trace, Λ refitted to the default's output on the pairs, each at its strongest "
           "strength within the locality budget that restores as many exemplars.\n\n"
-          + C.markdown_table(head, table) + "\n\nMeans over the scenarios (LR, near ties and Δ: the worst):\n\n"
-          + C.markdown_table(["method", "exemplars", "SR", "GR", "min LR", "min near ties", "worst Δ"], mean))
+          + C.markdown_table(head, table) + "\n\n" + G.means_table(rows, "method"))
     C.write_results("null_space", {"rows": rows, "energies": list(ENERGIES)}, md)
     print(md)
     return 0

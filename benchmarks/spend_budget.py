@@ -45,14 +45,8 @@ def probe(rows: list[dict[str, Any]]):
         chosen = float(ch["chosen"])
         s = strongest(ch)
         for how, ed, st in (("default", e, chosen), ("strongest", e.scaled(s / chosen), s)):
-            c = cal.changed(clf.model, ed)
-            r = {"scenario": sc.name, "n_exemplars": n, "policy": how, "strength": st,
-                 "candidate": ch.get("candidate"), "cal_changed": c["changed"],
-                 "cal_near_tie": c["changed_near_tie"], **G.measure(clf, start, sc, n, photos, ed)}
-            rows.append(r)
-            G.log(f"  {sc.name} n={n} {how} s={st:g} {r['candidate']}: cal {100 * c['changed']:.1f}% "
-                  f"SR {G.pct(r['SR'])} GR {G.pct(r['GR'])} LR {G.pct(r['LR'])}/{G.pct(r['LR_sensitive'])} "
-                  f"Δ {r['d_top1']:+.1f}")
+            rows.append(G.probe_row(clf, start, sc, n, photos, cal, ed, f"{how} s={st:g} {ch.get('candidate')}",
+                                    policy=how, strength=st, candidate=ch.get("candidate")))
     return run
 
 
@@ -64,17 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     table = [[r["scenario"], r["n_exemplars"], r["policy"], str(r["candidate"]), f"{r['strength']:g}",
               G.pct(r["cal_changed"]), G.pct(r["SR"]), G.pct(r["GR"]), G.pct(r["LR"]), G.pct(r["LR_sensitive"]),
               f"{r['d_top1']:+.1f}"] for r in rows]
-    mean = []
-    for pol in ("default", "strongest"):
-        for n in sorted({r["n_exemplars"] for r in rows}, reverse=True):
-            rs = [r for r in rows if r["policy"] == pol and r["n_exemplars"] == n]
-            mean.append([pol, n, G.pct(sum(r["SR"] for r in rs) / len(rs)), G.pct(sum(r["GR"] for r in rs) / len(rs)),
-                         G.pct(min(r["LR"] for r in rs)), G.pct(min(r["LR_sensitive"] for r in rs)),
-                         f"{min(r['d_top1'] for r in rs):+.1f}"])
     md = ("# Spending the budget\n\nThe default's candidate at its chosen strength, and at the strongest strength "
           "within the locality budget that restores as many exemplars.\n\n" + C.markdown_table(head, table)
-          + "\n\nMeans over the scenarios (LR, near ties and Δ: the worst):\n\n"
-          + C.markdown_table(["policy", "exemplars", "SR", "GR", "min LR", "min near ties", "worst Δ"], mean))
+          + "\n\n" + G.means_table(rows, "policy"))
     C.write_results("spend_budget", {"rows": rows}, md)
     print(md)
     return 0
