@@ -490,3 +490,30 @@ def test_mitigate_warns_when_the_test_split_is_too_small_to_compare_methods(clf,
     with pytest.warns(UserWarning, match=r"test split has 1 image\(s\): each one moves an accuracy by 100 points"):
         res = mitigate(clf, fs, len(fs) - 1, _stats(clf, pairs), methods=["images"], progress=False)
     assert res.rows["no edit"]["all"]["n"] == 1
+
+
+def test_mitigate_with_statistics_of_several_layers_chooses_the_images_rewrites_layer(clf, scenes):
+    """A {layer: stats} mapping with calibration images: the images rewrite is written at each layer (the
+    named one first) and the layer its own validation prefers is kept, as `rulewriter edit` does."""
+    from rulewriter.core.generalise import choose_layer
+    from rulewriter.errors import EditError
+
+    pairs, seg = scenes
+    fs = probe(clf, pairs, seg, TexturePaste(_blue(), shading_strength=0), progress=False).filtered_set(k=1)
+    imgs = [Image.open(p).convert("RGB") for p, _ in pairs] + [_blue(), _scene(BLUE)]
+    stats = {}
+    for layer in ("conv2", "conv1"):
+        x, _ = layer_io(clf, layer, clf.preprocess.batch(imgs))
+        stats[layer] = SecondMoment()
+        stats[layer].add(LayerMemory(getattr(clf.model, layer), 2).flat_keys(x))
+    cal = [p for p, _ in pairs]
+    res = mitigate(clf, fs, 2, stats, methods=["images"], calibration=cal, progress=False)
+    meta = res.meta["change_meta"]["images"]
+    choice = meta["layer_choice"]
+    assert [r["layer"] for r in choice["layers"]] == ["conv2", "conv1"]
+    assert meta["layer"] == choice["chosen"] == res.changes["images"].updates[0].layer
+    single = [mitigate(clf, fs, 2, stats[layer], layer=layer, methods=["images"], calibration=cal,
+                       progress=False).meta["change_meta"]["images"]["strength"] for layer in ("conv2", "conv1")]
+    assert choose_layer(["conv2", "conv1"], single) == choice  # the same as choosing from the single runs
+    with pytest.raises(EditError, match="not conv9"):
+        mitigate(clf, fs, 2, stats, layer="conv9", methods=["images"], calibration=cal, progress=False)

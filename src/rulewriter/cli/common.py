@@ -124,6 +124,21 @@ def resolve_layer(args: argparse.Namespace, clf) -> str:
     return clf.default_layer
 
 
+def edit_layers(args: argparse.Namespace, clf, calibration) -> list[str]:
+    """The layers a validated rewrite (``edit``, ``mitigate``'s images rewrite) writes its rule at:
+    ``--layer``; else, where the edit is validated (exemplar views and calibration images, the automatic
+    rank and context) and no ``--stats FILE`` (one layer's statistics) is given, the model's candidate
+    layers, default first (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`); else the
+    default layer (said on stderr)."""
+    if args.layer or getattr(args, "stats", None) or calibration is None or getattr(args, "views", 1) <= 0 \
+            or getattr(args, "rank", None) is not None or getattr(args, "context", "auto") != "auto" \
+            or len(clf.candidate_layers) < 2:
+        return [resolve_layer(args, clf)]
+    print(f"rulewriter: writing the rule at {', '.join(clf.candidate_layers)} and keeping the layer its "
+          "validation prefers (--layer names one)", file=sys.stderr)
+    return list(clf.candidate_layers)
+
+
 def emit(obj: Any, as_json: bool, text: str) -> None:
     """Print ``obj`` as JSON with ``--json``, else the human-readable ``text``."""
     print(json.dumps(obj, indent=2) if as_json else text)

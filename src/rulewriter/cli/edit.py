@@ -9,7 +9,7 @@ from ..core.edit import DEFAULT_RIDGE
 from ..core.generalise import DEFAULT_VIEWS
 from ..errors import RulewriterError
 from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args, check_rule_args,
-                     emit, load_model, load_stats, resolve_layer)
+                     edit_layers, emit, load_model, load_stats, resolve_layer)
 
 
 def cmd_edit(args) -> None:
@@ -51,8 +51,6 @@ def cmd_edit(args) -> None:
     kw = dict(rank=args.rank, ridge=args.ridge, context=args.context, solver=args.solver, fit=args.fit, on=earlier,
               calibration=calibration)
     if len(layers) > 1:
-        print(f"rulewriter: writing the rule at {', '.join(layers)} and keeping the layer its validation "
-              "prefers (--layer names one)", file=sys.stderr)
         edit = rewrite_choosing_layer(clf, layers, lambda l: rules.pop(l, None) or rule_at(l), stats_at, **kw)
     else:
         edit = rewrite(clf, rules[layers[0]], stats_at(layers[0]), **kw)
@@ -81,16 +79,6 @@ def cmd_edit(args) -> None:
         lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
     lines += [f"saved {p}" for p in saved]
     emit(info, args.json, "\n".join(lines))
-
-
-def edit_layers(args, clf, calibration) -> list[str]:
-    """The layers ``edit`` writes the rule at: ``--layer``; else, for a validated edit (exemplar views and
-    calibration images) without ``--stats FILE`` (one layer's statistics), the model's candidate layers,
-    default first (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`); else the default."""
-    if args.layer or getattr(args, "stats", None) or calibration is None or args.views <= 0 \
-            or args.rank is not None or args.context != "auto" or len(clf.candidate_layers) < 2:
-        return [resolve_layer(args, clf)]
-    return list(clf.candidate_layers)
 
 
 def calibration_images(args) -> tuple:

@@ -136,7 +136,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 def cmd_mitigate(args: argparse.Namespace) -> None:
     """``rulewriter mitigate``: every input is checked before any file is written."""
-    from .common import calibration_images, emit, resolve_layer, load_model, load_stats
+    from .common import calibration_images, edit_layers, emit, resolve_layer, load_model, load_stats
     from ..studies.testsets import TestSet
 
     out = _check_out(args.out)
@@ -165,10 +165,14 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
     if note:
         print(f"rulewriter: {note}", file=sys.stderr)
     clf = load_model(args)
-    layer = resolve_layer(args, clf)
+    layers = edit_layers(args, clf, calibration) if needs_stats else [resolve_layer(args, clf)]
+    layer = layers[0]
     target = clf.class_index(args.target) if args.target is not None else None
     acc = TestSet.from_folder(clf, args.accuracy_data, samples=args.accuracy_samples) if args.accuracy_data else None
-    stats = load_stats(args, clf, layer, stats_data, stats_samples) if needs_stats else None
+    stats = None
+    if needs_stats:  # several layers: the images rewrite chooses among them (mitigate's stats mapping)
+        stats = {at: load_stats(args, clf, at, stats_data, stats_samples) for at in layers}
+        stats = stats if len(layers) > 1 else stats[layer]
     res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
                    target=target, accuracy_set=acc, view=args.view, seed=args.seed,
                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, retrain_lr=args.retrain_lr,

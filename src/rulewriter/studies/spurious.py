@@ -37,6 +37,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -577,8 +578,12 @@ def mitigate(
         filtered: from :meth:`ProbeResult.filtered_set` or :meth:`FilteredSet.load`.
         exemplars: training images (the thesis rewrites from a handful; 5 by default).
         stats: a :class:`~rulewriter.core.stats.SecondMoment` or the matrix C of the layer's keys; needed by
-            the two rewriting methods.
-        layer: the layer to rewrite and fine-tune (default: the classifier's default layer).
+            the two rewriting methods. A mapping ``{layer: stats}`` of several layers (with ``calibration``):
+            the ``"images"`` rewrite is written at each and the layer its own validation prefers is kept
+            (:func:`~rulewriter.core.rules.rewrite_choosing_layer`; ``meta["layer_choice"]``); the other
+            methods use ``layer``.
+        layer: the layer to rewrite and fine-tune (default: the first of a ``stats`` mapping, else the
+            classifier's default layer).
         methods: a subset of :data:`METHODS`.
         texture: for ``"features"``; defaults to the texture the filtered set was stylized with.
         target: the class of Table 2.3 (default: the filtered set's most affected class).
@@ -609,19 +614,27 @@ def mitigate(
     from .testsets import TestSet
     from .finetune import LEARNING_RATES, finetune_layer, retrain_last_layer, smallest_fitting_lr
     from ..core.generalise import DEFAULT_VIEWS, Calibration, calibration_set
-    from ..core.rules import rewrite, rule_from_features, rule_from_images
+    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rule_from_images
 
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise RulewriterError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    layer = layer or classifier.default_layer
+    stats_by = dict(stats) if isinstance(stats, Mapping) else None
+    layer = layer or (next(iter(stats_by)) if stats_by else None) or classifier.default_layer
     if not layer:
         raise RulewriterError(f"model {classifier.name!r} has no default layer; pass layer=")
+    if stats_by is not None:
+        if layer not in stats_by:
+            raise EditError(f"stats holds the layers {list(stats_by)}, not {layer}")
+        stats = stats_by[layer]
+    # Statistics of several layers: a validated images rewrite is written at each, the layer first.
+    layers = [layer] + [k for k in (stats_by or {}) if k != layer] if calibration is not None else [layer]
     rewriting = [m for m in methods if m in ("features", "images")]
     if rewriting and stats is None:
         raise EditError(f"methods {rewriting} rewrite with the second moment of the layer's keys; pass stats")
-    if calibration is not None and "images" in methods and not isinstance(calibration, Calibration):
+    if calibration is not None and "images" in methods and len(layers) == 1 \
+            and not isinstance(calibration, Calibration):
         calibration = calibration_set(classifier, layer, calibration)  # read once, before any method runs
     if "features" in methods:
         texture = texture if texture is not None else filtered.meta.get("texture")
@@ -648,10 +661,14 @@ def mitigate(
             rule.description.update(originals=train.sources, texture=str(texture))
             changes[m] = rewrite(classifier, rule, stats)
         elif m == "images":
-            rule = rule_from_images(classifier, layer, train.originals, train.stylized, ex_masks, view=view,
-                                    views=0 if calibration is None else DEFAULT_VIEWS, seed=seed)
-            rule.description.update(originals=train.sources, manipulated="stylized copies")
-            changes[m] = rewrite(classifier, rule, stats, calibration=calibration)
+            def rule_at(at: str):
+                r = rule_from_images(classifier, at, train.originals, train.stylized, ex_masks, view=view,
+                                     views=0 if calibration is None else DEFAULT_VIEWS, seed=seed)
+                r.description.update(originals=train.sources, manipulated="stylized copies")
+                return r
+
+            changes[m] = rewrite(classifier, rule_at(layer), stats, calibration=calibration) if len(layers) == 1 \
+                else rewrite_choosing_layer(classifier, layers, rule_at, stats_by.__getitem__, calibration=calibration)
         else:
             fit = finetune_layer if m == "finetune" else retrain_last_layer
             args = (classifier, layer) if m == "finetune" else (classifier,)
