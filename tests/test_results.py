@@ -159,3 +159,12 @@ def test_generalisation_scoreboard_tables_match_generalise_json():
     from generalise_summary import summary
 
     assert summary(data) in README
+
+
+def test_layer_choice_means_match_generalise_layers_md():
+    """The README's table of the layer chosen per edit is benchmarks/generalise_layers.py's means table."""
+    md = (ROOT / "benchmarks" / "results" / "generalise_layers.md").read_text()
+    means = md[md.index("| layer | exemplars | mean SR"):md.index("\n\n_Measured")].strip()
+    assert means in README
+    rows = _json("generalise_layers")["rows"]
+    assert {r["layer"] for r in rows} <= set(_json("generalise_layers")["layers"])
