@@ -30,7 +30,7 @@ def cmd_edit(args) -> None:
     def rule_at(layer: str):
         nonlocal shown, pasted
         if args.manipulated:
-            shown = [(str(p), load_image(p)) for p in args.manipulated]
+            shown = shown or [(str(p), load_image(p)) for p in args.manipulated]
             return rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view,
                                     views=args.views)
         if args.from_features:

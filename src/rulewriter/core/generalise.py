@@ -37,7 +37,6 @@ map), so validating ten strengths costs a few tail passes, not full forward pass
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -510,8 +509,9 @@ def choose_strength(
     clean views keeping it), then by the higher mean probability of that class, then the simpler candidate
     and the smaller ``s``. With a :class:`LocalityBudget` the winner's candidate is then spent up to the
     budget: its strongest strength within the budget that restores as many exemplars (the validation
-    views choose what to scale, the measured collateral how far). Only admissible settings are validated. Each row's ``admitted`` says why it was
-    admissible (``"budget"``, ``"fallback"``, ``"no new change"``; None: it was not).
+    views choose what to scale, the measured collateral how far). Only admissible settings are validated.
+    Each row's ``admitted`` says why it was admissible (``"budget"``, ``"fallback"``, ``"no new change"``;
+    None: it was not).
     """
     strengths = sorted({float(s) for s in strengths} | {1.0})
     single = candidates is None

@@ -31,8 +31,8 @@ from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "rewrite_choosing_layer", "layer_io", "prepare_mask",
-           "masked_pairs", "describe_sources", "as_image"]
+__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "rewrite_choosing_layer",
+           "layer_io", "prepare_mask", "masked_pairs", "describe_sources", "as_image"]
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | np.ndarray | Image.Image | torch.Tensor

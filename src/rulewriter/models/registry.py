@@ -78,9 +78,10 @@ DEFAULT_LAYERS: dict[str, str] = {
 
 #: Layers an edit may be written at when none is named, the default first; ``rulewriter edit`` writes the
 #: rule at each and keeps the one its own validation prefers (``rewrite_choosing_layer``). For
-#: EfficientNet-Lite0, one whole key→value memory per late stage: the last block's projection (the
-#: default), the first projection of the stage before it and the head conv. Models not listed have only
-#: their default layer.
+#: EfficientNet-Lite0, one whole key→value memory per late stage (a conv whose output is its block's whole
+#: output, as for the default): the last block's projection (the default), the projection of the first
+#: block of the stage before it (no skip: it changes the width) and the head conv. Models not listed have
+#: only their default layer.
 CANDIDATE_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet-lite0": ("_blocks.15._project_conv", "_blocks.11._project_conv", "_conv_head"),
 }

@@ -33,7 +33,6 @@ The same from the command line::
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from collections import Counter
@@ -53,7 +52,7 @@ from .report import percent
 MIN_TEST_IMAGES = 10
 
 __all__ = ["ClassRow", "ProbeResult", "FilteredSet", "FixedSplit", "MitigationResult", "probe", "mitigate", "METHODS",
-           "DEFAULT_MIN_AREA", "add_cli"]
+           "DEFAULT_MIN_AREA"]
 
 #: Mitigations :func:`mitigate` knows, in the thesis's order.
 METHODS = ("features", "images", "finetune", "last-layer")
