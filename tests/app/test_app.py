@@ -409,6 +409,44 @@ def test_pasted_edits_are_validated_on_calibration_images_never_in_c(tiny, tmp_p
     assert "closed form" in few.stats_source()["validation"]
 
 
+def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_prefers(tmp_path):
+    """As `rulewriter edit` without --layer: a validated edit is written at each candidate layer (each one's
+    statistics and calibration read once) and kept at the one its validation prefers; --layer names one."""
+    from rulewriter.core.generalise import choose_layer
+    from rulewriter.core.rules import rewrite
+
+    torch.manual_seed(0)
+    clf = load_classifier(Tiny(), labels=LABELS, preprocess=Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3),
+                          default_layer="features.4")
+    clf.candidate_layers = ("features.4", "features.2")
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i:02d}.png")
+    app = create_app(clf, d, out_dir=tmp_path / "out", stats_samples=10)
+    state = app.state.rulewriter
+    assert state.layers == ["features.4", "features.2"] and state.layer == "features.4"
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        sid, ids = _session(client), _ids(client)
+        assert _exemplar(client, sid, ids["im00.png"]).status_code == 200
+        job = _wait(client, client.post(f"/api/sessions/{sid}/edit").json())
+        assert job["state"] == "done", job
+        info = job["result"]["edit"]
+        edit = state.sessions[sid].edit
+        choice = edit.meta["layer_choice"]
+        assert [r["layer"] for r in choice["layers"]] == ["features.4", "features.2"]
+        assert info["layer"] == choice["chosen"] == edit.meta["layer"] and info["layer_why"] == choice["reason"]
+        # The same choice as the two layers' edits solved one by one (each layer's statistics and calibration
+        # images are the ones the job read: collected once, then reused).
+        exemplars = list(state.sessions[sid].exemplars.values())
+        alone = [rewrite(clf, state.build_rule(state.sessions[sid], exemplars, at), state.stats(layer=at),
+                         calibration=state.calibration(at)) for at in state.layers]
+        assert choose_layer(state.layers, [e.meta["strength"] for e in alone]) == choice
+    one = create_app(clf, d, out_dir=tmp_path / "out2", stats_samples=10, layer="features.2").state.rulewriter
+    assert one.layers == ["features.2"]
+
+
 def test_edit_names_stay_in_the_output_folder(client, tmp_path):
     sid, ids = _session(client), _ids(client)
     _exemplar(client, sid, ids["img0.png"])
@@ -540,8 +578,8 @@ def test_an_edit_job_with_non_finite_outputs_is_not_kept(client, monkeypatch):
     state = client.app.state.rulewriter
     solve = state.solve
 
-    def blown(rule, stats):
-        e = solve(rule, stats)
+    def blown(rule, stats, *args):
+        e = solve(rule, stats, *args)
         u = e.updates[0]
         e.updates[0] = LayerUpdate(u.layer, u.view, u.lam.double() * 1e150, u.direction.double() * 1e150)
         return e

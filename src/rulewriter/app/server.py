@@ -277,7 +277,8 @@ def create_app(
         st = d["meta"].get("strength") or {}
         return {"source": s.edit_source, "updates": d["updates"], "rules": d["meta"].get("rules"),
                 "stats": d["meta"].get("stats"), "layer": d["updates"][0]["layer"] if d["updates"] else None,
-                "strength": st.get("chosen"), "why": st.get("reason")}
+                "strength": st.get("chosen"), "why": st.get("reason"),
+                "layer_why": (d["meta"].get("layer_choice") or {}).get("reason")}
 
     def safe_name(name: str) -> str:
         stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
@@ -523,9 +524,13 @@ def create_app(
             stats = state.stats(job, 0.0, 0.45)
             job.report(0.5, f"reading the rule from {len(exemplars)} exemplar(s)")
             rule = state.build_rule(s, exemplars)
-            job.report(0.6, "solving the update (strength and rank chosen by validation on the exemplars)"
+            several = rule.views is not None and len(state.layers) > 1
+            job.report(0.6, f"solving the update at {', '.join(state.layers)} (layer, strength and rank chosen "
+                       "by validation on the exemplars)" if several else
+                       "solving the update (strength and rank chosen by validation on the exemplars)"
                        if rule.views is not None else "solving the update (the closed form)")
-            edit = state.solve(rule, stats)  # under the model lock: no other tab's edit is applied
+            # Under the model lock: no other tab's edit is applied. The other layers' statistics: 0.6 to 0.64.
+            edit = state.solve(rule, stats, s, exemplars, job, 0.6, 0.64)
             state.check_edit(edit, "the edit")  # never kept (nor saved) when its weights or outputs are not finite
             edit.meta["stats_source"] = state.stats_source()["source"]
             with s.lock:

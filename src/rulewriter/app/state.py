@@ -168,9 +168,12 @@ class AppState:
         self.layer = layer or classifier.default_layer
         if not self.layer:
             raise RulewriterError(f"model {classifier.name!r} has no default layer; pass --layer")
-        mem = LayerMemory(get_module(classifier.model, self.layer), 2, name=self.layer)  # LayerError early
-        # The layer's weights as loaded: every solve checks it reads these, never another session's edit.
-        self.original_weight = mem.weight.detach().clone()
+        # The layers a validated edit is written at (as in `rulewriter edit`): --layer alone, else the
+        # model's candidates with the default first. Keys, heatmaps and the statistics shown are self.layer's.
+        self.layers = [self.layer] if layer or not classifier.candidate_layers else list(classifier.candidate_layers)
+        # Each layer's weights as loaded: every solve checks it reads these, never another session's edit.
+        self.original_weights = {at: LayerMemory(get_module(classifier.model, at), 2, name=at).weight.detach().clone()
+                                 for at in self.layers}  # LayerError early
         self.root = Path(images_dir).expanduser().resolve()
         if not self.root.is_dir():
             raise ImageLoadError(f"--images {images_dir}: no such folder")
@@ -188,7 +191,7 @@ class AppState:
         # Calibration images for the locality budget of validated edits, never among C's images (as in
         # `rulewriter edit`): a tenth of the statistics images, or the ones --stats-samples leaves out.
         self.stats_paths, self.calibration_paths = calibration_split(self.stats_paths, stats_samples)
-        self._calibration = None
+        self._calibration: dict[str, Any] = {}
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.model_lock = threading.RLock()
@@ -255,40 +258,58 @@ class AppState:
         from ..core.memory import LayerMemory
         from ..core.trace import get_module
 
-        w = LayerMemory(get_module(self.clf.model, self.layer), 2, name=self.layer).weight
-        if not torch.equal(w.detach(), self.original_weight.to(w.device)):
-            raise RulewriterError(f"internal error: layer {self.layer} does not hold its original weights; "
+        for at, w0 in self.original_weights.items():
+            w = LayerMemory(get_module(self.clf.model, at), 2, name=at).weight
+            if not torch.equal(w.detach(), w0.to(w.device)):
+                raise RulewriterError(f"internal error: layer {at} does not hold its original weights; "
                                   "refusing to read a rule or solve against another edit")
 
-    def solve(self, rule, stats):
+    def solve(self, rule, stats, session: Session | None = None, exemplars: list[Exemplar] | None = None,
+              job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
         """The edit for ``rule``: :func:`~rulewriter.core.rules.rewrite` against the original weights, its
         strength and rank chosen by validation under the locality budget where the rule carries exemplar
-        views (:meth:`build_rule`), as ``rulewriter edit`` does.
+        views (:meth:`build_rule`), as ``rulewriter edit`` does. Given the ``session`` and ``exemplars`` the
+        rule was built from, a validated rule is also written at the app's other layers (:attr:`layers`,
+        their statistics collected once, reported on ``job`` between ``lo`` and ``hi``) and the layer its
+        own validation prefers is kept (:func:`~rulewriter.core.rules.rewrite_choosing_layer`).
 
         ``rewrite`` reads the layer's live weights, so it runs holding the model lock, where no other
         session's edit is applied (and :meth:`check_unedited` proves it).
         """
-        from ..core.rules import rewrite
+        from ..core.rules import rewrite, rewrite_choosing_layer
 
+        if rule.views is None or len(self.layers) == 1 or session is None:
+            with self.model_lock:
+                self.check_unedited()
+                cal = self.calibration() if rule.views is not None else None
+                return rewrite(self.clf, rule, stats, calibration=cal)
+        others = self.layers[1:]
+        stats_by = {self.layer: stats}
+        for i, at in enumerate(others):
+            stats_by[at] = self.stats(job, lo + (hi - lo) * i / len(others), lo + (hi - lo) * (i + 1) / len(others),
+                                      layer=at)
         with self.model_lock:
             self.check_unedited()
-            cal = self.calibration() if rule.views is not None else None
-            return rewrite(self.clf, rule, stats, calibration=cal)
+            return rewrite_choosing_layer(
+                self.clf, self.layers, lambda at: rule if at == self.layer else self.build_rule(session, exemplars, at),
+                stats_by.__getitem__, calibration_at=self.calibration)
 
-    def calibration(self):
-        """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` (read once, with the
-        layer's original weights), or None where there are too few (then edits are the closed form)."""
+    def calibration(self, layer: str | None = None):
+        """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` of ``layer`` (default
+        :attr:`layer`; read once, with the original weights), or None where there are too few (then edits
+        are the closed form)."""
         from ..core.generalise import calibration_set
 
         if not self.calibration_paths:
             return None
+        layer = layer or self.layer
         with self.model_lock:
-            if self._calibration is None:
+            if layer not in self._calibration:
                 self.check_unedited()
                 root = self.stats_data or self.root
-                self._calibration = calibration_set(
-                    self.clf, self.layer, CheckedImages(self.calibration_paths, root, self.clf.preprocess))
-            return self._calibration
+                self._calibration[layer] = calibration_set(
+                    self.clf, layer, CheckedImages(self.calibration_paths, root, self.clf.preprocess))
+            return self._calibration[layer]
 
     def predict(self, images: list[Image.Image], edit=None, source: str = "the edit") -> list[list[dict]]:
         """Top-k of each image, with ``edit`` applied (inside the lock, undone before it is released).
@@ -362,12 +383,14 @@ class AppState:
                 f"{s.dim - s.count} of its directions. Collect it from more images (--stats-data DIR with a few "
                 "thousand images of the model's domain).")
 
-    def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0):
-        """The layer's second moment, collected once (and cached on disk when a cache folder is set)."""
+    def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0, layer: str | None = None):
+        """The second moment of ``layer`` (default :attr:`layer`), collected once (and cached on disk when a
+        cache folder is set)."""
         from ..models.data import subsample
         from ..core.stats import collect_second_moment
 
-        key = (self.layer, 2)
+        layer = layer or self.layer
+        key = (layer, 2)
         with self._stats_lock:
             if key in self._stats:
                 return self._stats[key]
@@ -381,12 +404,14 @@ class AppState:
                     job.report(lo + (hi - lo) * frac, msg)
 
             if job is not None:
-                job.report(lo, f"statistics C of {self.layer}: {len(ds)} images")
+                job.report(lo, f"statistics C of {layer}: {len(ds)} images")
             with self.model_lock:
-                s = collect_second_moment(self.clf, self.layer, ProgressDataset(ds, report, "statistics C"),
+                s = collect_second_moment(self.clf, layer, ProgressDataset(ds, report, "statistics C"),
                                           cache_dir=self.cache_dir, progress=False, batch_size=16,
                                           device=self.clf.device)  # never move the model
-            self._stats[key], self._stats_images = s, len(ds)
+            self._stats[key] = s
+            if layer == self.layer:
+                self._stats_images = len(ds)
             return s
 
     def concept_rule(self, image: Image.Image, mask: np.ndarray):
@@ -397,9 +422,9 @@ class AppState:
             self.check_unedited()
             return rule_from_images(self.clf, self.layer, [image], [image], [mask], views=0)  # a key, not an edit
 
-    def build_rule(self, session: Session, exemplars: list[Exemplar]):
-        """One rule from every exemplar: pasted targets pair keys and values per location; picked key
-        regions pair the region's mean key with the exemplar's mean value."""
+    def build_rule(self, session: Session, exemplars: list[Exemplar], layer: str | None = None):
+        """One rule at ``layer`` (default :attr:`layer`) from every exemplar: pasted targets pair keys and
+        values per location; picked key regions pair the region's mean key with the exemplar's mean value."""
         from ..core.generalise import DEFAULT_VIEWS
         from ..core.rules import Rule, rule_from_images
 
@@ -414,7 +439,7 @@ class AppState:
             originals = [self.image(e.image_id, session) for e in pasted]
             with self.model_lock:
                 self.check_unedited()  # the values are the layer's outputs: its original weights
-                r = rule_from_images(self.clf, self.layer, originals, [e.manipulated for e in pasted],
+                r = rule_from_images(self.clf, layer or self.layer, originals, [e.manipulated for e in pasted],
                                      [e.mask for e in pasted], views=views)
             if views:
                 keep = ("views", "augmentation", "seed")

@@ -476,13 +476,16 @@ def rewrite_choosing_layer(
     layers: Sequence[str],
     rule_at: Callable[[str], Rule],
     stats_at: Callable[[str], Any],
+    *,
+    calibration_at: Callable[[str], Any] | None = None,
     **kwargs: Any,
 ) -> Edit:
     """:func:`rewrite` the same exemplars at each of ``layers`` and keep the edit whose own validation wins.
 
     ``rule_at(layer)`` reads the rule at a layer (with exemplar views, so each edit is validated) and
     ``stats_at(layer)`` gives that layer's statistics; ``kwargs`` go to :func:`rewrite` (``calibration=``
-    as data, not a :class:`~rulewriter.core.generalise.Calibration`, which belongs to one layer). The edits
+    as data, not a :class:`~rulewriter.core.generalise.Calibration`, which belongs to one layer; or
+    ``calibration_at(layer)``, e.g. each layer's cached Calibration). The edits
     are compared by :func:`rulewriter.core.generalise.choose_layer` on what each one's strength choice
     recorded (exemplars restored, within the locality budget, left-out views right), never on held-out
     photos; ties keep the earlier layer, so list the model's default first
@@ -504,7 +507,11 @@ def rewrite_choosing_layer(
         raise EditError("no layer to rewrite")
     if isinstance(kwargs.get("calibration"), Calibration) and len(layers) > 1:
         raise EditError("a Calibration belongs to one layer; pass the calibration images themselves")
-    edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **kwargs) for layer in layers]
+    if calibration_at is not None:
+        edits = [rewrite(classifier, rule_at(layer), stats_at(layer), calibration=calibration_at(layer), **kwargs)
+                 for layer in layers]
+    else:
+        edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **kwargs) for layer in layers]
     got = choose_layer(layers, [e.meta.get("strength", {}) for e in edits])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got

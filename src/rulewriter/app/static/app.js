@@ -336,6 +336,7 @@ function renderEditStatus() {
   const e = state.edit;
   $("#edit-status").textContent = !e ? "No edit. The model is unchanged."
     : `Edit (${e.source}): ${e.updates.map((u) => `${u.layer}, rank ${u.rank}`).join("; ")}`
+      + (e.layer_why ? ` (chose ${e.layer_why})` : "")
       + (e.strength != null ? `, strength ${e.strength}: ${e.why}` : "")
       + ". Applied only while predicting; the model file is never written.";
   updateButtons();
