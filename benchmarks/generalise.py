@@ -649,6 +649,16 @@ def probe_row(clf: Any, start: str, sc: Scenario, n: int, photos: Photos, cal: A
     return r
 
 
+def probe_table(rows: list[dict[str, Any]], extra: Sequence[tuple[str, Callable[[dict[str, Any]], Any]]]) -> str:
+    """Markdown: one line per :func:`probe_row` row: scenario, exemplars, the ``extra`` columns (header,
+    value of a row), then the calibration images changed and the rates."""
+    head = ["scenario", "exemplars", *[h for h, _ in extra], "calibration changed", "SR", "GR", "LR",
+            "LR_sensitive", "Δ top-1"]
+    return C.markdown_table(head, [[r["scenario"], r["n_exemplars"], *[get(r) for _, get in extra],
+                                    pct(r["cal_changed"]), pct(r["SR"]), pct(r["GR"]), pct(r["LR"]),
+                                    pct(r["LR_sensitive"]), f"{r['d_top1']:+.1f}"] for r in rows])
+
+
 def means_table(rows: list[dict[str, Any]], by: str) -> str:
     """Markdown: per value of ``row[by]`` and exemplar count, mean SR and GR over the scenarios, and the
     worst LR, near-tie LR and Δ top-1."""

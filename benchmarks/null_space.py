@@ -82,15 +82,11 @@ def probe(rows: list[dict[str, Any]]):
 def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     G.run_probe(argv, probe(rows), scenarios=SCENARIOS, exemplars="5,1")
-    head = ["scenario", "exemplars", "method", "strength", "calibration changed", "SR", "GR", "LR", "LR_sensitive",
-            "Δ top-1"]
-    table = [[r["scenario"], r["n_exemplars"], r["method"], f"{r['strength']:g}", G.pct(r["cal_changed"]),
-              G.pct(r["SR"]), G.pct(r["GR"]), G.pct(r["LR"]), G.pct(r["LR_sensitive"]), f"{r['d_top1']:+.1f}"]
-             for r in rows]
     md = ("# AlphaEdit's null space\n\nThe default's directions projected off the top eigenvectors of C holding "
           "99 % or 99.9 % of its trace, Λ refitted to the default's output on the pairs, each at its strongest "
           "strength within the locality budget that restores as many exemplars.\n\n"
-          + C.markdown_table(head, table) + "\n\n" + G.means_table(rows, "method"))
+          + G.probe_table(rows, [("method", lambda r: r["method"]), ("strength", lambda r: f"{r['strength']:g}")])
+          + "\n\n" + G.means_table(rows, "method"))
     C.write_results("null_space", {"rows": rows, "energies": list(ENERGIES)}, md)
     print(md)
     return 0

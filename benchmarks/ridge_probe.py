@@ -41,13 +41,10 @@ def probe(rows: list[dict[str, Any]]):
 def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     G.run_probe(argv, probe(rows), scenarios=SCENARIOS, exemplars="5,1")
-    head = ["scenario", "exemplars", "ridge", "candidate", "strength", "calibration changed", "SR", "GR", "LR",
-            "LR_sensitive", "Δ top-1"]
-    table = [[r["scenario"], r["n_exemplars"], r["ridge"], str(r["candidate"]), f"{r['strength']:g}",
-              G.pct(r["cal_changed"]), G.pct(r["SR"]), G.pct(r["GR"]), G.pct(r["LR"]), G.pct(r["LR_sensitive"]),
-              f"{r['d_top1']:+.1f}"] for r in rows]
     md = ("# The ridge as a knob\n\nThe default edit at each ridge (ε = ridge · tr(C)/d; default 1e-3).\n\n"
-          + C.markdown_table(head, table) + "\n\n" + G.means_table(rows, "ridge"))
+          + G.probe_table(rows, [("ridge", lambda r: r["ridge"]), ("candidate", lambda r: str(r["candidate"])),
+                                 ("strength", lambda r: f"{r['strength']:g}")])
+          + "\n\n" + G.means_table(rows, "ridge"))
     C.write_results("ridge_probe", {"rows": rows, "ridges": list(RIDGES)}, md)
     print(md)
     return 0

@@ -53,13 +53,10 @@ def probe(rows: list[dict[str, Any]]):
 def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     G.run_probe(argv, probe(rows), scenarios=SCENARIOS, exemplars="5,1")
-    head = ["scenario", "exemplars", "policy", "candidate", "strength", "calibration changed", "SR", "GR", "LR",
-            "LR_sensitive", "Δ top-1"]
-    table = [[r["scenario"], r["n_exemplars"], r["policy"], str(r["candidate"]), f"{r['strength']:g}",
-              G.pct(r["cal_changed"]), G.pct(r["SR"]), G.pct(r["GR"]), G.pct(r["LR"]), G.pct(r["LR_sensitive"]),
-              f"{r['d_top1']:+.1f}"] for r in rows]
     md = ("# Spending the budget\n\nThe default's candidate at its chosen strength, and at the strongest strength "
-          "within the locality budget that restores as many exemplars.\n\n" + C.markdown_table(head, table)
+          "within the locality budget that restores as many exemplars.\n\n"
+          + G.probe_table(rows, [("policy", lambda r: r["policy"]), ("candidate", lambda r: str(r["candidate"])),
+                                 ("strength", lambda r: f"{r['strength']:g}")])
           + "\n\n" + G.means_table(rows, "policy"))
     C.write_results("spend_budget", {"rows": rows}, md)
     print(md)

@@ -376,15 +376,21 @@ def test_edit_lifecycle(client, tiny, tmp_path):
         assert torch.equal(v, weights[k])
 
 
-def test_pasted_edits_are_validated_on_calibration_images_never_in_c(tiny, tmp_path):
-    """As in `rulewriter edit`: with enough statistics images, some are set aside as calibration images
-    (never C's), and an edit from pasted exemplars has its strength chosen under the locality budget; a key
-    region exemplar (no manipulated image to augment) keeps the closed form."""
+def _many(tmp_path) -> Path:
+    """60 random photos: enough for the app to set a tenth aside as calibration images."""
     d = tmp_path / "many"
     d.mkdir()
     rng = np.random.default_rng(1)
     for i in range(60):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i:02d}.png")
+    return d
+
+
+def test_pasted_edits_are_validated_on_calibration_images_never_in_c(tiny, tmp_path):
+    """As in `rulewriter edit`: with enough statistics images, some are set aside as calibration images
+    (never C's), and an edit from pasted exemplars has its strength chosen under the locality budget; a key
+    region exemplar (no manipulated image to augment) keeps the closed form."""
+    d = _many(tmp_path)
     app = create_app(tiny, d, out_dir=tmp_path / "out", stats_samples=10)
     state = app.state.rulewriter
     assert len(state.stats_paths) == 10 and len(state.calibration_paths) == 50
@@ -419,11 +425,7 @@ def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_p
     clf = load_classifier(Tiny(), labels=LABELS, preprocess=Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3),
                           default_layer="features.4")
     clf.candidate_layers = ("features.4", "features.2")
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(60):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i:02d}.png")
+    d = _many(tmp_path)
     app = create_app(clf, d, out_dir=tmp_path / "out", stats_samples=10)
     state = app.state.rulewriter
     assert state.layers == ["features.4", "features.2"] and state.layer == "features.4"
