@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ImageLoadError, RulewriterError
-from .common import DEFAULT_CACHE, add_command, add_model_args, load_model
+from .common import CHOSEN_LAYER_HELP, DEFAULT_CACHE, add_command, add_model_args, load_model
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     example="rulewriter app --images photos/ --stats-data ~/imagenet/val --stats-samples 2000")
     add_model_args(p)
     p.add_argument("--images", required=True, help="the image folder to browse (the only folder the app reads)")
-    p.add_argument("--layer", default=None, help="layer to edit (default: the model's default layer)")
+    p.add_argument("--layer", default=None, help=CHOSEN_LAYER_HELP)
     p.add_argument("--stats-data", default=None, help="image folder for the statistics C (default: --images)")
     p.add_argument("--stats-samples", type=int, default=None, help="use N images for the statistics (default: all)")
     p.add_argument("--out", default="rulewriter-app",

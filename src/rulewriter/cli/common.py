@@ -72,9 +72,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or other weights")
 
 
-def add_edit_args(p: argparse.ArgumentParser) -> None:
+#: ``--layer`` of the commands whose validated rewrite chooses among the model's candidate layers.
+CHOSEN_LAYER_HELP = ("dotted layer name (default: a validated edit is written at the model's candidate layers "
+                     "and kept at the one its validation prefers, e.g. efficientnet-lite0's blocks 15 and 11 "
+                     "and head conv; otherwise the model's default layer)")
+
+
+def add_edit_args(p: argparse.ArgumentParser, layer_help: str | None = None) -> None:
     """The layer, view and statistics options shared by ``stats``, ``edit``, ``heatmap`` and the studies."""
-    p.add_argument("--layer", default=None, help="dotted layer name (default: the model's default layer)")
+    p.add_argument("--layer", default=None,
+                   help=layer_help or "dotted layer name (default: the model's default layer)")
     p.add_argument("--view", type=int, default=2, choices=[1, 2, 3, 4], help="memory view (thesis Fig. 2-3)")
     p.add_argument("--stats", default=None, help="precomputed statistics file (from `rulewriter stats --out`)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

@@ -8,8 +8,8 @@ from pathlib import Path
 from ..core.edit import DEFAULT_RIDGE
 from ..core.generalise import DEFAULT_VIEWS
 from ..errors import RulewriterError
-from .common import (add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args, check_rule_args,
-                     edit_layers, emit, load_model, load_stats, resolve_layer)
+from .common import (CHOSEN_LAYER_HELP, add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args,
+                     check_rule_args, edit_layers, emit, load_model, load_stats, resolve_layer)
 
 
 def cmd_edit(args) -> None:
@@ -247,7 +247,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     example="rulewriter edit --original car.jpg --mask wheels.png --texture skimage:gravel "
                             "--stats-data photos/ --out gravel-wheel.safetensors")
     add_model_args(p)
-    add_edit_args(p)
+    add_edit_args(p, CHOSEN_LAYER_HELP)
     add_exemplar_args(p)
     p.add_argument("--from-features", action="store_true", help="paste the texture's features at the layer, not pixels")
     p.add_argument("--stats-data", default=None, help="image folder for the key statistics")

@@ -10,7 +10,7 @@ from ..errors import ImageLoadError, RulewriterError
 from ..studies.finetune import LEARNING_RATES
 from ..studies.report import percent
 from ..studies.spurious import DEFAULT_MIN_AREA, METHODS, FilteredSet, mitigate, probe
-from .common import add_command, add_edit_args, add_json_arg, add_model_args
+from .common import CHOSEN_LAYER_HELP, add_command, add_edit_args, add_json_arg, add_model_args
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -47,7 +47,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     example="rulewriter mitigate --probe probe-car-gravel --stats-data ~/imagenet/val "
                             "--stats-samples 5000 --out mitigate-car-gravel")
     add_model_args(p)
-    add_edit_args(p)
+    add_edit_args(p, CHOSEN_LAYER_HELP)
     p.add_argument("--probe", required=True, help="a probe output folder (or its filtered/ folder)")
     p.add_argument("--exemplars", type=int, default=5, help="training images taken from the filtered set")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
