@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ("# Values read downstream\n\nThe default edit's direction; Λ from the layer's clean features (the "
           "default's closed form × strength) or fitted to the views' logits at the same output energy "
           f"({STEPS} projected Adam steps).\n\n" + C.markdown_table(head, table) + "\n\n" + summary(rows))
-    C.write_results("downstream_values", {"rows": rows, "steps": STEPS, "ladder": list(LADDER)}, md)
-    print(md)
-    return 0
+    return G.report_probe("downstream_values", {"rows": rows, "steps": STEPS, "ladder": list(LADDER)}, md)
 
 
 if __name__ == "__main__":

@@ -659,6 +659,13 @@ def probe_table(rows: list[dict[str, Any]], extra: Sequence[tuple[str, Callable[
                                     pct(r["LR_sensitive"]), f"{r['d_top1']:+.1f}"] for r in rows])
 
 
+def report_probe(name: str, payload: dict[str, Any], md: str) -> int:
+    """Write a probe's ``results/<name>.{json,md}``, print the markdown; the exit status (0)."""
+    C.write_results(name, payload, md)
+    print(md)
+    return 0
+
+
 def means_table(rows: list[dict[str, Any]], by: str) -> str:
     """Markdown: per value of ``row[by]`` and exemplar count, mean SR and GR over the scenarios, and the
     worst LR, near-tie LR and Δ top-1."""

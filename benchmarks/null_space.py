@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 import generalise as G  # noqa: E402
 from spend_budget import SCENARIOS  # noqa: E402
 
@@ -87,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
           "strength within the locality budget that restores as many exemplars.\n\n"
           + G.probe_table(rows, [("method", lambda r: r["method"]), ("strength", lambda r: f"{r['strength']:g}")])
           + "\n\n" + G.means_table(rows, "method"))
-    C.write_results("null_space", {"rows": rows, "energies": list(ENERGIES)}, md)
-    print(md)
-    return 0
+    return G.report_probe("null_space", {"rows": rows, "energies": list(ENERGIES)}, md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 import generalise as G  # noqa: E402
 from spend_budget import SCENARIOS  # noqa: E402
 
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
           + G.probe_table(rows, [("ridge", lambda r: r["ridge"]), ("candidate", lambda r: str(r["candidate"])),
                                  ("strength", lambda r: f"{r['strength']:g}")])
           + "\n\n" + G.means_table(rows, "ridge"))
-    C.write_results("ridge_probe", {"rows": rows, "ridges": list(RIDGES)}, md)
-    print(md)
-    return 0
+    return G.report_probe("ridge_probe", {"rows": rows, "ridges": list(RIDGES)}, md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 import generalise as G  # noqa: E402
 
 SCENARIOS = "wood wheels,snow ground,gravel car,brick car,grass car,snow car,gravel bus,gravel animals"
@@ -58,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
           + G.probe_table(rows, [("policy", lambda r: r["policy"]), ("candidate", lambda r: str(r["candidate"])),
                                  ("strength", lambda r: f"{r['strength']:g}")])
           + "\n\n" + G.means_table(rows, "policy"))
-    C.write_results("spend_budget", {"rows": rows}, md)
-    print(md)
-    return 0
+    return G.report_probe("spend_budget", {"rows": rows}, md)
 
 
 if __name__ == "__main__":

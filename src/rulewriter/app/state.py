@@ -262,7 +262,7 @@ class AppState:
             w = LayerMemory(get_module(self.clf.model, at), 2, name=at).weight
             if not torch.equal(w.detach(), w0.to(w.device)):
                 raise RulewriterError(f"internal error: layer {at} does not hold its original weights; "
-                                  "refusing to read a rule or solve against another edit")
+                                      "refusing to read a rule or solve against another edit")
 
     def solve(self, rule, stats, session: Session | None = None, exemplars: list[Exemplar] | None = None,
               job: Job | None = None, lo: float = 0.0, hi: float = 1.0):

@@ -507,11 +507,10 @@ def rewrite_choosing_layer(
         raise EditError("no layer to rewrite")
     if isinstance(kwargs.get("calibration"), Calibration) and len(layers) > 1:
         raise EditError("a Calibration belongs to one layer; pass the calibration images themselves")
-    if calibration_at is not None:
-        edits = [rewrite(classifier, rule_at(layer), stats_at(layer), calibration=calibration_at(layer), **kwargs)
-                 for layer in layers]
-    else:
-        edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **kwargs) for layer in layers]
+    def at(layer: str) -> dict[str, Any]:
+        return kwargs if calibration_at is None else {**kwargs, "calibration": calibration_at(layer)}
+
+    edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **at(layer)) for layer in layers]
     got = choose_layer(layers, [e.meta.get("strength", {}) for e in edits])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got
