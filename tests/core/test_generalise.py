@@ -317,6 +317,93 @@ def test_calibration_counts_top1_changes_exactly(tiny):
     assert len(calibration_set(tiny, layer, tiny.preprocess.batch(imgs), limit=10)) == 10
 
 
+def test_a_calibration_measurement_that_may_stop_decides_as_the_full_one(tiny):
+    """``changed(stop=budget.rules_out(·, ref))`` measures the most fragile images first and stops once a
+    setting is ruled out; whatever it measured, its admission is the full measurement's, and a measurement
+    it did not stop is the full one."""
+    from rulewriter.core.generalise import LocalityBudget, calibration_set
+
+    layer = "features.2"
+    cal = calibration_set(tiny, layer, tiny.preprocess.batch(_images(60, seed=11)))
+    cal.batch_size = 10  # chunks of 5 images
+    torch.manual_seed(3)
+    w0 = LayerMemory(dict(tiny.model.named_modules())[layer], 2).matrix()
+    lam, d = torch.randn(w0.shape[0], 1).double(), torch.randn(w0.shape[1], 1).double()
+    edit = lambda s: Edit([LayerUpdate(layer, 2, s * lam, d)])  # noqa: E731
+    budget = LocalityBudget(changed=0.05, near_tie=1.0)
+    ref = cal.changed(tiny.model, edit(1.0))
+    stopped = 0
+    for s in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0):
+        full = cal.changed(tiny.model, edit(s))
+        part = cal.changed(tiny.model, edit(s), stop=lambda m: budget.rules_out(m, ref))
+        assert budget.admits(part) == budget.admits(full)
+        assert budget.rules_out(part, ref) == budget.rules_out(full, ref)
+        assert set(part["which"]) <= set(full["which"]) and part["changed"] <= full["changed"]
+        if part.get("complete", True):
+            assert part == full
+        else:
+            stopped += 1
+            assert part["measured"] < len(cal) and budget.rules_out(full, ref)
+    assert stopped  # some strength was ruled out early, so the stop is exercised, not vacuous
+    assert cal.margin is not None and torch.equal(cal.near_tie, cal.margin <= 0.05)
+
+
+class _InputViews:
+    """Exemplar views of a model on vectors: the manipulated views are noisy copies of the clean ones."""
+
+    def __init__(self, x: torch.Tensor, model: nn.Module) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.orig, self.man = x, x + 0.8 * torch.randn(x.shape, generator=g)
+        with torch.no_grad():
+            self.target = model(x).argmax(1)
+        self.group = torch.tensor([-1, -1, 0, 0, 1, 1, 2, 2])
+        self.own = self.group < 0
+
+    def __len__(self) -> int:
+        return len(self.orig)
+
+    @torch.no_grad()
+    def logits(self, model, which, idx):
+        return model((self.man if which == "man" else self.orig)[idx])
+
+
+def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
+    """``choose_strength`` hands its collateral the stop; the choice, every setting's admission and
+    scores are those of full measurements, with fewer calibration images run."""
+    from rulewriter.core.generalise import Calibration, LocalityBudget, choose_strength
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.fc1, model.act, model.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)
+    model.fc2.weight.data *= 10  # confident outputs: a dozen near ties among 200
+    x = 2 * torch.randn(200, 8)
+    with torch.no_grad():
+        logits = model(x)
+    p = logits.softmax(1).topk(2, 1).values
+    cal = Calibration(None, x, logits.argmax(1), (p[:, 0] - p[:, 1]) <= 0.05, batch_size=20, margin=p[:, 0] - p[:, 1])
+    views = _InputViews(2 * torch.randn(8, 8), model)
+    cands = [0.003, 0.01, 0.03]  # three directions, each of its own size: top-1 changes start at 1, 8, 30
+    dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
+    solve = lambda left_out, c: Edit([LayerUpdate("fc1", 2, *dirs[c])])  # noqa: E731
+    seen = []
+
+    def stopping(s, c, stop=None):
+        out = cal.changed(model, solve(None, c).scaled(s), stop=stop)
+        seen.append(out.get("measured", out["n"]))
+        return out
+
+    budget = LocalityBudget(changed=0.01, near_tie=0.1)
+    fast = choose_strength(model, views, solve, stopping, budget=budget, candidates=cands)
+    n_fast = sum(seen)
+    seen.clear()
+    slow = choose_strength(model, views, solve, lambda s, c: stopping(s, c), budget=budget, candidates=cands)
+    assert (fast.chosen, fast.candidate, fast.reason) == (slow.chosen, slow.candidate, slow.reason)
+    keys = ("strength", "candidate", "within_budget", "admitted", "exemplars_restored", "right", "mean_prob")
+    assert [[r[k] for k in keys] for r in fast.rows] == [[r[k] for k in keys] for r in slow.rows]
+    assert sum(r["within_budget"] for r in slow.rows) > 1  # more than the fallback competed
+    assert n_fast < sum(seen) == 200 * len(seen), (n_fast, sum(seen))  # some setting stopped early
+
+
 def test_locality_budget_admits():
     from rulewriter.core.generalise import LocalityBudget
 

@@ -36,6 +36,7 @@ map), so validating ten strengths costs a few tail passes, not full forward pass
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from contextlib import ExitStack
@@ -309,6 +310,15 @@ class LocalityBudget:
         nt = measured.get("changed_near_tie")
         return measured["changed"] <= self.changed + 1e-12 and (nt is None or nt <= self.near_tie + 1e-12)
 
+    def rules_out(self, measured: dict[str, Any], ref: dict[str, Any] | None = None) -> bool:
+        """True when ``measured``, possibly from only some of the calibration images, already settles that
+        a setting is inadmissible: over the budget, and (given the closed form's measurement ``ref``)
+        changing a calibration image that ``ref`` leaves alone. Both only grow as images are added, so
+        :meth:`Calibration.changed` may stop measuring once this holds."""
+        if self.admits(measured):
+            return False
+        return ref is None or not set(measured.get("which", ())) <= set(ref.get("which", ()))
+
     def describe(self) -> str:
         return (f"top-1 changes on at most {100 * self.changed:g}% of the calibration images and "
                 f"{100 * self.near_tie:g}% of their near ties")
@@ -333,6 +343,9 @@ class Calibration:
     #: The exact shortcut for edits of the last block's project conv (:class:`~rulewriter.core.tail.LinearTail`),
     #: where the model has one: a candidate then costs ~1/30 of a tail pass.
     linear: LinearTail | None = None
+    #: The unedited top-1 minus top-2 probability of each image: a measurement that may stop early
+    #: (``changed(stop=...)``) takes the smallest margins first. None: the images' own order.
+    margin: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.base.shape[0])
@@ -340,23 +353,54 @@ class Calibration:
     @torch.no_grad()
     def top1(self, model: nn.Module) -> torch.Tensor:
         """The model's top-1 on the calibration images as the model is now."""
-        p = next(model.parameters())
-        run = (lambda z: run_tail(model, self.start, z)) if self.start else model
-        return torch.cat([run(self.x[i:i + self.batch_size].to(p.device, p.dtype)).argmax(1).cpu()
-                          for i in range(0, len(self), self.batch_size)])
+        n = len(self)
+        return torch.cat([self._top1_of(model, torch.arange(i, min(i + self.batch_size, n)))
+                          for i in range(0, n, self.batch_size)])
 
-    def changed(self, model: nn.Module, edit: Any) -> dict[str, Any]:
-        """Share of calibration images (and of their near ties) whose top-1 ``edit`` changes."""
+    def changed(self, model: nn.Module, edit: Any, *,
+                stop: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """Share of calibration images (and of their near ties) whose top-1 ``edit`` changes.
+
+        With ``stop`` (e.g. ``lambda m: budget.rules_out(m, ref)``), the images are measured a chunk at a
+        time, the most fragile first (smallest unedited top-1 margin: they flip first), and the measurement
+        ends as soon as ``stop`` holds for what has been counted; the shares then count the changes found
+        so far against *all* the images (lower bounds) and ``complete`` is False. The decision ``stop``
+        expresses is exact; only the reported shares of a setting it rules out are partial.
+        """
+        n, nt = len(self), int(self.near_tie.sum())
         if self.linear is not None and self.linear.covers(model, edit):
-            top = self.linear.logits(model, edit).argmax(1)
-        else:
+            diff = self.linear.logits(model, edit).argmax(1) != self.base
+            done = n
+        elif stop is None:
             with edit.applied(model):
-                top = self.top1(model)
-        diff = top != self.base
-        nt = int(self.near_tie.sum())
-        return {"changed": float(diff.double().mean()), "n": len(self),
-                "changed_near_tie": float(diff[self.near_tie].double().mean()) if nt else None, "n_near_tie": nt,
-                "which": torch.nonzero(diff).flatten().tolist()}
+                diff = self.top1(model) != self.base
+            done = n
+        else:
+            order = torch.argsort(self.margin, stable=True) if self.margin is not None else torch.arange(n)
+            diff = torch.zeros(n, dtype=torch.bool)
+            done = 0
+            with edit.applied(model):
+                while done < n:
+                    idx = order[done:done + self.batch_size // 2]
+                    diff[idx] = self._top1_of(model, idx) != self.base[idx]
+                    done += int(idx.numel())
+                    if done < n and stop(self._shares(diff, n, nt, done)):
+                        break
+        return self._shares(diff, n, nt, done)
+
+    def _shares(self, diff: torch.Tensor, n: int, nt: int, done: int) -> dict[str, Any]:
+        out = {"changed": float(diff.double().sum()) / n, "n": n,
+               "changed_near_tie": float(diff[self.near_tie].double().sum()) / nt if nt else None, "n_near_tie": nt,
+               "which": torch.nonzero(diff).flatten().tolist()}
+        if done < n:
+            out.update(complete=False, measured=done)
+        return out
+
+    @torch.no_grad()
+    def _top1_of(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        p = next(model.parameters())
+        z = self.x[idx].to(p.device, p.dtype)
+        return (run_tail(model, self.start, z) if self.start else model(z)).argmax(1).cpu()
 
 
 def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATION_IMAGES, seed: int = 0,
@@ -389,8 +433,9 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
     linear = LinearTail.build(classifier.model, layer, keys)
     if linear is not None and not torch.equal(linear.logits(classifier.model).argmax(1), logits.argmax(1).cpu()):
         linear = None  # a top-1 the shortcut rounds differently would count as a change: trust the tail
+    margin = (prob[:, 0] - prob[:, 1]).cpu()
     return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
-                       ((prob[:, 0] - prob[:, 1]) <= NEAR_TIE).cpu(), linear=linear)
+                       margin <= NEAR_TIE, linear=linear, margin=margin)
 
 
 def calibration_split(data: Any, samples: int | None = None, *, seed: int = 0, limit: int = CALIBRATION_IMAGES
@@ -491,7 +536,10 @@ def choose_strength(
             :class:`~rulewriter.edit.Edit` fitted without the views of fold ``left_out`` (None: all views).
         collateral: ``collateral(s)`` (or ``collateral(s, candidate)``): the full edit's collateral at
             strength ``s``: with a :class:`LocalityBudget`, the dict of :meth:`Calibration.changed`; with a
-            number, the relative output energy on the statistics images (:func:`relative_collateral`).
+            number, the relative output energy on the statistics images (:func:`relative_collateral`). A
+            ``collateral`` that takes a ``stop`` keyword gets, for every setting but the closed form, the
+            predicate :meth:`LocalityBudget.rules_out` against the closed form's measurement, to pass on to
+            :meth:`Calibration.changed` (a setting it rules out is measured on only some of the images).
         strengths: the candidate strengths; 1 (the closed form) is always among them.
         budget: a :class:`LocalityBudget` or the largest relative output energy; strength 1 of the first
             candidate is always admissible (the thesis's edit is the fallback), and where it is over the
@@ -528,6 +576,10 @@ def choose_strength(
     measured: dict[tuple[int, float], Any] = {}
     admitted: dict[tuple[int, float], str] = {}  # why a setting is admissible: "budget", "fallback", "no new change"
     measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
+    # A measurement may stop once it rules its setting out (over the budget and changing an image the
+    # closed form leaves alone): that is all the admission below asks of it.
+    kw = ({"stop": lambda m: budget.rules_out(m, ref)} if isinstance(budget, LocalityBudget)
+          and "stop" in inspect.signature(collateral).parameters else {})
     for ci, cand in enumerate(cands):
         over = False
         for s in strengths:
@@ -535,7 +587,7 @@ def choose_strength(
                 measured[ci, s] = None
                 continue
             if (ci, s) not in measured:
-                measured[ci, s] = collateral(s) if single else collateral(s, cand)
+                measured[ci, s] = collateral(s, **kw) if single else collateral(s, cand, **kw)
             if ci == 0 and s == 1.0:
                 admitted[ci, s] = "fallback" if not _admits(ref, budget) else "budget"
             elif _admits(measured[ci, s], budget):

@@ -591,12 +591,12 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     views = rule.views
     pair_group = views.group[rule.pair_view]
 
-    def measure(lam_c: torch.Tensor, d_c: torch.Tensor, s: float) -> Any:
+    def measure(lam_c: torch.Tensor, d_c: torch.Tensor, s: float, stop=None) -> Any:
         energy = relative_collateral(w0, (lam_c, d_c), c, reference=reference) * s * s
         if not isinstance(budget, LocalityBudget):
             return energy
         edit = Edit([LayerUpdate(layer, view, lam_c * s, d_c)])
-        return {**calibration.changed(classifier.model, edit), "energy": energy}
+        return {**calibration.changed(classifier.model, edit, stop=stop), "energy": energy}
 
     def fold_edit(left_out: int | None, cand: tuple | None = None) -> Edit:
         keep = torch.ones_like(pair_group, dtype=torch.bool) if left_out is None else pair_group != left_out
@@ -610,19 +610,13 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         return Edit([LayerUpdate(layer, view, lam_f, d_f)])
 
     if cands is None:
-        out = choose_strength(classifier.model, views, fold_edit, lambda s: measure(lam, d, s), budget=budget)
+        out = choose_strength(classifier.model, views, fold_edit, lambda s, stop=None: measure(lam, d, s, stop),
+                              budget=budget)
         return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
     full: dict[tuple, tuple] = {}
 
-    def cand_collateral(s: float, cand: tuple) -> Any:
-        if cand not in full:
-            lam_c, d_c, _, _ = solve(parts if cand[2] else _own_pairs(rule, parts), cand[0], cand[1])
-            full[cand] = (lam_c, d_c)
-        return measure(*full[cand], s)
-
-    def energy(s: float, cand: tuple) -> float:
-        got = cand_collateral(s, cand)
-        return got["energy"] if isinstance(got, dict) else got
+    def cand_collateral(s: float, cand: tuple, stop=None) -> Any:
+        return measure(*full[cand], s, stop)
 
     def safe_fold(left_out: int | None, cand: tuple) -> Edit:
         try:
@@ -639,4 +633,5 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         full[cand] = (lam_c, d_c)
         ok.append(cand)
     out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
-    return {**out.to_dict(), "collateral": energy(out.chosen, tuple(out.candidate))}
+    lam_c, d_c = full[tuple(out.candidate)]  # the output energy alone: no calibration pass
+    return {**out.to_dict(), "collateral": relative_collateral(w0, (lam_c, d_c), c, reference=reference) * out.chosen ** 2}
