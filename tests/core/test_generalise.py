@@ -404,6 +404,55 @@ def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
     assert n_fast < sum(seen) == 200 * len(seen), (n_fast, sum(seen))  # some setting stopped early
 
 
+def test_a_choice_that_cannot_restore_enough_exemplars_stops_early_and_only_then():
+    """``restore_at_least`` prunes exactly the choices whose admissible settings all restore fewer
+    exemplars: below that share the choice is unchanged, above it the closed form is returned, marked
+    pruned, after fewer calibration images."""
+    from rulewriter.core.generalise import Calibration, LocalityBudget, choose_layer, choose_strength
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.fc1, model.act, model.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)
+    model.fc2.weight.data *= 10
+    x = 2 * torch.randn(200, 8)
+    with torch.no_grad():
+        logits = model(x)
+    p = logits.softmax(1).topk(2, 1).values
+    cal = Calibration(None, x, logits.argmax(1), (p[:, 0] - p[:, 1]) <= 0.05, batch_size=20, margin=p[:, 0] - p[:, 1])
+    budget = LocalityBudget(changed=0.05, near_tie=0.3)
+    pruned_any = False
+    for seed in range(6):
+        torch.manual_seed(seed)
+        views = _InputViews(2 * torch.randn(8, 8), model)
+        cands = [0.01, 0.03, 0.1]
+        dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
+        solve = lambda left_out, c: Edit([LayerUpdate("fc1", 2, *dirs[c])])  # noqa: E731
+        seen = []
+
+        def coll(s, c, stop=None):
+            out = cal.changed(model, solve(None, c).scaled(s), stop=stop)
+            seen.append(out.get("measured", out["n"]))
+            return out
+
+        full = choose_strength(model, views, solve, coll, budget=budget, candidates=cands)
+        n_full = sum(seen)
+        best = max(r["exemplars_restored"] for r in full.rows if r["within_budget"]) / 2
+        seen.clear()
+        same = choose_strength(model, views, solve, coll, budget=budget, candidates=cands, restore_at_least=best)
+        assert (same.chosen, same.candidate, same.reason, same.rows) == (full.chosen, full.candidate, full.reason,
+                                                                         full.rows)
+        if best < 1:
+            seen.clear()
+            cut = choose_strength(model, views, solve, coll, budget=budget, candidates=cands,
+                                  restore_at_least=best + 0.5)
+            assert cut.pruned and cut.chosen == 1.0 and not cut.rows and sum(seen) < n_full
+            assert cut.to_dict()["pruned"] and "not validated in full" in cut.reason
+            # a pruned record scores nothing in the layer choice
+            assert choose_layer(["a", "b"], [full.to_dict(), cut.to_dict()])["chosen"] == "a"
+            pruned_any = True
+    assert pruned_any
+
+
 def test_locality_budget_admits():
     from rulewriter.core.generalise import LocalityBudget
 
@@ -619,7 +668,11 @@ def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny):
     edit = rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer), calibration=cal)
     alone = [rewrite(tiny, rule_at(layer), _stats(tiny, layer), calibration=cal) for layer in layers]
     want = choose_layer(layers, [e.meta["strength"] for e in alone])
-    assert edit.meta["layer_choice"] == want and edit.updates[0].layer == want["chosen"] == edit.meta["layer"]
+    got = edit.meta["layer_choice"]
+    assert (got["chosen"], got["index"]) == (want["chosen"], want["index"])
+    assert edit.updates[0].layer == want["chosen"] == edit.meta["layer"]
+    for row, full in zip(got["layers"], want["layers"]):  # a pruned layer could not have won
+        assert row == full or ("pruned" in row and full["score"][0] < want["layers"][0]["score"][0])
     torch.testing.assert_close(edit.updates[0].delta(), alone[want["index"]].updates[0].delta())
     json.dumps(edit.meta)
     with pytest.raises(EditError, match="belongs to one layer"):

@@ -480,6 +480,8 @@ class StrengthChoice:
     folds: int = 0
     n_validation: int = 0
     candidate: Any = None
+    #: True where the validation stopped early (``restore_at_least``): this choice cannot win a layer.
+    pruned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         budget = ({"changed": self.budget.changed, "near_tie": self.budget.near_tie}
@@ -488,6 +490,8 @@ class StrengthChoice:
                "n_validation": self.n_validation, "candidates": self.rows}
         if self.candidate is not None:
             out["candidate"] = self.candidate
+        if self.pruned:
+            out["pruned"] = True
         return out
 
 
@@ -526,6 +530,7 @@ def choose_strength(
     strengths: Sequence[float] = STRENGTHS,
     budget: float | LocalityBudget = DEFAULT_COLLATERAL,
     candidates: Sequence[Any] | None = None,
+    restore_at_least: float | None = None,
 ) -> StrengthChoice:
     """Pick the update's magnitude (and, given ``candidates``, its rank) by validation on left-out views.
 
@@ -546,6 +551,11 @@ def choose_strength(
             budget itself, so is every setting that changes only calibration images it changes too.
         candidates: other knobs to choose with the strength (e.g. ``(context, rank)`` pairs), simplest
             first; None: the strength alone.
+        restore_at_least: a share of the exemplars (what another layer's edit restores, in
+            :func:`rewrite_choosing_layer <rulewriter.core.rules.rewrite_choosing_layer>`). Where no admissible
+            setting restores that share, the choice could not win :func:`choose_layer`, so it stops once that
+            is settled, before the settings within the budget are measured in full and validated: the
+            closed form, with ``pruned`` set and no rows. Exact: it prunes only what could not win.
 
     Strengths are measured against the budget in increasing order; once one is over it, the larger ones of
     that candidate are not measured (collateral grows with the strength: exactly so for the output energy,
@@ -580,32 +590,60 @@ def choose_strength(
     # closed form leaves alone): that is all the admission below asks of it.
     kw = ({"stop": lambda m: budget.rules_out(m, ref)} if isinstance(budget, LocalityBudget)
           and "stop" in inspect.signature(collateral).parameters else {})
+
+    def admit(ci: int, s: float) -> str | None:
+        """Measure setting (ci, s) once and say why it is admissible on its own measurement (None: not)."""
+        if (ci, s) not in measured:
+            measured[ci, s] = collateral(s, **kw) if single else collateral(s, cands[ci], **kw)
+        if ci == 0 and s == 1.0:
+            return "fallback" if not _admits(ref, budget) else "budget"
+        if _admits(measured[ci, s], budget):
+            return "budget"
+        return "no new change" if _no_worse(measured[ci, s], ref) else None
+
+    full_edits: dict[int, Any] = {}
+    restored_at: dict[tuple[int, float], int] = {}
+
+    def restores(ci: int, s: float) -> int:
+        """How many of the exemplars themselves the edit fitted on all views restores at (ci, s)."""
+        if (ci, s) not in restored_at:
+            if ci not in full_edits:
+                full_edits[ci] = solve(None) if single else solve(None, cands[ci])
+            with full_edits[ci].scaled(s).applied(model):
+                top = views.logits(model, "man", own_idx).argmax(1)
+            restored_at[ci, s] = int((top == views.target[own_idx]).sum())
+        return restored_at[ci, s]
+
+    if restore_at_least is not None and own_idx.numel():
+        # The winner restores the most exemplars of any admissible setting. A candidate reaches the share
+        # only if every strength up to the first that restores it is admissible (candidates stop at their
+        # first strength over the budget); that first one is measured first, as it is the likeliest over.
+        need = restore_at_least * int(own_idx.numel()) - 1e-9
+
+        def reaches(ci: int) -> bool:
+            enough = [s for s in strengths if restores(ci, s) >= need]
+            return bool(enough) and admit(ci, enough[0]) is not None and \
+                all(admit(ci, s) is not None for s in strengths if s < enough[0])
+
+        if not any(reaches(ci) for ci in range(len(cands))):
+            out = StrengthChoice(1.0, f"not validated in full: no setting within the budget restores "
+                                 f"{100 * restore_at_least:.0f}% of the exemplars (the closed form, strength 1)",
+                                 budget=budget)
+            out.pruned = True
+            out.candidate = None if single else cands[0]
+            return out
     for ci, cand in enumerate(cands):
         over = False
         for s in strengths:
             if over and (ci, s) != (0, 1.0):  # the fallback is admissible whatever a smaller strength measured
                 measured[ci, s] = None
                 continue
-            if (ci, s) not in measured:
-                measured[ci, s] = collateral(s, **kw) if single else collateral(s, cand, **kw)
-            if ci == 0 and s == 1.0:
-                admitted[ci, s] = "fallback" if not _admits(ref, budget) else "budget"
-            elif _admits(measured[ci, s], budget):
-                admitted[ci, s] = "budget"
-            elif _no_worse(measured[ci, s], ref):
-                admitted[ci, s] = "no new change"
-            over = (ci, s) not in admitted
+            why = admit(ci, s)
+            if why is not None:
+                admitted[ci, s] = why
+            over = why is None
     todo = {ci: [s for s in strengths if (ci, s) in admitted] for ci in range(len(cands))}
-    restored = {key: 0 for key in measured}
-    if own_idx.numel():  # the exemplars themselves under the edit fitted on everything
-        for ci, cand in enumerate(cands):
-            if not todo[ci]:
-                continue
-            full = solve(None) if single else solve(None, cand)
-            for s in todo[ci]:
-                with full.scaled(s).applied(model):
-                    top = views.logits(model, "man", own_idx).argmax(1)
-                restored[ci, s] = int((top == views.target[own_idx]).sum())
+    restored = {key: (restores(*key) if key in admitted and own_idx.numel() else 0) for key in measured}
     right = {key: 0 for key in measured}
     fixed, kept = dict(right), dict(right)
     prob = {key: 0.0 for key in measured}
@@ -680,9 +718,12 @@ def choose_strength(
 # ------------------------------------------------------------------------------------------ the layer
 def chosen_row(choice: dict[str, Any]) -> dict[str, Any] | None:
     """The row of a strength record (``edit.meta["strength"]``, :meth:`StrengthChoice.to_dict`) that won."""
+    def plain(c: Any) -> Any:  # a candidate tuple reads back from JSON as a list
+        return list(c) if isinstance(c, (tuple, list)) else c
+
     cand = choice.get("candidate")
     for r in choice.get("candidates", []):
-        if r["strength"] == choice["chosen"] and (cand is None or list(r.get("candidate") or []) == list(cand)):
+        if r["strength"] == choice["chosen"] and (cand is None or plain(r.get("candidate")) == plain(cand)):
             return r
     return None
 
@@ -696,8 +737,9 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
     exemplars it restores, then being within the locality budget (not the fallback or a setting admitted for
     adding no calibration change to it), then the share of left-out exemplar views right, then the mean
     probability of the right class; ties go to the earlier layer. A record without validation rows (no
-    views, an energy budget's run without folds) scores nothing, so the default layer is kept unless
-    another layer was validated. Returns a JSON-ready dict: ``chosen`` (the layer), ``index``, ``reason``
+    views, an energy budget's run without folds, a validation pruned because it could not restore as many
+    exemplars as an earlier layer's) scores nothing, so the default layer is kept unless another layer was
+    validated. Returns a JSON-ready dict: ``chosen`` (the layer), ``index``, ``reason``
     and one score row per layer.
 
     Example:
@@ -712,7 +754,8 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
     for layer, ch in zip(layers, choices):
         r = chosen_row(ch)
         if r is None or r.get("right") is None or not r.get("of"):
-            rows.append({"layer": layer, "score": None, "strength": ch.get("chosen")})
+            rows.append({"layer": layer, "score": None, "strength": ch.get("chosen"),
+                         **({"pruned": ch["reason"]} if ch.get("pruned") else {})})
             continue
         restored = r["exemplars_restored"] / r["exemplars"] if r.get("exemplars") else 0.0
         score = (restored, r.get("admitted") == "budget", r["right"] / r["of"], round(float(r["mean_prob"]), 6))
@@ -730,5 +773,6 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
               f"{b['right']}/{b['of']} left-out views right, "
               f"{'within the budget' if b['within_budget'] else 'the fallback'}; "
               + ", ".join(f"{r['layer']} {r['exemplars_restored']}/{r['exemplars']} and {r['right']}/{r['of']}"
-                          for i, r in enumerate(rows) if i != best and r["score"] is not None))
+                          if r["score"] is not None else f"{r['layer']} {r['pruned']}"
+                          for i, r in enumerate(rows) if i != best and (r["score"] is not None or "pruned" in r)))
     return {"chosen": b["layer"], "index": best, "reason": reason.rstrip("; "), "layers": rows}

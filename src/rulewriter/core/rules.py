@@ -315,6 +315,7 @@ def rewrite(
     strength: float | str = "auto",
     budget: Any = None,
     calibration: Any = None,
+    restore_at_least: float | None = None,
 ) -> Edit:
     """Solve for the update that makes the layer map each rule's keys to its values.
 
@@ -355,6 +356,10 @@ def rewrite(
             mapping to its output exactly (``ΔW K_p = 0``). Apply the result together with them
             (``sum``/``compose``, ``predict --edit A --edit B``). Without ``on`` the edit is solved alone,
             and summing it with others is approximate.
+        restore_at_least: with ``strength="auto"``, a share of the exemplars another edit of the same rule
+            restores (:func:`rewrite_choosing_layer` passes the best of the layers before): where no setting
+            within the budget restores that share, the validation stops early and the edit is the closed
+            form, its ``meta["strength"]["pruned"]`` set (it cannot win the layer choice).
 
     Returns:
         an :class:`~rulewriter.core.edit.Edit` with one rank-r update and a JSON description of the rules.
@@ -434,7 +439,7 @@ def rewrite(
     cands = ([(ctx, r, aug) for ctx, r in [("mean", 1), ("uniform", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
-                       cands, on, calibration)
+                       cands, on, calibration, restore_at_least)
     if choice.get("candidate"):
         context, rank, aug = choice["candidate"]
         choice["augmented"] = bool(aug)
@@ -500,7 +505,7 @@ def rewrite_choosing_layer(
             lambda l: collect_second_moment(clf, l, stats_paths), calibration=cal_paths)
         edit.meta["layer_choice"]["chosen"], edit.meta["layer_choice"]["reason"]    # doctest: +SKIP
     """
-    from .generalise import Calibration, choose_layer
+    from .generalise import Calibration, choose_layer, chosen_row
 
     layers = list(dict.fromkeys(layers))
     if not layers:
@@ -510,7 +515,16 @@ def rewrite_choosing_layer(
     def at(layer: str) -> dict[str, Any]:
         return kwargs if calibration_at is None else {**kwargs, "calibration": calibration_at(layer)}
 
-    edits = [rewrite(classifier, rule_at(layer), stats_at(layer), **at(layer)) for layer in layers]
+    edits: list[Edit] = []
+    best: float | None = None  # the largest share of exemplars a layer's edit so far restores
+    for layer in layers:
+        # A layer whose edit cannot restore as many exemplars as an earlier one's cannot win choose_layer:
+        # its validation stops as soon as that is settled (exact; it saves the unneeded measurements).
+        edits.append(rewrite(classifier, rule_at(layer), stats_at(layer), **at(layer), restore_at_least=best))
+        row = chosen_row(edits[-1].meta.get("strength", {}))
+        if row is not None and row.get("exemplars"):
+            share = row["exemplars_restored"] / row["exemplars"]
+            best = share if best is None else max(best, share)
     got = choose_layer(layers, [e.meta.get("strength", {}) for e in edits])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got
@@ -551,7 +565,7 @@ def _own_pairs(rule: Rule, parts):
 
 def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
               strength: float | str, budget: Any, solver: str, cands: list | None = None,
-              on: Sequence[Edit] = (), calibration: Any = None) -> dict:
+              on: Sequence[Edit] = (), calibration: Any = None, restore_at_least: float | None = None) -> dict:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
     from .generalise import (DEFAULT_COLLATERAL, Calibration, LocalityBudget, StrengthChoice, calibration_set,
                              choose_strength, relative_collateral)
@@ -611,7 +625,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
 
     if cands is None:
         out = choose_strength(classifier.model, views, fold_edit, lambda s, stop=None: measure(lam, d, s, stop),
-                              budget=budget)
+                              budget=budget, restore_at_least=restore_at_least)
         return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
     full: dict[tuple, tuple] = {}
 
@@ -632,6 +646,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
             continue
         full[cand] = (lam_c, d_c)
         ok.append(cand)
-    out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok)
+    out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok,
+                          restore_at_least=restore_at_least)
     lam_c, d_c = full[tuple(out.candidate)]  # the output energy alone: no calibration pass
     return {**out.to_dict(), "collateral": relative_collateral(w0, (lam_c, d_c), c, reference=reference) * out.chosen ** 2}
