@@ -672,9 +672,39 @@ def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny):
     assert (got["chosen"], got["index"]) == (want["chosen"], want["index"])
     assert edit.updates[0].layer == want["chosen"] == edit.meta["layer"]
     for row, full in zip(got["layers"], want["layers"]):  # a pruned layer could not have won
-        assert row == full or ("pruned" in row and full["score"][0] < want["layers"][0]["score"][0])
+        assert row == full or ("pruned" in row and full["score"][0] < max(
+            r["score"][0] for r in want["layers"] if r["score"] is not None))
     torch.testing.assert_close(edit.updates[0].delta(), alone[want["index"]].updates[0].delta())
     json.dumps(edit.meta)
     with pytest.raises(EditError, match="belongs to one layer"):
         rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer),
                                calibration=calibration_set(tiny, layers[0], cal))
+
+
+def test_rewrite_choosing_layer_writes_the_default_then_deeper_layers_and_passes_the_share_to_beat(tiny, monkeypatch):
+    """Order and threshold of the pruning: the default layer first, then the deeper layers; each later
+    layer is asked to restore at least the best share written so far, and a pruned record cannot win."""
+    import rulewriter.core.rules as R
+
+    calls = []
+    shares = {"features.2": (1, 3), "features.4": (2, 3), "features.0": (3, 3)}
+
+    def fake(classifier, rule, stats, *, restore_at_least=None, **kw):
+        calls.append((rule, restore_at_least))
+        got, of = shares[rule]
+        rec = {"chosen": 1.0, "candidates": [{"strength": 1.0, "exemplars": of, "exemplars_restored": got,
+                                               "admitted": "budget", "right": 5, "of": 10, "mean_prob": 0.5}]}
+        if restore_at_least is not None and got / of < restore_at_least:
+            rec = {"chosen": 1.0, "reason": "not validated in full", "pruned": True, "candidates": []}
+        return Edit([], {"strength": rec, "layer": rule})
+
+    monkeypatch.setattr(R, "rewrite", fake)
+    edit = R.rewrite_choosing_layer(tiny, ["features.2", "features.0", "features.4"], lambda layer: layer,
+                                    lambda layer: None)
+    assert calls == [("features.2", None), ("features.4", 1 / 3), ("features.0", 2 / 3)]
+    assert edit.meta["layer_choice"]["chosen"] == "features.0"
+    shares["features.0"] = (0, 3)  # now the shallow layer cannot beat block 4's 2/3: pruned, and it loses
+    calls.clear()
+    got = R.rewrite_choosing_layer(tiny, ["features.2", "features.0", "features.4"], lambda layer: layer,
+                                   lambda layer: None).meta["layer_choice"]
+    assert got["chosen"] == "features.4" and "pruned" in got["layers"][1] and "not validated" in got["reason"]

@@ -495,7 +495,10 @@ def rewrite_choosing_layer(
     recorded (exemplars restored, within the locality budget, left-out views right), never on held-out
     photos; ties keep the earlier layer, so list the model's default first
     (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`). The chosen edit's
-    ``meta["layer_choice"]`` keeps every layer's scores and the reason.
+    ``meta["layer_choice"]`` keeps every layer's scores and the reason. The default layer is written
+    first, then the deeper layers before the shallower; a layer whose admissible settings cannot restore
+    as many exemplars as a layer already written is not validated in full (``restore_at_least``; its row
+    says ``pruned``): it could not have won, so the choice is exactly that of every layer in full.
 
     Example::
 
@@ -515,17 +518,22 @@ def rewrite_choosing_layer(
     def at(layer: str) -> dict[str, Any]:
         return kwargs if calibration_at is None else {**kwargs, "calibration": calibration_at(layer)}
 
-    edits: list[Edit] = []
+    # The default layer first, then the deeper layers before the shallower (their tails are shorter, so
+    # their measurements cheaper). A layer whose edit cannot restore as many exemplars as one already
+    # written cannot win choose_layer: its validation stops as soon as that is settled. Both are exact:
+    # the choice is the one every layer validated in full would give, in the order given.
+    position = {name: i for i, (name, _) in enumerate(classifier.model.named_modules())}
+    order = [0] + sorted(range(1, len(layers)), key=lambda i: -position.get(layers[i], -1))
+    edits: dict[int, Edit] = {}
     best: float | None = None  # the largest share of exemplars a layer's edit so far restores
-    for layer in layers:
-        # A layer whose edit cannot restore as many exemplars as an earlier one's cannot win choose_layer:
-        # its validation stops as soon as that is settled (exact; it saves the unneeded measurements).
-        edits.append(rewrite(classifier, rule_at(layer), stats_at(layer), **at(layer), restore_at_least=best))
-        row = chosen_row(edits[-1].meta.get("strength", {}))
+    for i in order:
+        edits[i] = rewrite(classifier, rule_at(layers[i]), stats_at(layers[i]), **at(layers[i]),
+                           restore_at_least=best)
+        row = chosen_row(edits[i].meta.get("strength", {}))
         if row is not None and row.get("exemplars"):
             share = row["exemplars_restored"] / row["exemplars"]
             best = share if best is None else max(best, share)
-    got = choose_layer(layers, [e.meta.get("strength", {}) for e in edits])
+    got = choose_layer(layers, [edits[i].meta.get("strength", {}) for i in range(len(layers))])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got
     return edit
