@@ -62,6 +62,30 @@ def test_rule_from_images_and_exact_single_rule(tiny, layer):
     assert edit.updates[0].rank == 1 and edit.meta["rules"][0]["method"] == "images"
 
 
+@pytest.mark.parametrize("views", [0, 4])
+def test_rules_at_several_layers_are_each_layers_own_rule(tiny, views):
+    """One pass over the exemplars (and their views) for every layer gives exactly the rules read one layer
+    at a time: pairs, the views' cached tail inputs, targets and folds."""
+    from rulewriter.core.rules import rules_from_images
+
+    orig, man, masks = _images(3), _images(3, seed=1), _masks(3)
+    layers = ["features.4", "features.2"]
+    both = rules_from_images(tiny, layers, orig, man, masks, views=views)
+    assert list(both) == layers
+    for layer in layers:
+        one = rule_from_images(tiny, layer, orig, man, masks, views=views)
+        r = both[layer]
+        assert r.layer == layer and r.description == one.description
+        for a, b in [(r.keys, one.keys), (r.values, one.values), (r.weights, one.weights)]:
+            assert torch.equal(a, b)
+        if views:
+            assert torch.equal(r.pair_view, one.pair_view) and r.views.start == one.views.start
+            for f in ("x_orig", "x_man", "target", "group", "own"):
+                assert torch.equal(getattr(r.views, f), getattr(one.views, f)), f
+        else:
+            assert r.views is None and one.views is None
+
+
 def test_pairs_fit_reduces_the_rule_error_and_rank_r(tiny):
     layer = "features.2"
     rule = rule_from_images(tiny, layer, _images(2), _images(2, seed=1), _masks(2))

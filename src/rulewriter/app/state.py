@@ -290,9 +290,9 @@ class AppState:
                                       layer=at)
         with self.model_lock:
             self.check_unedited()
-            return rewrite_choosing_layer(
-                self.clf, self.layers, lambda at: rule if at == self.layer else self.build_rule(session, exemplars, at),
-                stats_by.__getitem__, calibration_at=self.calibration)
+            rules = {self.layer: rule, **self.build_rules(session, exemplars, others)}
+            return rewrite_choosing_layer(self.clf, self.layers, rules.__getitem__, stats_by.__getitem__,
+                                          calibration_at=self.calibration)
 
     def calibration(self, layer: str | None = None):
         """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` of ``layer`` (default
@@ -422,6 +422,28 @@ class AppState:
             self.check_unedited()
             return rule_from_images(self.clf, self.layer, [image], [image], [mask], views=0)  # a key, not an edit
 
+    def _described(self, r, session: Session, exemplars: list[Exemplar]):
+        keep = ("views", "augmentation", "seed")
+        r.description = {"method": "app", **{k: r.description[k] for k in keep if k in r.description},
+                         "exemplars": [{"image": self.image_name(e.image_id, session), "target": e.target,
+                                        **e.spec} for e in exemplars]}
+        return r
+
+    def build_rules(self, session: Session, exemplars: list[Exemplar], layers: list[str]) -> dict:
+        """:meth:`build_rule` at each of ``layers``; a validated rule (every exemplar pasted, calibration
+        images at hand) is read at all of them from one pass over the exemplars and their views."""
+        from ..core.generalise import DEFAULT_VIEWS
+        from ..core.rules import rules_from_images
+
+        if not (exemplars and self.calibration_paths and all(e.target in ("texture", "region") for e in exemplars)):
+            return {layer: self.build_rule(session, exemplars, layer) for layer in layers}
+        originals = [self.image(e.image_id, session) for e in exemplars]
+        with self.model_lock:
+            self.check_unedited()  # the values are the layer's outputs: its original weights
+            rules = rules_from_images(self.clf, layers, originals, [e.manipulated for e in exemplars],
+                                      [e.mask for e in exemplars], views=DEFAULT_VIEWS)
+        return {layer: self._described(r, session, exemplars) for layer, r in rules.items()}
+
     def build_rule(self, session: Session, exemplars: list[Exemplar], layer: str | None = None):
         """One rule at ``layer`` (default :attr:`layer`) from every exemplar: pasted targets pair keys and
         values per location; picked key regions pair the region's mean key with the exemplar's mean value."""
@@ -442,11 +464,7 @@ class AppState:
                 r = rule_from_images(self.clf, layer or self.layer, originals, [e.manipulated for e in pasted],
                                      [e.mask for e in pasted], views=views)
             if views:
-                keep = ("views", "augmentation", "seed")
-                r.description = {"method": "app", **{k: r.description[k] for k in keep if k in r.description},
-                                 "exemplars": [{"image": self.image_name(e.image_id, session), "target": e.target,
-                                                **e.spec} for e in exemplars]}
-                return r
+                return self._described(r, session, exemplars)
             keys.append(r.keys), values.append(r.values), weights.append(r.weights)
         for e in exemplars:
             if e.target == "key":

@@ -13,7 +13,7 @@ from .common import (CHOSEN_LAYER_HELP, add_command, add_edit_args, add_exemplar
 
 
 def cmd_edit(args) -> None:
-    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rule_from_images
+    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rules_from_images
     from ..models.data import load_image
 
     out = check_rule_args(args)
@@ -27,19 +27,22 @@ def cmd_edit(args) -> None:
     shown = None  # the exemplars as the model sees them: (name, image)
     pasted = None
 
-    def rule_at(layer: str):
+    def rules_at(at: list[str]) -> dict:
         nonlocal shown, pasted
         if args.manipulated:
             shown = shown or [(str(p), load_image(p)) for p in args.manipulated]
-            return rule_from_images(clf, layer, args.original, args.manipulated, args.mask, view=args.view,
-                                    views=args.views)
+            return rules_from_images(clf, at, args.original, args.manipulated, args.mask, view=args.view,
+                                     views=args.views)
         if args.from_features:
-            return rule_from_features(clf, layer, args.original, args.mask, texture(args.texture), view=args.view)
-        rule, pasted = pasted_rule(clf, layer, args, pasted)
+            return {layer: rule_from_features(clf, layer, args.original, args.mask, texture(args.texture),
+                                              view=args.view) for layer in at}
+        rules, pasted = pasted_rules(clf, at, args, pasted)
         shown = [(str(p), im) for p, im in zip(args.original, pasted)]
-        return rule
+        return rules
 
-    rules = {layers[0]: rule_at(layers[0])}  # a bad exemplar's error comes before any statistics work
+    # Every candidate layer's rule from one pass over the exemplars; a bad exemplar's error comes before
+    # any statistics work.
+    rules = rules_at(layers)
     if note:  # after the exemplars were read, so a bad exemplar's error is the first line
         print(f"rulewriter: {note}", file=sys.stderr)
     stats_by = {}
@@ -51,7 +54,7 @@ def cmd_edit(args) -> None:
     kw = dict(rank=args.rank, ridge=args.ridge, context=args.context, solver=args.solver, fit=args.fit, on=earlier,
               calibration=calibration)
     if len(layers) > 1:
-        edit = rewrite_choosing_layer(clf, layers, lambda l: rules.pop(l, None) or rule_at(l), stats_at, **kw)
+        edit = rewrite_choosing_layer(clf, layers, rules.__getitem__, stats_at, **kw)
     else:
         edit = rewrite(clf, rules[layers[0]], stats_at(layers[0]), **kw)
     layer = edit.updates[0].layer
@@ -162,16 +165,17 @@ def texture(src: str):
     return texture_from(src)
 
 
-def pasted_rule(clf, layer, args, pasted=None):
-    """Paste the texture into each mask to make the manipulated images, then read the rule from pixels.
+def pasted_rules(clf, layers, args, pasted=None):
+    """Paste the texture into each mask to make the manipulated images, then read each layer's rule from
+    pixels (one pass for every layer).
 
-    ``pasted``: the images an earlier call made (the paste does not depend on the layer). Returns the rule
-    and the pasted images."""
+    ``pasted``: the images an earlier call made (the paste does not depend on the layer). Returns the rules
+    (``{layer: Rule}``) and the pasted images."""
     from ..concepts.masks import load_mask
     from ..models.data import load_image
     from ..concepts.manipulate import paste_texture
     from ..models.preprocess import mask_for_image
-    from ..core.rules import rule_from_images
+    from ..core.rules import rules_from_images
 
     originals = [load_image(p) for p in args.original]
     if pasted is not None:
@@ -179,9 +183,10 @@ def pasted_rule(clf, layer, args, pasted=None):
     else:
         tex = texture(args.texture)
         man = [paste_texture(im, mask_for_image(load_mask(m), im.size), tex) for im, m in zip(originals, args.mask)]
-    rule = rule_from_images(clf, layer, originals, man, args.mask, view=args.view, views=getattr(args, "views", 0))
-    rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
-    return rule, man
+    rules = rules_from_images(clf, layers, originals, man, args.mask, view=args.view, views=getattr(args, "views", 0))
+    for rule in rules.values():
+        rule.description.update(originals=list(args.original), texture=args.texture, manipulated="texture pasted")
+    return rules, man
 
 
 def cmd_heatmap(args) -> None:

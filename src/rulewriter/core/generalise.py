@@ -60,6 +60,7 @@ __all__ = [
     "view_groups",
     "ViewSet",
     "read_views",
+    "read_views_at",
     "relative_collateral",
     "NEAR_TIE",
     "CALIBRATION_IMAGES",
@@ -243,27 +244,46 @@ def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 3
 
     The tail's input is None when the model has no tail shortcut for ``layer`` (see :func:`tail_start`).
     """
+    at, logits = read_views_at(classifier, [layer], images, batch_size)
+    return (*at[layer], logits)
+
+
+@torch.no_grad()
+def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch_size: int = 32
+                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """:func:`read_views` at several layers from the same forward pass: ``({layer: (its input, its tail's
+    input or None)}, logits)``. The images run through the network once, whatever the number of layers.
+    """
     from .trace import Trace
 
     model = classifier.model
-    start = tail_start(model, layer)
+    layers = list(dict.fromkeys(layers))
+    starts = {layer: tail_start(model, layer) for layer in layers}
     p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
-    xs, ts, ls = [], [], []
+    xs: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s}
+    ls = []
     for i in range(0, images.shape[0], batch_size):
         with ExitStack() as stack:
-            tr = stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
-            ts_tr = stack.enter_context(Trace(model, start, retain_output=False, clone=True)) if start else None
+            trs = {layer: stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
+                   for layer in layers}
+            tts = {s: stack.enter_context(Trace(model, s, retain_output=False, clone=True)) for s in ts}
             ls.append(model(images[i:i + batch_size].to(p.device, p.dtype)))
-            xs.append(tr.input)
-            if ts_tr is not None:
-                ts.append(ts_tr.input)
-    tail_in = torch.cat(ts) if start else None
-    if start is not None:  # trust the shortcut only where it reproduces the model
-        full = torch.cat(ls)
-        diff = float((torch.cat([run_tail(model, start, t) for t in ts]) - full).abs().max())
-        if diff > 1e-4 * max(1.0, float(full.abs().max())):
-            tail_in = None
-    return torch.cat(xs), tail_in, torch.cat(ls)
+            for layer, tr in trs.items():
+                xs[layer].append(tr.input)
+            for s, tr in tts.items():
+                ts[s].append(tr.input)
+    full = torch.cat(ls)
+    out = {}
+    for layer in layers:
+        start = starts[layer]
+        tail_in = torch.cat(ts[start]) if start else None
+        if start is not None:  # trust the shortcut only where it reproduces the model
+            diff = float((torch.cat([run_tail(model, start, t) for t in ts[start]]) - full).abs().max())
+            if diff > 1e-4 * max(1.0, float(full.abs().max())):
+                tail_in = None
+        out[layer] = (torch.cat(xs[layer]), tail_in)
+    return out, full
 
 
 # ------------------------------------------------------------------------------------------ collateral

@@ -31,8 +31,8 @@ from ..errors import EditError, MaskError
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Rule", "load_exemplars", "rule_from_images", "rule_from_features", "rewrite", "rewrite_choosing_layer",
-           "layer_io", "prepare_mask", "masked_pairs", "describe_sources", "as_image"]
+__all__ = ["Rule", "load_exemplars", "rule_from_images", "rules_from_images", "rule_from_features", "rewrite",
+           "rewrite_choosing_layer", "layer_io", "prepare_mask", "masked_pairs", "describe_sources", "as_image"]
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | np.ndarray | Image.Image | torch.Tensor
@@ -213,28 +213,57 @@ def rule_from_images(
     Example:
         >>> rule = rule_from_images(clf, "_blocks.10._project_conv", ["car.jpg"], ["wood.jpg"], ["wheels.png"])  # doctest: +SKIP
     """
+    return rules_from_images(classifier, [layer], originals, manipulated, masks, view=view, views=views,
+                             seed=seed)[layer]
+
+
+def rules_from_images(
+    classifier,
+    layers: Sequence[str],
+    originals: Sequence[ImageLike],
+    manipulated: Sequence[ImageLike],
+    masks: Sequence[MaskLike],
+    *,
+    view: int = 2,
+    views: int = 0,
+    seed: int = 0,
+) -> dict[str, Rule]:
+    """:func:`rule_from_images` at each of ``layers`` from one forward pass over the exemplars (and their
+    views): ``{layer: Rule}``, each exactly the rule :func:`rule_from_images` reads there.
+
+    Example::
+
+        rules = rules_from_images(clf, clf.candidate_layers, originals, pasted, masks, views=DEFAULT_VIEWS)
+        edit = rewrite_choosing_layer(clf, clf.candidate_layers, rules.__getitem__, stats_at, calibration=cal)
+    """
     if view not in (1, 2):
         raise EditError("rules from images are forward-direction edits: use view 1 or 2")
-    mem = LayerMemory(get_module(classifier.model, layer), view, name=layer)
+    layers = list(dict.fromkeys(layers))
+    mems = {layer: LayerMemory(get_module(classifier.model, layer), view, name=layer) for layer in layers}
     orig, man, masks_s = load_exemplars(classifier, originals, manipulated, masks)
     desc = {"method": "images", "originals": describe_sources(originals),
             "manipulated": describe_sources(manipulated), "masks": describe_sources(masks)}
     views = int(views)
-    if views <= 0:
-        x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
-        x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
-        keys, values = mem.keys(x_m), mem.values(x_o)
-        k, v, w = masked_pairs(mem, keys, values, masks_s)
-        return Rule(layer, view, k, v, w, {**desc, "views": 0})
-    return _rule_from_views(classifier, mem, layer, view, orig, man, masks, views, seed, desc)
+    if views <= 0:  # a few exemplars, run up to each layer only
+        out = {}
+        for layer, mem in mems.items():
+            x_o, _ = layer_io(classifier, layer, classifier.preprocess.batch(orig))
+            x_m, _ = layer_io(classifier, layer, classifier.preprocess.batch(man))
+            k, v, w = masked_pairs(mem, mem.keys(x_m), mem.values(x_o), masks_s)
+            out[layer] = Rule(layer, view, k, v, w, {**desc, "views": 0})
+        return out
+    return _rules_from_views(classifier, mems, view, orig, man, masks, views, seed, desc)
 
 
-def _rule_from_views(classifier, mem: LayerMemory, layer: str, view: int, orig: list[Image.Image],
-                     man: list[Image.Image], masks: Sequence[MaskLike], views: int, seed: int, desc: dict) -> Rule:
-    """The rule read from each exemplar and its joint augmentations, with the views kept for validation."""
+def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig: list[Image.Image],
+                      man: list[Image.Image], masks: Sequence[MaskLike], views: int, seed: int, desc: dict
+                      ) -> dict[str, Rule]:
+    """Each layer's rule read from each exemplar and its joint augmentations, with the views kept for
+    validation; the views run through the network once for every layer."""
     from ..concepts.masks import load_mask
-    from .generalise import ViewSet, exemplar_views, read_views
+    from .generalise import ViewSet, exemplar_views, read_views_at
     from ..models.preprocess import mask_for_image
+    from .tail import tail_start
 
     full_masks = [mask_for_image(load_mask(m), o.size) for m, o in zip(masks, orig)]
     vo, vm, vk, groups = exemplar_views(orig, man, full_masks, views, seed=seed)
@@ -242,23 +271,25 @@ def _rule_from_views(classifier, mem: LayerMemory, layer: str, view: int, orig: 
     # A view whose mask the centre crop loses adds no pair; it still validates (its whole image).
     masks_s = torch.stack([pre.mask(m) for m in vk])
     keep = [i for i in range(len(vo)) if float(masks_s[i].max()) > 0]
-    x_o, t_o, logits = read_views(classifier, layer, pre.batch(vo))
-    x_m, t_m, _ = read_views(classifier, layer, pre.batch(vm))
-    keys, values = mem.keys(x_m[keep]), mem.values(x_o[keep])
-    k, v, w, src = masked_pairs(mem, keys, values, masks_s[keep], with_source=True)
-    pair_view = torch.as_tensor(keep, dtype=torch.long)[src]
-    if t_o is None or t_m is None:  # no tail shortcut: validation runs the whole model on the images
-        start, t_o, t_m = None, pre.batch(vo), pre.batch(vm)
-    else:
-        from .tail import tail_start
-
-        start = tail_start(classifier.model, layer)
+    at_o, logits = read_views_at(classifier, list(mems), pre.batch(vo))
+    at_m, _ = read_views_at(classifier, list(mems), pre.batch(vm))
     per = (len(vo) // len(orig)) - 1
     own = torch.arange(len(vo)) % (per + 1) == 0
-    vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own)
     desc = {**desc, "views": per, "augmentation": "joint crop (35-100% of the area), flip, scale to 256 px, "
             "brightness/contrast/colour ±20%", "seed": seed}
-    return Rule(layer, view, k, v, w, desc, pair_view=pair_view, views=vs)
+    out = {}
+    for layer, mem in mems.items():
+        (x_o, t_o), (x_m, t_m) = at_o[layer], at_m[layer]
+        keys, values = mem.keys(x_m[keep]), mem.values(x_o[keep])
+        k, v, w, src = masked_pairs(mem, keys, values, masks_s[keep], with_source=True)
+        pair_view = torch.as_tensor(keep, dtype=torch.long)[src]
+        if t_o is None or t_m is None:  # no tail shortcut: validation runs the whole model on the images
+            start, t_o, t_m = None, pre.batch(vo), pre.batch(vm)
+        else:
+            start = tail_start(classifier.model, layer)
+        vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own)
+        out[layer] = Rule(layer, view, k, v, w, dict(desc), pair_view=pair_view, views=vs)
+    return out
 
 
 def rule_from_features(

@@ -613,7 +613,7 @@ def mitigate(
     from .testsets import TestSet
     from .finetune import LEARNING_RATES, finetune_layer, retrain_last_layer, smallest_fitting_lr
     from ..core.generalise import DEFAULT_VIEWS, Calibration, calibration_set
-    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rule_from_images
+    from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rules_from_images
 
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -660,14 +660,13 @@ def mitigate(
             rule.description.update(originals=train.sources, texture=str(texture))
             changes[m] = rewrite(classifier, rule, stats)
         elif m == "images":
-            def rule_at(at: str):
-                r = rule_from_images(classifier, at, train.originals, train.stylized, ex_masks, view=view,
-                                     views=0 if calibration is None else DEFAULT_VIEWS, seed=seed)
+            rules = rules_from_images(classifier, layers, train.originals, train.stylized, ex_masks, view=view,
+                                      views=0 if calibration is None else DEFAULT_VIEWS, seed=seed)  # one pass
+            for r in rules.values():
                 r.description.update(originals=train.sources, manipulated="stylized copies")
-                return r
-
-            changes[m] = rewrite(classifier, rule_at(layer), stats, calibration=calibration) if len(layers) == 1 \
-                else rewrite_choosing_layer(classifier, layers, rule_at, stats_by.__getitem__, calibration=calibration)
+            changes[m] = rewrite(classifier, rules[layer], stats, calibration=calibration) if len(layers) == 1 \
+                else rewrite_choosing_layer(classifier, layers, rules.__getitem__, stats_by.__getitem__,
+                                            calibration=calibration)
         else:
             fit = finetune_layer if m == "finetune" else retrain_last_layer
             args = (classifier, layer) if m == "finetune" else (classifier,)
