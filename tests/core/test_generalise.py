@@ -708,3 +708,26 @@ def test_rewrite_choosing_layer_writes_the_default_then_deeper_layers_and_passes
     got = R.rewrite_choosing_layer(tiny, ["features.2", "features.0", "features.4"], lambda layer: layer,
                                    lambda layer: None).meta["layer_choice"]
     assert got["chosen"] == "features.4" and "pruned" in got["layers"][1] and "not validated" in got["reason"]
+
+
+@pytest.mark.parametrize("layer", ["_blocks.15._project_conv", "_conv_head"])
+def test_views_are_scored_through_the_exact_linear_map_where_the_layer_has_one(lite0, coffee_case, layer):
+    """A rule's views at the layers LinearTail covers score an edit without a tail pass, with the logits the
+    edited network gives them."""
+    orig, man, mask = coffee_case
+    rule = rule_from_images(lite0, layer, [orig], [man], [mask], views=DEFAULT_VIEWS)
+    vs = rule.views
+    assert vs.linear_orig is not None and vs.linear_man is not None
+    g = torch.Generator().manual_seed(0)
+    w = LayerMemory(dict(lite0.model.named_modules())[layer], 2).matrix()
+    lam = torch.randn(w.shape[0], 2, generator=g, dtype=torch.float64)
+    d = torch.randn(w.shape[1], 2, generator=g, dtype=torch.float64)
+    lam *= 0.5 * float(w.norm()) / float(lam.norm() * d.norm())
+    edit = Edit([LayerUpdate(layer, 2, lam, d)])
+    idx = torch.tensor([0, 2, 3])
+    for which in ("orig", "man"):
+        got = vs.logits_under(lite0.model, edit, which, idx)
+        with edit.applied(lite0.model):
+            want = vs.logits(lite0.model, which, idx)
+        assert (got - vs.logits(lite0.model, which, idx)).abs().max() > 1e-2  # the edit changes them
+        assert torch.allclose(got, want, atol=1e-4 * max(1.0, float(want.abs().max())))

@@ -78,7 +78,32 @@ def test_linear_tail_covers_only_what_it_computes_exactly(lite0, inputs):
         lite0.model.eval()
     # Layers it does not cover: no map at all (the tail is used).
     assert LinearTail.build(lite0.model, "_blocks.14._project_conv", torch.zeros(1, 1152, 7, 7)) is None
-    assert LinearTail.build(lite0.model, "_conv_head", torch.zeros(1, 320, 7, 7)) is None
+    assert LinearTail.build(lite0.model, "_conv_head", torch.zeros(1, 1152, 7, 7)) is None  # not its input
+
+
+@pytest.mark.parametrize("rank,scale", [(1, 0.05), (3, 0.5)])
+def test_linear_tail_of_the_head_conv_gives_the_edited_models_logits(lite0, rank, scale):
+    """At the head conv the map is the conv's rank-r update through its BatchNorm: the edited tail exactly."""
+    from skimage import data
+    from PIL import Image
+
+    x = lite0.preprocess.batch([Image.fromarray(a) for a in (data.astronaut(), data.chelsea(), data.coffee())])
+    with torch.no_grad(), Trace(lite0.model, "_conv_head", clone=True) as t:
+        logits = lite0.model(x)
+    lt = LinearTail.build(lite0.model, "_conv_head", t.input)
+    assert lt is not None and torch.allclose(lt.logits(lite0.model), logits, atol=1e-4)
+    g = torch.Generator().manual_seed(1)
+    conv = lite0.model._conv_head
+    lam = torch.randn(conv.out_channels, rank, generator=g, dtype=torch.float64)
+    d = torch.randn(conv.in_channels, rank, generator=g, dtype=torch.float64)
+    lam *= scale * float(conv.weight.detach().norm()) / float(lam.norm() * d.norm())
+    edit = Edit([LayerUpdate("_conv_head", 2, lam, d)])
+    with torch.no_grad(), edit.applied(lite0.model):
+        want = run_tail(lite0.model, "_conv_head", t.input)
+    assert lt.covers(lite0.model, edit)
+    got = lt.logits(lite0.model, edit)
+    assert (got - logits).abs().max() > 1e-2  # the edit does change the logits: the check can fail
+    assert torch.allclose(got, want, atol=1e-4 * max(1.0, float(want.abs().max())))
 
 
 def test_calibration_counts_the_same_changes_with_and_without_the_map(lite0):

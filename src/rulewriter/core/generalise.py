@@ -68,6 +68,7 @@ __all__ = [
     "LocalityBudget",
     "Calibration",
     "calibration_set",
+    "exact_map",
     "calibration_split",
     "StrengthChoice",
     "choose_strength",
@@ -220,6 +221,10 @@ class ViewSet:
     group: torch.Tensor
     own: torch.Tensor | None = None  # (n,) bool: the view is an exemplar itself, not an augmentation
     batch_size: int = 64
+    #: The exact linear maps of the clean and manipulated views (:class:`~rulewriter.core.tail.LinearTail`)
+    #: where the layer has one: :meth:`logits_under` then costs a rank-r update, not a tail pass.
+    linear_orig: LinearTail | None = None
+    linear_man: LinearTail | None = None
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -235,6 +240,16 @@ class ViewSet:
         if x.shape[0] == 0:
             return torch.empty(0, 0)
         return torch.cat([run(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
+
+    def logits_under(self, model: nn.Module, edit: Any, which: str, idx: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """:meth:`logits` with ``edit`` applied: through the exact linear map where it covers the edit,
+        else the tail with the edit applied (and undone)."""
+        lin = self.linear_orig if which == "orig" else self.linear_man
+        if lin is not None and lin.covers(model, edit):
+            return (lin if idx is None else lin.subset(idx)).logits(model, edit)
+        with edit.applied(model):
+            return self.logits(model, which, idx)
 
 
 @torch.no_grad()
@@ -423,6 +438,16 @@ class Calibration:
         return (run_tail(model, self.start, z) if self.start else model(z)).argmax(1).cpu()
 
 
+def exact_map(model: nn.Module, layer: str, layer_input: torch.Tensor, logits: torch.Tensor) -> LinearTail | None:
+    """The exact linear map of images whose input to ``layer`` is ``layer_input`` and whose unedited logits
+    are ``logits`` (:class:`~rulewriter.core.tail.LinearTail`); None where the layer has none, or where the
+    map's top-1 differs from the model's on any image (a rounding the map would count as a change)."""
+    linear = LinearTail.build(model, layer, layer_input)
+    if linear is not None and not torch.equal(linear.logits(model).argmax(1), logits.argmax(1).cpu()):
+        return None
+    return linear
+
+
 def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATION_IMAGES, seed: int = 0,
                     batch_size: int = 32) -> Calibration:
     """Calibration images for ``layer``: ``data`` is a folder, a list of paths, a Dataset (as for the
@@ -450,9 +475,7 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
     keys, tail, logits = read_views(classifier, layer, images, batch_size=batch_size)
     start = tail_start(classifier.model, layer) if tail is not None else None
     prob = logits.softmax(1).topk(2, 1).values
-    linear = LinearTail.build(classifier.model, layer, keys)
-    if linear is not None and not torch.equal(linear.logits(classifier.model).argmax(1), logits.argmax(1).cpu()):
-        linear = None  # a top-1 the shortcut rounds differently would count as a change: trust the tail
+    linear = exact_map(classifier.model, layer, keys, logits)
     margin = (prob[:, 0] - prob[:, 1]).cpu()
     return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
                        margin <= NEAR_TIE, linear=linear, margin=margin)
@@ -605,14 +628,17 @@ def choose_strength(
     # adds no collateral that the fallback would not have.
     measured: dict[tuple[int, float], Any] = {}
     admitted: dict[tuple[int, float], str] = {}  # why a setting is admissible: "budget", "fallback", "no new change"
-    measured[0, 1.0] = ref = collateral(1.0) if single else collateral(1.0, cands[0])
     # A measurement may stop once it rules its setting out (over the budget and changing an image the
-    # closed form leaves alone): that is all the admission below asks of it.
-    kw = ({"stop": lambda m: budget.rules_out(m, ref)} if isinstance(budget, LocalityBudget)
+    # closed form leaves alone): that is all the admission below asks of it. The closed form's own
+    # measurement, the reference, is always complete.
+    kw = ({"stop": lambda m: budget.rules_out(m, measured[0, 1.0])} if isinstance(budget, LocalityBudget)
           and "stop" in inspect.signature(collateral).parameters else {})
 
     def admit(ci: int, s: float) -> str | None:
         """Measure setting (ci, s) once and say why it is admissible on its own measurement (None: not)."""
+        if (0, 1.0) not in measured:
+            measured[0, 1.0] = collateral(1.0) if single else collateral(1.0, cands[0])
+        ref = measured[0, 1.0]
         if (ci, s) not in measured:
             measured[ci, s] = collateral(s, **kw) if single else collateral(s, cands[ci], **kw)
         if ci == 0 and s == 1.0:
@@ -620,6 +646,13 @@ def choose_strength(
         if _admits(measured[ci, s], budget):
             return "budget"
         return "no new change" if _no_worse(measured[ci, s], ref) else None
+
+    def view_logits(edit: Any, which: str, idx: torch.Tensor) -> torch.Tensor:
+        under = getattr(views, "logits_under", None)  # a ViewSet may skip the tail (exact linear map)
+        if under is not None:
+            return under(model, edit, which, idx)
+        with edit.applied(model):
+            return views.logits(model, which, idx)
 
     full_edits: dict[int, Any] = {}
     restored_at: dict[tuple[int, float], int] = {}
@@ -629,8 +662,7 @@ def choose_strength(
         if (ci, s) not in restored_at:
             if ci not in full_edits:
                 full_edits[ci] = solve(None) if single else solve(None, cands[ci])
-            with full_edits[ci].scaled(s).applied(model):
-                top = views.logits(model, "man", own_idx).argmax(1)
+            top = view_logits(full_edits[ci].scaled(s), "man", own_idx).argmax(1).cpu()
             restored_at[ci, s] = int((top == views.target[own_idx]).sum())
         return restored_at[ci, s]
 
@@ -677,13 +709,12 @@ def choose_strength(
                 continue
             fold_edit = solve(f) if single else solve(f, cand)
             for s in todo[ci]:
-                with fold_edit.scaled(s).applied(model):
-                    for which in ("man", "orig"):
-                        p = views.logits(model, which, idx).softmax(1)
-                        hit = int((p.argmax(1) == tgt).sum())
-                        right[ci, s] += hit
-                        (fixed if which == "man" else kept)[ci, s] += hit
-                        prob[ci, s] += float(p.gather(1, tgt[:, None].to(p.device)).sum())
+                for which in ("man", "orig"):
+                    p = view_logits(fold_edit.scaled(s), which, idx).softmax(1)
+                    hit = int((p.argmax(1).cpu() == tgt).sum())
+                    right[ci, s] += hit
+                    (fixed if which == "man" else kept)[ci, s] += hit
+                    prob[ci, s] += float(p.gather(1, tgt[:, None].to(p.device)).sum())
     rows = []
     for ci, cand in enumerate(cands):
         for s in strengths:

@@ -261,7 +261,7 @@ def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig:
     """Each layer's rule read from each exemplar and its joint augmentations, with the views kept for
     validation; the views run through the network once for every layer."""
     from ..concepts.masks import load_mask
-    from .generalise import ViewSet, exemplar_views, read_views_at
+    from .generalise import ViewSet, exact_map, exemplar_views, read_views_at
     from ..models.preprocess import mask_for_image
     from .tail import tail_start
 
@@ -272,7 +272,7 @@ def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig:
     masks_s = torch.stack([pre.mask(m) for m in vk])
     keep = [i for i in range(len(vo)) if float(masks_s[i].max()) > 0]
     at_o, logits = read_views_at(classifier, list(mems), pre.batch(vo))
-    at_m, _ = read_views_at(classifier, list(mems), pre.batch(vm))
+    at_m, logits_m = read_views_at(classifier, list(mems), pre.batch(vm))
     per = (len(vo) // len(orig)) - 1
     own = torch.arange(len(vo)) % (per + 1) == 0
     desc = {**desc, "views": per, "augmentation": "joint crop (35-100% of the area), flip, scale to 256 px, "
@@ -288,6 +288,8 @@ def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig:
         else:
             start = tail_start(classifier.model, layer)
         vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own)
+        vs.linear_orig, vs.linear_man = (exact_map(classifier.model, layer, x, x_logits)
+                                         for x, x_logits in ((x_o, logits), (x_m, logits_m)))
         out[layer] = Rule(layer, view, k, v, w, dict(desc), pair_view=pair_view, views=vs)
     return out
 

@@ -6,7 +6,8 @@ few hundred calibration images) needs only the part of the network after the edi
 * :func:`tail_start` and :func:`run_tail` run EfficientNet from the input of a block, so a candidate edit
   costs a pass through the last blocks, not through the whole network.
 * :class:`LinearTail` goes further where the edited layer's output reaches the next nonlinearity through
-  affine maps only: EfficientNet's last block's project conv → BatchNorm → head conv → BatchNorm. There a
+  affine maps only: EfficientNet's last block's project conv → BatchNorm → head conv → BatchNorm, and the
+  head conv → BatchNorm. There a
   low-rank update ``ΔW = Λ Dᵀ`` changes the head's pre-activation at every position ``p`` by exactly
   ``Σ_j (d_jᵀ k_p) q_j``, where ``q_j`` is ``λ_j`` carried through those maps (without their offsets). With
   each image's keys ``k_p`` and unedited pre-activations cached once, a candidate edit costs a rank-r
@@ -63,10 +64,16 @@ def run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
     return run_head(model, model._bn1(model._conv_head(x)))
 
 
-def _stretch(model: nn.Module, layer: str) -> list[nn.Module] | None:
-    """The affine modules from ``layer``'s output to the head's activation, where the model has them."""
+def _is_pointwise(conv: Any) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
+
+
+def _edited(model: nn.Module, layer: str) -> nn.Conv2d | None:
+    """The conv :class:`LinearTail` covers at ``layer``: the last block's project conv or the head conv."""
     if not all(hasattr(model, a) for a in ("_blocks", "_conv_head", "_bn1", "_fc", "_swish", "_avg_pooling")):
         return None
+    if layer == "_conv_head":
+        return model._conv_head if _is_pointwise(model._conv_head) else None
     last = len(model._blocks) - 1
     if layer != f"_blocks.{last}._project_conv":
         return None
@@ -74,13 +81,19 @@ def _stretch(model: nn.Module, layer: str) -> list[nn.Module] | None:
     args = getattr(block, "_block_args", None)
     if args is None or (block.id_skip and args.stride == 1 and args.input_filters == args.output_filters):
         return None  # a skip connection adds the block's input: not the case this map covers
-    conv = block._project_conv
-    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
+    return block._project_conv if _is_pointwise(block._project_conv) else None
+
+
+def _stretch(model: nn.Module, layer: str) -> list[nn.Module] | None:
+    """The affine modules from ``layer``'s output to the head's activation, where the model has them."""
+    if _edited(model, layer) is None:
         return None
+    if layer == "_conv_head":
+        return [model._bn1]
     head = model._conv_head
-    if not isinstance(head, nn.Conv2d) or head.kernel_size != (1, 1) or head.groups != 1 or head.stride != (1, 1):
+    if not _is_pointwise(head):
         return None
-    return [block._bn2, head, model._bn1]
+    return [model._blocks[len(model._blocks) - 1]._bn2, head, model._bn1]
 
 
 def _state(modules: list[nn.Module]) -> list[torch.Tensor]:
@@ -90,7 +103,8 @@ def _state(modules: list[nn.Module]) -> list[torch.Tensor]:
 @dataclass
 class LinearTail:
     """Keys and unedited head pre-activations of a set of images at the last EfficientNet block's project
-    conv, for the exact logits of a low-rank edit of that layer without a tail pass (see the module text).
+    conv or at the head conv, for the exact logits of a low-rank edit of that layer without a tail pass
+    (see the module text).
 
     Build it with :meth:`build` (None where the model or layer has no such stretch, or where the map does not
     reproduce the model). :meth:`covers` says whether an edit is one it computes exactly: a single view-2
@@ -115,7 +129,7 @@ class LinearTail:
         stretch = _stretch(model, layer) if not model.training else None
         if stretch is None or layer_input.dim() != 4 or layer_input.shape[0] == 0:
             return None
-        conv = model._blocks[len(model._blocks) - 1]._project_conv
+        conv = _edited(model, layer)
         p = conv.weight
         n, c, h, w = layer_input.shape
         if c != conv.in_channels:
@@ -133,9 +147,12 @@ class LinearTail:
             return None
         return out
 
+    def subset(self, idx: torch.Tensor) -> "LinearTail":
+        """The same map for the images ``idx`` only."""
+        return LinearTail(self.layer, self.keys[idx], self.pre[idx], self.grid, self.reference, self.batch_size)
+
     def _modules(self, model: nn.Module) -> list[nn.Module]:
-        conv = model._blocks[len(model._blocks) - 1]._project_conv
-        return [conv, *(_stretch(model, self.layer) or []), model._fc]
+        return [_edited(model, self.layer), *(_stretch(model, self.layer) or []), model._fc]
 
     def covers(self, model: nn.Module, edit: Any) -> bool:
         """True when :meth:`logits` is exact for ``edit`` on ``model`` as it is now."""
@@ -186,8 +203,8 @@ class LinearTail:
         """The map's logits against the model's own modules, unedited and under a random rank-1 edit."""
         from .edit import Edit, LayerUpdate
 
-        block = model._blocks[len(model._blocks) - 1]
-        p = block._project_conv.weight
+        conv = _edited(model, self.layer)
+        p = conv.weight
         x = layer_input.to(p.device, p.dtype)
 
         def after(z: torch.Tensor) -> torch.Tensor:
@@ -196,14 +213,14 @@ class LinearTail:
             return run_head(model, z)
 
         gen = torch.Generator().manual_seed(0)
-        lam = torch.randn(block._project_conv.out_channels, 1, generator=gen, dtype=torch.float64)
-        d = torch.randn(block._project_conv.in_channels, 1, generator=gen, dtype=torch.float64)
+        lam = torch.randn(conv.out_channels, 1, generator=gen, dtype=torch.float64)
+        d = torch.randn(conv.in_channels, 1, generator=gen, dtype=torch.float64)
         lam *= float(p.norm()) / float(lam.norm() * d.norm()) * 0.1
         edit = Edit([LayerUpdate(self.layer, 2, lam, d)])
         sub = LinearTail(self.layer, self.keys[:x.shape[0]], self.pre[:x.shape[0]], self.grid, self.reference)
-        want0 = after(block._project_conv(x)).cpu()
+        want0 = after(conv(x)).cpu()
         with edit.applied(model):
-            want1 = after(block._project_conv(x)).cpu()
+            want1 = after(conv(x)).cpu()
         got0, got1 = sub.logits(model), sub.logits(model, edit)
         tol = 1e-4 * max(1.0, float(want1.abs().max()))
         return float((got0 - want0).abs().max()) <= tol and float((got1 - want1).abs().max()) <= tol
