@@ -1,25 +1,30 @@
-"""The layer chosen per edit, timed: the measurements it can skip, side by side in one run.
+"""The layer chosen per edit, timed: what the layer choice no longer spends, side by side in one run.
 
 ``rewrite_choosing_layer`` writes the rule at each candidate layer (EfficientNet-Lite0: blocks 15 and 11
-project convs, the head conv) and keeps the edit whose own validation wins. Two exact shortcuts, both on:
+project convs, the head conv) and keeps the edit whose own validation wins. Exact shortcuts, all on now:
 
+* one pass over the exemplars and their views reads every layer's rule (``rules_from_images``);
 * a calibration measurement stops once its setting is ruled out (over the locality budget and changing an
   image the closed form leaves alone), the most fragile images first (``Calibration.changed(stop=...)``);
-* a layer whose admissible settings cannot restore as many exemplars as an earlier layer's edit cannot win,
-  so its validation stops as soon as that is settled (``restore_at_least``).
+* a layer whose admissible settings cannot restore as many exemplars as a layer already written cannot
+  win, so its validation stops as soon as that is settled (``restore_at_least``);
+* the head conv has an exact linear map to the logits like block 15 (``LinearTail``), and the exemplar
+  views are scored through these maps too (``ViewSet.logits_under``).
 
-Measured on scoreboard scenarios (``generalise.py``'s splits), each case three ways in one run: **before**
-(every layer validated in full, every measurement over all calibration images: the previous runtime),
-**now** (``rewrite_choosing_layer`` as shipped) and the **EditingClassifiers anchor** at the default layer
-(lr 1e-4, 2,000 Adam steps, the faster of the scoreboard's two anchor rows). The two choices must agree
-exactly (layer, strength, candidate); the held-out figures of the chosen edit are those of
-``generalise_layers.py``.
+Measured on scoreboard scenarios (``generalise.py``'s splits), each case three ways back to back:
+**before** (the previous runtime: each layer's rule read on its own, every layer validated in full, every
+measurement over all calibration images, the tail run for the head conv's calibration images and for every
+view), **now** (``rules_from_images`` + ``rewrite_choosing_layer`` as ``rulewriter edit`` runs them) and
+the **EditingClassifiers anchor** at the default layer (lr 1e-4, 2,000 Adam steps: the faster of the
+scoreboard's two anchor rows). The two choices are compared (layer, strength, candidate); the held-out
+figures of the chosen edit are those of ``generalise_layers.py``.
 
 Run: ``python benchmarks/layer_choice_speed.py [--scenarios "wood wheels,gravel car"] [--exemplars 5,1]``;
 writes ``benchmarks/results/layer_choice_speed.{json,md}``.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,7 +44,7 @@ def probe(rows: list[dict[str, Any]]):
     def run(clf: Any, layer: str, start: str, sc: Any, n: int, stats: Any, cal: Any, photos: Any) -> None:
         from rulewriter.core import generalise as GZ
         from rulewriter.core.generalise import DEFAULT_VIEWS, calibration_set, choose_layer
-        from rulewriter.core.rules import rewrite, rewrite_choosing_layer, rule_from_images
+        from rulewriter.core.rules import rewrite, rewrite_choosing_layer, rule_from_images, rules_from_images
         from rulewriter.core.stats import collect_second_moment
 
         layers = clf.candidate_layers
@@ -50,19 +55,26 @@ def probe(rows: list[dict[str, Any]]):
                     clf, lay, paths[0:1000:2], cache_dir=C.CACHE_DIR, progress=False),
                     cal if lay == layer else calibration_set(clf, lay, paths[1:1000:4]))
         o, m, k = sc.ex_orig[:n], sc.ex_man[:n], sc.ex_mask[:n]
-        rule_at = lambda lay: rule_from_images(clf, lay, o, m, k, views=DEFAULT_VIEWS)  # noqa: E731
 
+        def old_rule(lay: str) -> Any:  # read on its own, views scored through the tail
+            r = rule_from_images(clf, lay, o, m, k, views=DEFAULT_VIEWS)
+            r.views.linear_orig = r.views.linear_man = None
+            return r
+
+        old_cal = {lay: c if lay == layer else dataclasses.replace(c, linear=None)
+                   for lay, (_, c) in per_layer.items()}  # block 15's map is the old runtime's too
         real = GZ.Calibration.changed
         GZ.Calibration.changed = lambda self, model, edit, stop=None: real(self, model, edit)  # measure in full
         try:
             t0 = time.perf_counter()
-            edits = [rewrite(clf, rule_at(lay), per_layer[lay][0], calibration=per_layer[lay][1]) for lay in layers]
+            edits = [rewrite(clf, old_rule(lay), per_layer[lay][0], calibration=old_cal[lay]) for lay in layers]
             old = choose_layer(layers, [e.meta["strength"] for e in edits])
             t_old = time.perf_counter() - t0
         finally:
             GZ.Calibration.changed = real
         t0 = time.perf_counter()
-        new = rewrite_choosing_layer(clf, layers, rule_at, lambda lay: per_layer[lay][0],
+        rules = rules_from_images(clf, layers, o, m, k, views=DEFAULT_VIEWS)
+        new = rewrite_choosing_layer(clf, layers, rules.__getitem__, lambda lay: per_layer[lay][0],
                                      calibration_at=lambda lay: per_layer[lay][1])
         t_new = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     tot = {k: sum(r[k] for r in rows) for k in ("seconds_before", "seconds_now", "seconds_anchor")}
     md = ("# The layer chosen per edit, timed\n\n"
           f"EfficientNet-Lite0, candidate layers blocks 15 / 11 / head conv, scoreboard splits; seconds on this "
-          f"machine ({C.machine_info().get('cpus', '?')} CPUs, 1 torch thread unless --threads), each case's three "
+          f"machine ({C.machine_info().get('cpu_count', '?')} CPUs, 1 torch thread unless --threads), each case's three "
           f"runs back to back. Total {time.perf_counter() - t0:.0f} s.\n\n"
           + C.markdown_table(["scenario", "exemplars", "chosen layer", "same choice", "pruned layers",
                               "before (s)", "now (s)", "speed-up", "anchor lr 1e-4, 2000 steps (s)"], table)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.generalise import MIN_CALIBRATION_IMAGES
+from ..core.locality import MIN_CALIBRATION_IMAGES
 from ..errors import EditError, ImageLoadError, RulewriterError
 from .jobs import Job, JobRunner
 
@@ -160,7 +160,7 @@ class AppState:
         cache_dir: str | os.PathLike[str] | None = None,
         workers: int = 2,
     ) -> None:
-        from ..core.generalise import calibration_split
+        from ..core.locality import calibration_split
         from ..core.memory import LayerMemory
         from ..core.trace import get_module
 
@@ -298,7 +298,7 @@ class AppState:
         """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` of ``layer`` (default
         :attr:`layer`; read once, with the original weights), or None where there are too few (then edits
         are the closed form)."""
-        from ..core.generalise import calibration_set
+        from ..core.locality import calibration_set
 
         if not self.calibration_paths:
             return None

@@ -182,7 +182,7 @@ def calibration_images(args: argparse.Namespace, why_not: str | None = None) -> 
     that no image is in both (:func:`rulewriter.core.generalise.calibration_split`). ``why_not``: a reason
     the command's own options rule validation out. Checked before any work.
     """
-    from ..core.generalise import MIN_CALIBRATION_IMAGES, calibration_split
+    from ..core.locality import MIN_CALIBRATION_IMAGES, calibration_split
     from ..models.data import list_images
 
     data, samples = args.stats_data, args.stats_samples

@@ -31,15 +31,14 @@ Example::
     edit.meta["strength"]["chosen"], edit.meta["strength"]["reason"]       # doctest: +SKIP
 
 The network's tail after the edited layer is run from cached activations where the model allows it
-(:mod:`rulewriter.core.tail`: EfficientNet's blocks, and past the last block's project conv an exact linear
-map), so validating ten strengths costs a few tail passes, not full forward passes.
+(:mod:`rulewriter.core.tail`: EfficientNet's blocks, and past the last block's project conv or the head conv
+an exact linear map), so validating ten strengths costs a few tail passes, not full forward passes. A
+calibration measurement stops once its setting is ruled out (:meth:`LocalityBudget.rules_out`).
 """
 from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -48,7 +47,10 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 
-from .tail import LinearTail, run_tail, tail_start
+# The locality budget and the views' activations have their own modules; their names stay importable here.
+from .locality import (CALIBRATION_IMAGES, DEFAULT_COLLATERAL, MIN_CALIBRATION_IMAGES, NEAR_TIE, Calibration,
+                       LocalityBudget, calibration_set, calibration_split, exact_map, relative_collateral)
+from .tail import LinearTail, read_views, read_views_at, run_tail
 
 __all__ = [
     "DEFAULT_VIEWS",
@@ -83,17 +85,6 @@ MIN_VIEWS = 8
 #: Candidate magnitudes of the update along its direction (``s·Λ``); 1 is the closed form. A geometric
 #: ladder (about ×1.4 a step) up to 8: the locality budget, not the ladder, is meant to stop the strength.
 STRENGTHS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
-#: Collateral budget without calibration images: the edit may change the layer's output on the statistics
-#: images by at most 1% of the output's mean square (an RMS change of 10%), measured exactly from ``C``.
-#: Measured on the scoreboard this never binds before top-1 changes start, so with calibration images
-#: (the default wherever the statistics images are at hand) the :class:`LocalityBudget` decides instead.
-DEFAULT_COLLATERAL = 0.01
-#: A calibration photo is a near tie when its unedited top-2 probabilities are within this (they flip first).
-NEAR_TIE = 0.05
-#: At most this many images are calibration images (a subsample, deterministic).
-CALIBRATION_IMAGES = 500
-#: Fewer calibration images than this cannot measure a 0.5 % budget (one change is already over 2 %).
-MIN_CALIBRATION_IMAGES = 50
 #: Smallest crop (fraction of the photo's area) of an augmented view: a view keeps at least a third of the
 #: photo, the range of framings a person photographs an object at, so the concept stays recognisable.
 MIN_CROP_AREA = 0.35
@@ -250,266 +241,6 @@ class ViewSet:
             return (lin if idx is None else lin.subset(idx)).logits(model, edit)
         with edit.applied(model):
             return self.logits(model, which, idx)
-
-
-@torch.no_grad()
-def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 32
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One forward pass over preprocessed ``images``: the layer's input, the tail's input and the logits.
-
-    The tail's input is None when the model has no tail shortcut for ``layer`` (see :func:`tail_start`).
-    """
-    at, logits = read_views_at(classifier, [layer], images, batch_size)
-    return (*at[layer], logits)
-
-
-@torch.no_grad()
-def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch_size: int = 32
-                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
-    """:func:`read_views` at several layers from the same forward pass: ``({layer: (its input, its tail's
-    input or None)}, logits)``. The images run through the network once, whatever the number of layers.
-    """
-    from .trace import Trace
-
-    model = classifier.model
-    layers = list(dict.fromkeys(layers))
-    starts = {layer: tail_start(model, layer) for layer in layers}
-    p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
-    xs: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s}
-    ls = []
-    for i in range(0, images.shape[0], batch_size):
-        with ExitStack() as stack:
-            trs = {layer: stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
-                   for layer in layers}
-            tts = {s: stack.enter_context(Trace(model, s, retain_output=False, clone=True)) for s in ts}
-            ls.append(model(images[i:i + batch_size].to(p.device, p.dtype)))
-            for layer, tr in trs.items():
-                xs[layer].append(tr.input)
-            for s, tr in tts.items():
-                ts[s].append(tr.input)
-    full = torch.cat(ls)
-    out = {}
-    for layer in layers:
-        start = starts[layer]
-        tail_in = torch.cat(ts[start]) if start else None
-        if start is not None:  # trust the shortcut only where it reproduces the model
-            diff = float((torch.cat([run_tail(model, start, t) for t in ts[start]]) - full).abs().max())
-            if diff > 1e-4 * max(1.0, float(full.abs().max())):
-                tail_in = None
-        out[layer] = (torch.cat(xs[layer]), tail_in)
-    return out, full
-
-
-# ------------------------------------------------------------------------------------------ collateral
-def relative_collateral(w0: torch.Tensor, delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                        c: torch.Tensor, *, reference: float | None = None) -> float:
-    """``tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)``: mean-square output change over the statistics keys, relative.
-
-    ``C = E[k kᵀ]`` over the statistics images' keys, so ``tr(ΔW C ΔWᵀ) = E‖ΔW k‖²`` exactly; scaling the
-    update by ``s`` scales this by ``s²``. ``delta`` is ``ΔW`` or its factors ``(Λ, D)`` (``ΔW = Λ Dᵀ``;
-    then ``tr((DᵀCD)(ΛᵀΛ))``, without forming ``ΔW``); ``reference`` is ``tr(W0 C W0ᵀ)`` when already known.
-
-    Example:
-        >>> round(relative_collateral(torch.eye(2), 0.1 * torch.eye(2), torch.eye(2)), 6)
-        0.01
-    """
-    c = c.double().to(w0.device)
-    if isinstance(delta, tuple):
-        lam, d = (t.double().to(w0.device) for t in delta)
-        num = float(((d.T @ c @ d) * (lam.T @ lam)).sum())
-    else:
-        d = delta.double()
-        num = float(((d @ c) * d).sum())
-    if reference is None:
-        w0 = w0.double()
-        reference = float(((w0 @ c) * w0).sum())
-    return num / reference if reference > 0 else math.inf
-
-
-@dataclass(frozen=True)
-class LocalityBudget:
-    """How much an edit may change on the calibration images: the share whose top-1 changes, overall and
-    among near ties (unedited top-2 probabilities within :data:`NEAR_TIE`).
-
-    The defaults are the field's locality targets (LR ≥ 99 % of unrelated photos unchanged, ≥ 95 % of the
-    near ties) with the overall rate halved (0.5 %), a margin for the sampling error of a few hundred
-    calibration photos: a budget met on the calibration photos should still hold on new ones.
-    """
-
-    changed: float = 0.005
-    near_tie: float = 0.05
-
-    def admits(self, measured: dict[str, Any]) -> bool:
-        """True when ``measured`` (from :meth:`Calibration.changed`) is within both shares."""
-        nt = measured.get("changed_near_tie")
-        return measured["changed"] <= self.changed + 1e-12 and (nt is None or nt <= self.near_tie + 1e-12)
-
-    def rules_out(self, measured: dict[str, Any], ref: dict[str, Any] | None = None) -> bool:
-        """True when ``measured``, possibly from only some of the calibration images, already settles that
-        a setting is inadmissible: over the budget, and (given the closed form's measurement ``ref``)
-        changing a calibration image that ``ref`` leaves alone. Both only grow as images are added, so
-        :meth:`Calibration.changed` may stop measuring once this holds."""
-        if self.admits(measured):
-            return False
-        return ref is None or not set(measured.get("which", ())) <= set(ref.get("which", ()))
-
-    def describe(self) -> str:
-        return (f"top-1 changes on at most {100 * self.changed:g}% of the calibration images and "
-                f"{100 * self.near_tie:g}% of their near ties")
-
-
-@dataclass
-class Calibration:
-    """Calibration images for the locality budget: where their tail starts, its cached inputs, the unedited
-    top-1 and which are near ties. Built once per layer with :func:`calibration_set`.
-
-    Example::
-
-        cal = calibration_set(clf, layer, "photos/")              # the statistics images, up to 500
-        cal.changed(clf.model, edit)                              # {'changed': 0.002, 'changed_near_tie': 0.0, ...}
-    """
-
-    start: str | None
-    x: torch.Tensor
-    base: torch.Tensor
-    near_tie: torch.Tensor
-    batch_size: int = 100
-    #: The exact shortcut for edits of the last block's project conv (:class:`~rulewriter.core.tail.LinearTail`),
-    #: where the model has one: a candidate then costs ~1/30 of a tail pass.
-    linear: LinearTail | None = None
-    #: The unedited top-1 minus top-2 probability of each image: a measurement that may stop early
-    #: (``changed(stop=...)``) takes the smallest margins first. None: the images' own order.
-    margin: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.base.shape[0])
-
-    @torch.no_grad()
-    def top1(self, model: nn.Module) -> torch.Tensor:
-        """The model's top-1 on the calibration images as the model is now."""
-        n = len(self)
-        return torch.cat([self._top1_of(model, torch.arange(i, min(i + self.batch_size, n)))
-                          for i in range(0, n, self.batch_size)])
-
-    def changed(self, model: nn.Module, edit: Any, *,
-                stop: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
-        """Share of calibration images (and of their near ties) whose top-1 ``edit`` changes.
-
-        With ``stop`` (e.g. ``lambda m: budget.rules_out(m, ref)``), the images are measured a chunk at a
-        time, the most fragile first (smallest unedited top-1 margin: they flip first), and the measurement
-        ends as soon as ``stop`` holds for what has been counted; the shares then count the changes found
-        so far against *all* the images (lower bounds) and ``complete`` is False. The decision ``stop``
-        expresses is exact; only the reported shares of a setting it rules out are partial.
-        """
-        n, nt = len(self), int(self.near_tie.sum())
-        if self.linear is not None and self.linear.covers(model, edit):
-            diff = self.linear.logits(model, edit).argmax(1) != self.base
-            done = n
-        elif stop is None:
-            with edit.applied(model):
-                diff = self.top1(model) != self.base
-            done = n
-        else:
-            order = torch.argsort(self.margin, stable=True) if self.margin is not None else torch.arange(n)
-            diff = torch.zeros(n, dtype=torch.bool)
-            done = 0
-            with edit.applied(model):
-                while done < n:
-                    idx = order[done:done + self.batch_size // 2]
-                    diff[idx] = self._top1_of(model, idx) != self.base[idx]
-                    done += int(idx.numel())
-                    if done < n and stop(self._shares(diff, n, nt, done)):
-                        break
-        return self._shares(diff, n, nt, done)
-
-    def _shares(self, diff: torch.Tensor, n: int, nt: int, done: int) -> dict[str, Any]:
-        out = {"changed": float(diff.double().sum()) / n, "n": n,
-               "changed_near_tie": float(diff[self.near_tie].double().sum()) / nt if nt else None, "n_near_tie": nt,
-               "which": torch.nonzero(diff).flatten().tolist()}
-        if done < n:
-            out.update(complete=False, measured=done)
-        return out
-
-    @torch.no_grad()
-    def _top1_of(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        p = next(model.parameters())
-        z = self.x[idx].to(p.device, p.dtype)
-        return (run_tail(model, self.start, z) if self.start else model(z)).argmax(1).cpu()
-
-
-def exact_map(model: nn.Module, layer: str, layer_input: torch.Tensor, logits: torch.Tensor) -> LinearTail | None:
-    """The exact linear map of images whose input to ``layer`` is ``layer_input`` and whose unedited logits
-    are ``logits`` (:class:`~rulewriter.core.tail.LinearTail`); None where the layer has none, or where the
-    map's top-1 differs from the model's on any image (a rounding the map would count as a change)."""
-    linear = LinearTail.build(model, layer, layer_input)
-    if linear is not None and not torch.equal(linear.logits(model).argmax(1), logits.argmax(1).cpu()):
-        return None
-    return linear
-
-
-def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATION_IMAGES, seed: int = 0,
-                    batch_size: int = 32) -> Calibration:
-    """Calibration images for ``layer``: ``data`` is a folder, a list of paths, a Dataset (as for the
-    statistics) or a batch of preprocessed images; at most ``limit`` of them, subsampled deterministically.
-
-    One forward pass caches each image's input to the network's tail after ``layer`` (the whole image when
-    the model has no shortcut), so counting the top-1 changes of a candidate edit costs a tail pass only;
-    for the last block's project conv it also caches the layer's keys and the head's pre-activations
-    (:class:`~rulewriter.core.tail.LinearTail`, about 0.5 MB an image), and a candidate costs the head alone.
-    """
-    from ..errors import EditError
-    from .stats import statistics_dataset
-
-    if isinstance(data, torch.Tensor):
-        images = data if data.shape[0] <= limit else data[torch.randperm(
-            data.shape[0], generator=torch.Generator().manual_seed(seed))[:limit].sort().values]
-    else:
-        ds = statistics_dataset(classifier, data, limit, seed)
-        if len(ds) > limit:
-            ds = statistics_dataset(classifier, ds, limit, seed)
-        items = [ds[i] for i in range(len(ds))]
-        if not items:
-            raise EditError("no calibration images")
-        images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-    keys, tail, logits = read_views(classifier, layer, images, batch_size=batch_size)
-    start = tail_start(classifier.model, layer) if tail is not None else None
-    prob = logits.softmax(1).topk(2, 1).values
-    linear = exact_map(classifier.model, layer, keys, logits)
-    margin = (prob[:, 0] - prob[:, 1]).cpu()
-    return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
-                       margin <= NEAR_TIE, linear=linear, margin=margin)
-
-
-def calibration_split(data: Any, samples: int | None = None, *, seed: int = 0, limit: int = CALIBRATION_IMAGES
-                      ) -> tuple[list[Path], list[Path]]:
-    """Split an image folder (or list of paths) into statistics images and calibration images, disjoint.
-
-    Calibration images must not be among ``C``'s images: the update's directions ``C⁻¹u`` are chosen to
-    disturb exactly those keys least, so they understate what the edit changes elsewhere. With ``samples``
-    (fewer than the images), ``C`` takes that deterministic subsample and calibration up to ``limit`` of the
-    rest; otherwise a tenth of the images (at most ``limit``) is set aside for calibration and ``C`` takes
-    the others. Fewer than :data:`MIN_CALIBRATION_IMAGES` possible: no calibration images (``[]``).
-
-    Example::
-
-        >>> stats_paths, cal_paths = calibration_split("photos/", 2000)   # doctest: +SKIP
-    """
-    from ..models.data import list_images, subsample
-
-    paths = list_images(data) if isinstance(data, (str, Path)) else [Path(p) for p in data]
-    if samples is not None and samples < len(paths):
-        used = subsample(paths, samples, seed=seed)
-        chosen = set(used)
-        rest = [p for p in paths if p not in chosen]
-        cal = subsample(rest, limit, seed=seed)
-        return used, (cal if len(cal) >= MIN_CALIBRATION_IMAGES else [])
-    n_cal = min(limit, len(paths) // 10)
-    if n_cal < MIN_CALIBRATION_IMAGES:
-        return paths, []
-    cal = subsample(paths, n_cal, seed=seed + 1)
-    held = set(cal)
-    return [p for p in paths if p not in held], cal
 
 
 @dataclass

@@ -261,9 +261,10 @@ def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig:
     """Each layer's rule read from each exemplar and its joint augmentations, with the views kept for
     validation; the views run through the network once for every layer."""
     from ..concepts.masks import load_mask
-    from .generalise import ViewSet, exact_map, exemplar_views, read_views_at
+    from .generalise import ViewSet, exemplar_views
+    from .locality import exact_map
     from ..models.preprocess import mask_for_image
-    from .tail import tail_start
+    from .tail import read_views_at, tail_start
 
     full_masks = [mask_for_image(load_mask(m), o.size) for m, o in zip(masks, orig)]
     vo, vm, vk, groups = exemplar_views(orig, man, full_masks, views, seed=seed)
@@ -541,7 +542,8 @@ def rewrite_choosing_layer(
             lambda l: collect_second_moment(clf, l, stats_paths), calibration=cal_paths)
         edit.meta["layer_choice"]["chosen"], edit.meta["layer_choice"]["reason"]    # doctest: +SKIP
     """
-    from .generalise import Calibration, choose_layer, chosen_row
+    from .generalise import choose_layer, chosen_row
+    from .locality import Calibration
 
     layers = list(dict.fromkeys(layers))
     if not layers:
@@ -608,8 +610,8 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
               strength: float | str, budget: Any, solver: str, cands: list | None = None,
               on: Sequence[Edit] = (), calibration: Any = None, restore_at_least: float | None = None) -> dict:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
-    from .generalise import (DEFAULT_COLLATERAL, Calibration, LocalityBudget, StrengthChoice, calibration_set,
-                             choose_strength, relative_collateral)
+    from .generalise import StrengthChoice, choose_strength
+    from .locality import DEFAULT_COLLATERAL, Calibration, LocalityBudget, calibration_set, relative_collateral
 
     w0c = w0.double()
     reference = float(((w0c @ c.double().to(w0c.device)) * w0c).sum())  # tr(W0 C W0ᵀ), once for every candidate

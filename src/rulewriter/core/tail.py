@@ -25,13 +25,14 @@ Example::
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["tail_start", "run_tail", "run_head", "LinearTail"]
+__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail"]
 
 
 def tail_start(model: nn.Module, layer: str) -> str | None:
@@ -62,6 +63,55 @@ def run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
             rate = rate * float(idx) / n if rate else rate
             x = model._blocks[idx](x, drop_connect_rate=rate)
     return run_head(model, model._bn1(model._conv_head(x)))
+
+
+@torch.no_grad()
+def read_views(classifier, layer: str, images: torch.Tensor, batch_size: int = 32
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward pass over preprocessed ``images``: the layer's input, the tail's input and the logits.
+
+    The tail's input is None when the model has no tail shortcut for ``layer`` (see :func:`tail_start`).
+    """
+    at, logits = read_views_at(classifier, [layer], images, batch_size)
+    return (*at[layer], logits)
+
+
+@torch.no_grad()
+def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch_size: int = 32
+                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """:func:`read_views` at several layers from the same forward pass: ``({layer: (its input, its tail's
+    input or None)}, logits)``. The images run through the network once, whatever the number of layers.
+    """
+    from .trace import Trace
+
+    model = classifier.model
+    layers = list(dict.fromkeys(layers))
+    starts = {layer: tail_start(model, layer) for layer in layers}
+    p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
+    xs: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s}
+    ls = []
+    for i in range(0, images.shape[0], batch_size):
+        with ExitStack() as stack:
+            trs = {layer: stack.enter_context(Trace(model, layer, retain_output=False, clone=True))
+                   for layer in layers}
+            tts = {s: stack.enter_context(Trace(model, s, retain_output=False, clone=True)) for s in ts}
+            ls.append(model(images[i:i + batch_size].to(p.device, p.dtype)))
+            for layer, tr in trs.items():
+                xs[layer].append(tr.input)
+            for s, tr in tts.items():
+                ts[s].append(tr.input)
+    full = torch.cat(ls)
+    out = {}
+    for layer in layers:
+        start = starts[layer]
+        tail_in = torch.cat(ts[start]) if start else None
+        if start is not None:  # trust the shortcut only where it reproduces the model
+            diff = float((torch.cat([run_tail(model, start, t) for t in ts[start]]) - full).abs().max())
+            if diff > 1e-4 * max(1.0, float(full.abs().max())):
+                tail_in = None
+        out[layer] = (torch.cat(xs[layer]), tail_in)
+    return out, full
 
 
 def _is_pointwise(conv: Any) -> bool:

@@ -612,7 +612,8 @@ def mitigate(
     from .evaluate import predict
     from .testsets import TestSet
     from .finetune import LEARNING_RATES, finetune_layer, retrain_last_layer, smallest_fitting_lr
-    from ..core.generalise import DEFAULT_VIEWS, Calibration, calibration_set
+    from ..core.generalise import DEFAULT_VIEWS
+    from ..core.locality import Calibration, calibration_set
     from ..core.rules import rewrite, rewrite_choosing_layer, rule_from_features, rules_from_images
 
     methods = list(dict.fromkeys(methods))
