@@ -7,8 +7,10 @@ three scoreboard runs of the default on the same splits (block 15 from ``results
 other two from ``python benchmarks/generalise.py --layer L --methods default --name N``) exactly as
 ``rewrite_choosing_layer`` makes it at run time; its held-out figures are the chosen layer's.
 
-Run: ``python benchmarks/generalise_layers.py [generalise generalise_layer_blocks11_spend
-generalise_layer_conv_head_spend]`` (result names, the model's default layer first); writes
+Run: ``python benchmarks/generalise_layers.py [generalise_default_now generalise_layer_blocks11_stop
+generalise_layer_conv_head_now]`` (result names, the model's default layer first; these three are the
+default rerun with this code's shortcuts, ``generalise.py --methods default [--layer L] --name N``, identical
+in every figure and choice to the runs before them); writes
 ``benchmarks/results/generalise_layers.{json,md}``.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-RUNS = ("generalise", "generalise_layer_blocks11_spend", "generalise_layer_conv_head_spend")
+RUNS = ("generalise_default_now", "generalise_layer_blocks11_stop", "generalise_layer_conv_head_now")
 
 
 def pct(x: float) -> str:

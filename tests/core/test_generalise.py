@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -367,20 +368,28 @@ class _InputViews:
         return model((self.man if which == "man" else self.orig)[idx])
 
 
-def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
-    """``choose_strength`` hands its collateral the stop; the choice, every setting's admission and
-    scores are those of full measurements, with fewer calibration images run."""
-    from rulewriter.core.generalise import Calibration, LocalityBudget, choose_strength
+def _mlp_and_calibration() -> tuple[nn.Module, Any]:
+    """A small MLP with confident outputs (a dozen near ties among 200 inputs) and its Calibration."""
+    from rulewriter.core.locality import Calibration
 
     torch.manual_seed(0)
     model = nn.Sequential()
     model.fc1, model.act, model.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)
-    model.fc2.weight.data *= 10  # confident outputs: a dozen near ties among 200
+    model.fc2.weight.data *= 10
     x = 2 * torch.randn(200, 8)
     with torch.no_grad():
         logits = model(x)
     p = logits.softmax(1).topk(2, 1).values
-    cal = Calibration(None, x, logits.argmax(1), (p[:, 0] - p[:, 1]) <= 0.05, batch_size=20, margin=p[:, 0] - p[:, 1])
+    margin = p[:, 0] - p[:, 1]
+    return model, Calibration(None, x, logits.argmax(1), margin <= 0.05, batch_size=20, margin=margin)
+
+
+def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
+    """``choose_strength`` hands its collateral the stop; the choice, every setting's admission and
+    scores are those of full measurements, with fewer calibration images run."""
+    from rulewriter.core.generalise import LocalityBudget, choose_strength
+
+    model, cal = _mlp_and_calibration()
     views = _InputViews(2 * torch.randn(8, 8), model)
     cands = [0.003, 0.01, 0.03]  # three directions, each of its own size: top-1 changes start at 1, 8, 30
     dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
@@ -408,17 +417,9 @@ def test_a_choice_that_cannot_restore_enough_exemplars_stops_early_and_only_then
     """``restore_at_least`` prunes exactly the choices whose admissible settings all restore fewer
     exemplars: below that share the choice is unchanged, above it the closed form is returned, marked
     pruned, after fewer calibration images."""
-    from rulewriter.core.generalise import Calibration, LocalityBudget, choose_layer, choose_strength
+    from rulewriter.core.generalise import LocalityBudget, choose_layer, choose_strength
 
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.fc1, model.act, model.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)
-    model.fc2.weight.data *= 10
-    x = 2 * torch.randn(200, 8)
-    with torch.no_grad():
-        logits = model(x)
-    p = logits.softmax(1).topk(2, 1).values
-    cal = Calibration(None, x, logits.argmax(1), (p[:, 0] - p[:, 1]) <= 0.05, batch_size=20, margin=p[:, 0] - p[:, 1])
+    model, cal = _mlp_and_calibration()
     budget = LocalityBudget(changed=0.05, near_tie=0.3)
     pruned_any = False
     for seed in range(6):
