@@ -384,23 +384,30 @@ def _mlp_and_calibration() -> tuple[nn.Module, Any]:
     return model, Calibration(None, x, logits.argmax(1), margin <= 0.05, batch_size=20, margin=margin)
 
 
+def _directions(model: nn.Module, cal: Any, cands: list[float]):
+    """Views, and one random rank-1 direction of ``fc1`` per candidate size: ``(views, solve, collateral,
+    seen)``, where ``collateral`` passes its stop on to ``cal`` and appends to ``seen`` how many images ran."""
+    views = _InputViews(2 * torch.randn(8, 8), model)
+    dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
+    solve = lambda left_out, c: Edit([LayerUpdate("fc1", 2, *dirs[c])])  # noqa: E731
+    seen: list[int] = []
+
+    def collateral(s, c, stop=None):
+        out = cal.changed(model, solve(None, c).scaled(s), stop=stop)
+        seen.append(out.get("measured", out["n"]))
+        return out
+
+    return views, solve, collateral, seen
+
+
 def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
     """``choose_strength`` hands its collateral the stop; the choice, every setting's admission and
     scores are those of full measurements, with fewer calibration images run."""
     from rulewriter.core.generalise import LocalityBudget, choose_strength
 
     model, cal = _mlp_and_calibration()
-    views = _InputViews(2 * torch.randn(8, 8), model)
     cands = [0.003, 0.01, 0.03]  # three directions, each of its own size: top-1 changes start at 1, 8, 30
-    dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
-    solve = lambda left_out, c: Edit([LayerUpdate("fc1", 2, *dirs[c])])  # noqa: E731
-    seen = []
-
-    def stopping(s, c, stop=None):
-        out = cal.changed(model, solve(None, c).scaled(s), stop=stop)
-        seen.append(out.get("measured", out["n"]))
-        return out
-
+    views, solve, stopping, seen = _directions(model, cal, cands)
     budget = LocalityBudget(changed=0.01, near_tie=0.1)
     fast = choose_strength(model, views, solve, stopping, budget=budget, candidates=cands)
     n_fast = sum(seen)
@@ -424,17 +431,8 @@ def test_a_choice_that_cannot_restore_enough_exemplars_stops_early_and_only_then
     pruned_any = False
     for seed in range(6):
         torch.manual_seed(seed)
-        views = _InputViews(2 * torch.randn(8, 8), model)
         cands = [0.01, 0.03, 0.1]
-        dirs = {c: (c * torch.randn(32, 1), torch.randn(8, 1)) for c in cands}
-        solve = lambda left_out, c: Edit([LayerUpdate("fc1", 2, *dirs[c])])  # noqa: E731
-        seen = []
-
-        def coll(s, c, stop=None):
-            out = cal.changed(model, solve(None, c).scaled(s), stop=stop)
-            seen.append(out.get("measured", out["n"]))
-            return out
-
+        views, solve, coll, seen = _directions(model, cal, cands)
         full = choose_strength(model, views, solve, coll, budget=budget, candidates=cands)
         n_full = sum(seen)
         best = max(r["exemplars_restored"] for r in full.rows if r["within_budget"]) / 2
