@@ -422,6 +422,12 @@ class AppState:
             self.check_unedited()
             return rule_from_images(self.clf, self.layer, [image], [image], [mask], views=0)  # a key, not an edit
 
+    def _validated(self, exemplars: list[Exemplar]) -> bool:
+        """Exemplar views (validated strength and rank) where every exemplar is pasted and there are
+        calibration images: a picked key region has no manipulated image to augment."""
+        return bool(exemplars) and bool(self.calibration_paths) and all(
+            e.target in ("texture", "region") for e in exemplars)
+
     def _described(self, r, session: Session, exemplars: list[Exemplar]):
         keep = ("views", "augmentation", "seed")
         r.description = {"method": "app", **{k: r.description[k] for k in keep if k in r.description},
@@ -435,7 +441,7 @@ class AppState:
         from ..core.generalise import DEFAULT_VIEWS
         from ..core.rules import rules_from_images
 
-        if not (exemplars and self.calibration_paths and all(e.target in ("texture", "region") for e in exemplars)):
+        if not self._validated(exemplars):
             return {layer: self.build_rule(session, exemplars, layer) for layer in layers}
         originals = [self.image(e.image_id, session) for e in exemplars]
         with self.model_lock:
@@ -454,9 +460,7 @@ class AppState:
             raise EditError("add at least one exemplar (paint a mask, choose what to paste, press Add)")
         keys, values, weights, desc = [], [], [], []
         pasted = [e for e in exemplars if e.target in ("texture", "region")]
-        # Exemplar views (validated strength and rank) where every exemplar is pasted and there are
-        # calibration images: a picked key region has no manipulated image to augment.
-        views = DEFAULT_VIEWS if self.calibration_paths and len(pasted) == len(exemplars) else 0
+        views = DEFAULT_VIEWS if self._validated(exemplars) else 0
         if pasted:
             originals = [self.image(e.image_id, session) for e in pasted]
             with self.model_lock:
