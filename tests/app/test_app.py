@@ -444,7 +444,10 @@ def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_p
         exemplars = list(state.sessions[sid].exemplars.values())
         alone = [rewrite(clf, state.build_rule(state.sessions[sid], exemplars, at), state.stats(layer=at),
                          calibration=state.calibration(at)) for at in state.layers]
-        assert choose_layer(state.layers, [e.meta["strength"] for e in alone]) == choice
+        want = choose_layer(state.layers, [e.meta["strength"] for e in alone])
+        assert (want["chosen"], want["index"]) == (choice["chosen"], choice["index"])
+        # a layer that could not have won is pruned: every other row is the one-by-one edit's
+        assert all(got == full or "pruned" in got for got, full in zip(choice["layers"], want["layers"]))
     one = create_app(clf, d, out_dir=tmp_path / "out2", stats_samples=10, layer="features.2").state.rulewriter
     assert one.layers == ["features.2"]
 

@@ -75,6 +75,7 @@ __all__ = [
     "StrengthChoice",
     "choose_strength",
     "chosen_row",
+    "layer_score",
     "choose_layer",
 ]
 
@@ -254,7 +255,7 @@ class StrengthChoice:
     folds: int = 0
     n_validation: int = 0
     candidate: Any = None
-    #: True where the validation stopped early (``restore_at_least``): this choice cannot win a layer.
+    #: True where the validation stopped early (``to_beat``): this choice cannot win a layer.
     pruned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,7 +305,9 @@ def choose_strength(
     strengths: Sequence[float] = STRENGTHS,
     budget: float | LocalityBudget = DEFAULT_COLLATERAL,
     candidates: Sequence[Any] | None = None,
-    restore_at_least: float | None = None,
+    to_beat: Sequence[Any] | None = None,
+    ties_win: bool = False,
+    exhaustive: bool = False,
 ) -> StrengthChoice:
     """Pick the update's magnitude (and, given ``candidates``, its rank) by validation on left-out views.
 
@@ -325,11 +328,14 @@ def choose_strength(
             budget itself, so is every setting that changes only calibration images it changes too.
         candidates: other knobs to choose with the strength (e.g. ``(context, rank)`` pairs), simplest
             first; None: the strength alone.
-        restore_at_least: a share of the exemplars (what another layer's edit restores, in
-            :func:`rewrite_choosing_layer <rulewriter.core.rules.rewrite_choosing_layer>`). Where no admissible
-            setting restores that share, the choice could not win :func:`choose_layer`, so it stops once that
-            is settled, before the settings within the budget are measured in full and validated: the
-            closed form, with ``pruned`` set and no rows. Exact: it prunes only what could not win.
+        to_beat: the :func:`layer_score` of another layer's edit of the same rule (in
+            :func:`rewrite_choosing_layer <rulewriter.core.rules.rewrite_choosing_layer>`); ``ties_win``:
+            whether an equal score would win (this layer comes first in :func:`choose_layer`'s order). Once
+            no setting that is still possible could score enough, the choice could not win the layer, so
+            it stops there: the closed form, with ``pruned`` set and no rows. Exact: it prunes only what
+            could not win.
+        exhaustive: measure and validate every admissible setting (a complete table of rows) instead of
+            only what the choice needs; the choice is the same.
 
     Strengths are measured against the budget in increasing order; once one is over it, the larger ones of
     that candidate are not measured (collateral grows with the strength: exactly so for the output energy,
@@ -341,9 +347,14 @@ def choose_strength(
     clean views keeping it), then by the higher mean probability of that class, then the simpler candidate
     and the smaller ``s``. With a :class:`LocalityBudget` the winner's candidate is then spent up to the
     budget: its strongest strength within the budget that restores as many exemplars (the validation
-    views choose what to scale, the measured collateral how far). Only admissible settings are validated.
+    views choose what to scale, the measured collateral how far).
+
+    The search is best-first: every setting's rank is bounded above by what is known of it (its exemplars
+    restored, cheap to count; its validation, a few views; its admission, a calibration measurement, the
+    dear part), and the setting with the highest bound is refined, cheapest step first, until the best
+    bound belongs to a setting known in full; that one has the highest rank of all admissible settings.
     Each row's ``admitted`` says why it was admissible (``"budget"``, ``"fallback"``, ``"no new change"``;
-    None: it was not).
+    None: it was not, or it was not measured: ``within_budget`` None).
     """
     strengths = sorted({float(s) for s in strengths} | {1.0})
     single = candidates is None
@@ -353,6 +364,11 @@ def choose_strength(
         return StrengthChoice(1.0, "no validation views: the closed form (strength 1)", budget=budget)
     own = views.own if views.own is not None else torch.zeros(len(views), dtype=torch.bool)
     own_idx = torch.nonzero(own).flatten()
+    n_own = int(own_idx.numel())
+    fold_idx = [torch.nonzero(views.group == f).flatten() for f in folds]
+    n_val = sum(int(i.numel()) for i in fold_idx)
+    keys = [(ci, s) for ci in range(len(cands)) for s in strengths]
+    order = {key: k for k, key in enumerate(keys)}
     # Collateral first: only settings within the budget are worth validating. The closed form (strength 1
     # of the first candidate) is the fallback, so it is always admissible; where it is over the budget
     # itself, a setting that changes only calibration images the closed form changes too is admissible: it
@@ -378,6 +394,30 @@ def choose_strength(
             return "budget"
         return "no new change" if _no_worse(measured[ci, s], ref) else None
 
+    settled = [0] * len(cands)  # candidate ci's first settled[ci] strengths are settled
+    over = [False] * len(cands)
+
+    def settle(ci: int, upto: int = len(strengths) - 1) -> None:
+        """Settle candidate ci's strengths up to index ``upto`` in increasing order: past its first strength
+        over the budget, the rest count as over unmeasured (but the fallback is admissible whatever a
+        smaller strength measured)."""
+        while settled[ci] < len(strengths) and (settled[ci] <= upto or over[ci]):
+            s = strengths[settled[ci]]
+            if over[ci] and (ci, s) != (0, 1.0):
+                measured[ci, s] = None
+            elif settled[ci] > upto:  # the fallback past an over strength: settled when asked for
+                break
+            else:
+                why = admit(ci, s)
+                if why is not None:
+                    admitted[ci, s] = why
+                over[ci] = why is None
+            settled[ci] += 1
+
+    def alive(key: tuple[int, float]) -> bool:
+        """Still possibly admissible: admitted, or not settled yet."""
+        return key in admitted or strengths.index(key[1]) >= settled[key[0]]
+
     def view_logits(edit: Any, which: str, idx: torch.Tensor) -> torch.Tensor:
         under = getattr(views, "logits_under", None)  # a ViewSet may skip the tail (exact linear map)
         if under is not None:
@@ -397,11 +437,55 @@ def choose_strength(
             restored_at[ci, s] = int((top == views.target[own_idx]).sum())
         return restored_at[ci, s]
 
-    if restore_at_least is not None and own_idx.numel():
-        # The winner restores the most exemplars of any admissible setting. A candidate reaches the share
-        # only if every strength up to the first that restores it is admissible (candidates stop at their
-        # first strength over the budget); that first one is measured first, as it is the likeliest over.
-        need = restore_at_least * int(own_idx.numel()) - 1e-9
+    fold_edits: dict[tuple[int, int], Any] = {}
+    validated: dict[tuple[int, float], tuple[int, int, int, float]] = {}  # right, fixed, kept, probability
+
+    def validate(ci: int, s: float) -> None:
+        """Score setting (ci, s) on every fold's left-out views (each fold's edit solved once)."""
+        fixed = kept = 0
+        prob = 0.0
+        for f, idx in zip(folds, fold_idx):
+            if (f, ci) not in fold_edits:
+                fold_edits[f, ci] = solve(f) if single else solve(f, cands[ci])
+            tgt = views.target[idx]
+            for which in ("man", "orig"):
+                p = view_logits(fold_edits[f, ci].scaled(s), which, idx).softmax(1)
+                hit = int((p.argmax(1).cpu() == tgt).sum())
+                fixed, kept = (fixed + hit, kept) if which == "man" else (fixed, kept + hit)
+                prob += float(p.gather(1, tgt[:, None].to(p.device)).sum())
+        validated[ci, s] = (fixed + kept, fixed, kept, prob)
+
+    def rank(key: tuple[int, float]) -> tuple:
+        """``key``'s rank among the settings, or its upper bound from what is known of it."""
+        v = validated.get(key)
+        return (restores(*key) if n_own else 0, admitted.get(key) != "no new change",
+                v[0] if v else math.inf, round(v[3] / (2 * n_val), 6) if v else math.inf, -order[key])
+
+    def score_bound(key: tuple[int, float]) -> tuple:
+        """The highest :func:`layer_score` that ``key``, or its candidate spent, could reach."""
+        v = validated.get(key)
+        return (restores(*key) / n_own if n_own else 0.0, admitted.get(key, "budget") == "budget",
+                v[0] / (2 * n_val) if v else 1.0, round(v[3] / (2 * n_val), 6) if v else 1.0)
+
+    def cannot_win(keys_left: Sequence[tuple[int, float]]) -> bool:
+        """No setting of ``keys_left`` could score enough to beat ``to_beat``."""
+        if to_beat is None:
+            return False
+        best = max(score_bound(k) for k in keys_left)
+        return best < tuple(to_beat) or (best == tuple(to_beat) and not ties_win)
+
+    def pruned() -> StrengthChoice:
+        out = StrengthChoice(1.0, "not validated in full: no setting within the budget could score above "
+                             "another layer's edit (the closed form, strength 1)", budget=budget)
+        out.pruned = True
+        out.candidate = None if single else cands[0]
+        return out
+
+    if to_beat is not None and n_own:
+        # The cheap test first: the winner restores the most exemplars of any admissible setting. A candidate
+        # reaches the share only if every strength up to the first that restores it is admissible; that
+        # first one is measured first, as it is the likeliest over.
+        need = float(to_beat[0]) * n_own - 1e-9
 
         def reaches(ci: int) -> bool:
             enough = [s for s in strengths if restores(ci, s) >= need]
@@ -409,84 +493,70 @@ def choose_strength(
                 all(admit(ci, s) is not None for s in strengths if s < enough[0])
 
         if not any(reaches(ci) for ci in range(len(cands))):
-            out = StrengthChoice(1.0, f"not validated in full: no setting within the budget restores "
-                                 f"{100 * restore_at_least:.0f}% of the exemplars (the closed form, strength 1)",
-                                 budget=budget)
-            out.pruned = True
-            out.candidate = None if single else cands[0]
-            return out
-    for ci, cand in enumerate(cands):
-        over = False
-        for s in strengths:
-            if over and (ci, s) != (0, 1.0):  # the fallback is admissible whatever a smaller strength measured
-                measured[ci, s] = None
-                continue
-            why = admit(ci, s)
-            if why is not None:
-                admitted[ci, s] = why
-            over = why is None
-    todo = {ci: [s for s in strengths if (ci, s) in admitted] for ci in range(len(cands))}
-    restored = {key: (restores(*key) if key in admitted and own_idx.numel() else 0) for key in measured}
-    right = {key: 0 for key in measured}
-    fixed, kept = dict(right), dict(right)
-    prob = {key: 0.0 for key in measured}
-    n_val = 0
-    for f in folds:
-        idx = torch.nonzero(views.group == f).flatten()
-        tgt = views.target[idx]
-        n_val += int(idx.numel())
-        for ci, cand in enumerate(cands):
-            if not todo[ci]:
-                continue
-            fold_edit = solve(f) if single else solve(f, cand)
-            for s in todo[ci]:
-                for which in ("man", "orig"):
-                    p = view_logits(fold_edit.scaled(s), which, idx).softmax(1)
-                    hit = int((p.argmax(1).cpu() == tgt).sum())
-                    right[ci, s] += hit
-                    (fixed if which == "man" else kept)[ci, s] += hit
-                    prob[ci, s] += float(p.gather(1, tgt[:, None].to(p.device)).sum())
-    rows = []
-    for ci, cand in enumerate(cands):
-        for s in strengths:
-            ok = (ci, s) in admitted
-            row = {"strength": s, "exemplars_restored": restored[ci, s] if ok else None,
-                   "exemplars": int(own_idx.numel()), "right": right[ci, s] if ok else None, "of": 2 * n_val,
-                   "fixed": fixed[ci, s] if ok else None, "kept": kept[ci, s] if ok else None,
-                   "mean_prob": prob[ci, s] / (2 * n_val) if ok else None,
-                   "collateral": measured[ci, s], "within_budget": bool(ok), "admitted": admitted.get((ci, s))}
-            if not single:
-                row = {"candidate": cand, **row}
-            rows.append(row)
-    order = {id(r): k for k, r in enumerate(rows)}
-    ok_rows = [r for r in rows if r["within_budget"]]
-    # A setting admitted only because it adds no calibration change to the closed form's must restore more
-    # of the user's exemplars than the budget's settings and the fallback do: strength beyond the budget is
-    # spent on what the user showed, never on validation views alone.
-    best = max(ok_rows, key=lambda r: (r["exemplars_restored"], r["admitted"] != "no new change", r["right"],
-                                       round(r["mean_prob"], 6), -order[id(r)]))
-    picked = best
-    if isinstance(budget, LocalityBudget) and best["admitted"] == "budget":
+            return pruned()
+    if exhaustive:
+        for ci in range(len(cands)):
+            settle(ci)
+        for key in keys:
+            if key in admitted:
+                validate(*key)
+        best_key = max(admitted, key=rank)
+    else:
+        while True:
+            if cannot_win([k for k in keys if alive(k)]):
+                return pruned()
+            top = max((k for k in keys if alive(k)), key=rank)
+            if top in admitted and top in validated:
+                break
+            if top not in validated:  # the views first: a few of them against a calibration measurement
+                validate(*top)
+            else:
+                settle(top[0], strengths.index(top[1]))
+        best_key = top
+    spent = best_key
+    if isinstance(budget, LocalityBudget) and admitted[best_key] == "budget":
         # The validation views choose the candidate; the budget, measured in the top-1 changes the user
         # cares about, sets how far it goes: the strongest setting of that candidate within it that restores
         # as many exemplars. Views of a few exemplars cannot tell a held-out photo's key from theirs, so their
         # preference among strengths is noise the budget need not pay for (an energy budget is only a proxy
         # for top-1 changes and is not spent this way).
-        best = max((r for r in ok_rows if r.get("candidate") == best.get("candidate")
-                    and r["admitted"] == "budget" and r["exemplars_restored"] >= best["exemplars_restored"]),
-                   key=lambda r: r["strength"])
-    base = rows[strengths.index(1.0)]  # the closed form: strength 1 of the first candidate
-    capped = [r for r in rows if not r["within_budget"]]
+        ci = best_key[0]
+        settle(ci)
+        spent = max((k for k in keys if k[0] == ci and admitted.get(k) == "budget"
+                     and restores(*k) >= restores(*best_key)), key=lambda k: k[1])
+        if spent not in validated:
+            validate(*spent)
+    if cannot_win([spent]):  # its score is now known exactly
+        return pruned()
+    settle(0, strengths.index(1.0))  # the closed form's row: the reference, measured already
+    rows = []
+    for key in keys:
+        ci, s = key
+        v = validated.get(key)
+        done = strengths.index(s) < settled[ci]
+        row = {"strength": s, "exemplars_restored": restored_at.get(key), "exemplars": n_own,
+               "right": v[0] if v else None, "of": 2 * n_val, "fixed": v[1] if v else None,
+               "kept": v[2] if v else None, "mean_prob": v[3] / (2 * n_val) if v else None,
+               "collateral": measured.get(key), "within_budget": (key in admitted) if done else None,
+               "admitted": admitted.get(key)}
+        rows.append(row if single else {"candidate": cands[ci], **row})
+    best, picked = rows[order[spent]], rows[order[best_key]]
+    base = rows[order[0, 1.0]]  # the closed form: strength 1 of the first candidate
     what = f"strength {best['strength']:g}" + ("" if single else f", {best['candidate']}")
     reason = (f"{what}: restores {best['exemplars_restored']}/{best['exemplars']} exemplars, "
-              f"{best['right']}/{best['of']} left-out exemplar views right "
-              f"(closed form {base['right']}/{base['of']}), mean right-class probability "
-              f"{best['mean_prob']:.2f}, over {len(folds)} fold(s); {_describe(best['collateral'], budget)}")
+              f"{best['right']}/{best['of']} left-out exemplar views right"
+              + ("" if base["right"] is None else f" (closed form {base['right']}/{base['of']})")
+              + f", mean right-class probability {best['mean_prob']:.2f}, over {len(folds)} fold(s); "
+              f"{_describe(best['collateral'], budget)}")
     if best is not picked:
         reason += (f"; the strongest within the budget of the validated choice (strength {picked['strength']:g}, "
                    f"{picked['right']}/{picked['of']} views right)")
+    capped = sum(r["within_budget"] is False for r in rows)
+    unsettled = sum(r["within_budget"] is None for r in rows)
     if capped:
-        reason += f"; {len(capped)} setting(s) over the budget were not considered"
+        reason += f"; {capped} setting(s) over the budget were not considered"
+    if unsettled:
+        reason += f"; {unsettled} setting(s) that could not rank higher were not measured"
     if not _admits(base["collateral"], budget):
         reason += "; even the closed form is over the budget (it is the fallback)"
         if best["admitted"] == "no new change":
@@ -508,6 +578,14 @@ def chosen_row(choice: dict[str, Any]) -> dict[str, Any] | None:
         if r["strength"] == choice["chosen"] and (cand is None or plain(r.get("candidate")) == plain(cand)):
             return r
     return None
+
+
+def layer_score(row: dict[str, Any]) -> tuple[float, bool, float, float]:
+    """How :func:`choose_layer` ranks a layer's winning row (:func:`chosen_row`): the share of exemplars it
+    restores, whether it is within the locality budget, the share of left-out views right, the mean
+    right-class probability (rounded to 6 places); a tuple, compared in that order."""
+    restored = row["exemplars_restored"] / row["exemplars"] if row.get("exemplars") else 0.0
+    return (restored, row.get("admitted") == "budget", row["right"] / row["of"], round(float(row["mean_prob"]), 6))
 
 
 def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -539,8 +617,7 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
             rows.append({"layer": layer, "score": None, "strength": ch.get("chosen"),
                          **({"pruned": ch["reason"]} if ch.get("pruned") else {})})
             continue
-        restored = r["exemplars_restored"] / r["exemplars"] if r.get("exemplars") else 0.0
-        score = (restored, r.get("admitted") == "budget", r["right"] / r["of"], round(float(r["mean_prob"]), 6))
+        score = layer_score(r)
         rows.append({"layer": layer, "score": list(score), "strength": ch.get("chosen"),
                      "candidate": ch.get("candidate"), "exemplars_restored": r["exemplars_restored"],
                      "exemplars": r["exemplars"], "within_budget": r.get("admitted") == "budget",

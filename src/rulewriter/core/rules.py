@@ -349,7 +349,8 @@ def rewrite(
     strength: float | str = "auto",
     budget: Any = None,
     calibration: Any = None,
-    restore_at_least: float | None = None,
+    to_beat: Sequence[Any] | None = None,
+    ties_win: bool = False,
 ) -> Edit:
     """Solve for the update that makes the layer map each rule's keys to its values.
 
@@ -390,10 +391,11 @@ def rewrite(
             mapping to its output exactly (``ΔW K_p = 0``). Apply the result together with them
             (``sum``/``compose``, ``predict --edit A --edit B``). Without ``on`` the edit is solved alone,
             and summing it with others is approximate.
-        restore_at_least: with ``strength="auto"``, a share of the exemplars another edit of the same rule
-            restores (:func:`rewrite_choosing_layer` passes the best of the layers before): where no setting
-            within the budget restores that share, the validation stops early and the edit is the closed
-            form, its ``meta["strength"]["pruned"]`` set (it cannot win the layer choice).
+        to_beat: with ``strength="auto"``, the :func:`~rulewriter.core.generalise.layer_score` of another
+            edit of the same rule (:func:`rewrite_choosing_layer` passes the best of the layers before;
+            ``ties_win``: whether this layer wins a tie): once no setting that is still possible could
+            score above it, the validation stops and the edit is the closed form, its
+            ``meta["strength"]["pruned"]`` set (it cannot win the layer choice).
 
     Returns:
         an :class:`~rulewriter.core.edit.Edit` with one rank-r update and a JSON description of the rules.
@@ -473,7 +475,7 @@ def rewrite(
     cands = ([(ctx, r, aug) for ctx, r in [("mean", 1), ("uniform", 1)] + [("svd", r) for r in SEARCH_RANKS]
               for aug in (False, True)] if search else None)
     choice = _strength(classifier, rules, solve, parts, lam, d, w0, c, layer, view, strength, budget, solver,
-                       cands, on, calibration, restore_at_least)
+                       cands, on, calibration, to_beat, ties_win)
     if choice.get("candidate"):
         context, rank, aug = choice["candidate"]
         choice["augmented"] = bool(aug)
@@ -530,9 +532,9 @@ def rewrite_choosing_layer(
     photos; ties keep the earlier layer, so list the model's default first
     (:attr:`~rulewriter.models.registry.Classifier.candidate_layers`). The chosen edit's
     ``meta["layer_choice"]`` keeps every layer's scores and the reason. The default layer is written
-    first, then the deeper layers before the shallower; a layer whose admissible settings cannot restore
-    as many exemplars as a layer already written is not validated in full (``restore_at_least``; its row
-    says ``pruned``): it could not have won, so the choice is exactly that of every layer in full.
+    first, then the deeper layers before the shallower; a layer whose settings cannot score above the best
+    layer already written is not validated in full (``to_beat``; its row says ``pruned``): it could not have
+    won, so the choice is exactly that of every layer in full.
 
     Example::
 
@@ -542,7 +544,7 @@ def rewrite_choosing_layer(
             lambda l: collect_second_moment(clf, l, stats_paths), calibration=cal_paths)
         edit.meta["layer_choice"]["chosen"], edit.meta["layer_choice"]["reason"]    # doctest: +SKIP
     """
-    from .generalise import choose_layer, chosen_row
+    from .generalise import choose_layer, chosen_row, layer_score
     from .locality import Calibration
 
     layers = list(dict.fromkeys(layers))
@@ -554,20 +556,21 @@ def rewrite_choosing_layer(
         return kwargs if calibration_at is None else {**kwargs, "calibration": calibration_at(layer)}
 
     # The default layer first, then the deeper layers before the shallower (their tails are shorter, so
-    # their measurements cheaper). A layer whose edit cannot restore as many exemplars as one already
-    # written cannot win choose_layer: its validation stops as soon as that is settled. Both are exact:
+    # their measurements cheaper). A layer whose edit cannot score above the best one already written
+    # cannot win choose_layer: its validation stops as soon as that is settled. Both are exact:
     # the choice is the one every layer validated in full would give, in the order given.
     position = {name: i for i, (name, _) in enumerate(classifier.model.named_modules())}
     order = [0] + sorted(range(1, len(layers)), key=lambda i: -position.get(layers[i], -1))
     edits: dict[int, Edit] = {}
-    best: float | None = None  # the largest share of exemplars a layer's edit so far restores
+    best: tuple[int, tuple] | None = None  # the layer scoring highest so far and its layer_score
     for i in order:
         edits[i] = rewrite(classifier, rule_at(layers[i]), stats_at(layers[i]), **at(layers[i]),
-                           restore_at_least=best)
+                           to_beat=None if best is None else best[1], ties_win=best is not None and i < best[0])
         row = chosen_row(edits[i].meta.get("strength", {}))
-        if row is not None and row.get("exemplars"):
-            share = row["exemplars_restored"] / row["exemplars"]
-            best = share if best is None else max(best, share)
+        if row is not None and row.get("right") is not None and row.get("of"):
+            score = layer_score(row)
+            if best is None or (score, -i) > (best[1], -best[0]):  # choose_layer's order: ties to the earlier
+                best = (i, score)
     got = choose_layer(layers, [edits[i].meta.get("strength", {}) for i in range(len(layers))])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got
@@ -608,7 +611,8 @@ def _own_pairs(rule: Rule, parts):
 
 def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
               strength: float | str, budget: Any, solver: str, cands: list | None = None,
-              on: Sequence[Edit] = (), calibration: Any = None, restore_at_least: float | None = None) -> dict:
+              on: Sequence[Edit] = (), calibration: Any = None, to_beat: Sequence[Any] | None = None,
+              ties_win: bool = False) -> dict:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
     from .generalise import StrengthChoice, choose_strength
     from .locality import DEFAULT_COLLATERAL, Calibration, LocalityBudget, calibration_set, relative_collateral
@@ -668,7 +672,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
 
     if cands is None:
         out = choose_strength(classifier.model, views, fold_edit, lambda s, stop=None: measure(lam, d, s, stop),
-                              budget=budget, restore_at_least=restore_at_least)
+                              budget=budget, to_beat=to_beat, ties_win=ties_win)
         return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
     full: dict[tuple, tuple] = {}
 
@@ -690,6 +694,6 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         full[cand] = (lam_c, d_c)
         ok.append(cand)
     out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok,
-                          restore_at_least=restore_at_least)
+                          to_beat=to_beat, ties_win=ties_win)
     lam_c, d_c = full[tuple(out.candidate)]  # the output energy alone: no calibration pass
     return {**out.to_dict(), "collateral": relative_collateral(w0, (lam_c, d_c), c, reference=reference) * out.chosen ** 2}
