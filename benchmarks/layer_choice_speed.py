@@ -6,15 +6,19 @@ project convs, the head conv) and keeps the edit whose own validation wins. Exac
 * one pass over the exemplars and their views reads every layer's rule (``rules_from_images``);
 * a calibration measurement stops once its setting is ruled out (over the locality budget and changing an
   image the closed form leaves alone), the most fragile images first (``Calibration.changed(stop=...)``);
-* a layer whose admissible settings cannot restore as many exemplars as a layer already written cannot
-  win, so its validation stops as soon as that is settled (``restore_at_least``);
+* the strength choice is a best-first search: the setting whose rank bound is highest is refined (its
+  views validated, then its calibration measured) until the best bound is a setting known in full, so
+  settings that could not rank first are never measured (``choose_strength``; ``exhaustive=True`` measures
+  every admissible one);
+* a layer none of whose still possible settings could score above a layer already written cannot win,
+  so its validation stops as soon as that is settled (``to_beat``);
 * the head conv has an exact linear map to the logits like block 15 (``LinearTail``), and the exemplar
   views are scored through these maps too (``ViewSet.logits_under``).
 
 Measured on scoreboard scenarios (``generalise.py``'s splits), each case three ways back to back:
 **before** (the previous runtime: each layer's rule read on its own, every layer validated in full, every
 measurement over all calibration images, the tail run for the head conv's calibration images and for every
-view), **now** (``rules_from_images`` + ``rewrite_choosing_layer`` as ``rulewriter edit`` runs them) and
+view, every admissible setting measured and validated), **now** (``rules_from_images`` + ``rewrite_choosing_layer`` as ``rulewriter edit`` runs them) and
 the **EditingClassifiers anchor** at the default layer (lr 1e-4, 2,000 Adam steps: the faster of the
 scoreboard's two anchor rows). The two choices are compared (layer, strength, candidate); the held-out
 figures of the chosen edit are those of ``generalise_layers.py``.
@@ -63,15 +67,16 @@ def probe(rows: list[dict[str, Any]]):
 
         old_cal = {lay: c if lay == layer else dataclasses.replace(c, linear=None)
                    for lay, (_, c) in per_layer.items()}  # block 15's map is the old runtime's too
-        real = GZ.Calibration.changed
+        real, search = GZ.Calibration.changed, GZ.choose_strength
         GZ.Calibration.changed = lambda self, model, edit, stop=None: real(self, model, edit)  # measure in full
+        GZ.choose_strength = lambda *a, **kw: search(*a, **{**kw, "exhaustive": True})  # every setting
         try:
             t0 = time.perf_counter()
             edits = [rewrite(clf, old_rule(lay), per_layer[lay][0], calibration=old_cal[lay]) for lay in layers]
             old = choose_layer(layers, [e.meta["strength"] for e in edits])
             t_old = time.perf_counter() - t0
         finally:
-            GZ.Calibration.changed = real
+            GZ.Calibration.changed, GZ.choose_strength = real, search
         t0 = time.perf_counter()
         rules = rules_from_images(clf, layers, o, m, k, views=DEFAULT_VIEWS)
         new = rewrite_choosing_layer(clf, layers, rules.__getitem__, lambda lay: per_layer[lay][0],

@@ -477,9 +477,9 @@ def test_the_best_first_search_chooses_exactly_what_the_exhaustive_one_does():
             assert len(seen) <= n_full
             fewer += len(seen) < n_full
             for a, b in zip(lazy.rows, full.rows):
-                if a["within_budget"] is not None:
-                    assert (a["within_budget"], a["admitted"], a["collateral"]) == \
-                        (b["within_budget"], b["admitted"], b["collateral"])
+                if a["within_budget"] is not None:  # settled; a setting over the budget may be measured in one only
+                    assert (a["within_budget"], a["admitted"]) == (b["within_budget"], b["admitted"])
+                    assert a["collateral"] == b["collateral"] or None in (a["collateral"], b["collateral"])
                 if a["right"] is not None and b["right"] is not None:  # the exhaustive one validates admissible ones
                     assert (a["right"], a["mean_prob"]) == (b["right"], b["mean_prob"])
     assert fewer > 0

@@ -503,7 +503,11 @@ def choose_strength(
         best_key = max(admitted, key=rank)
     else:
         while True:
-            if cannot_win([k for k in keys if alive(k)]):
+            # The winner ranks at least as high as any admissible setting known in full, and its candidate
+            # spent scores no higher than it: only the settings that could still outrank those can matter.
+            known = [rank(k) for k in admitted if k in validated]
+            floor = max(known) if known else None
+            if cannot_win([k for k in keys if alive(k) and (floor is None or rank(k) >= floor)]):
                 return pruned()
             top = max((k for k in keys if alive(k)), key=rank)
             if top in admitted and top in validated:
