@@ -168,3 +168,14 @@ def test_layer_choice_means_match_generalise_layers_md():
     assert means in README
     rows = _json("generalise_layers")["rows"]
     assert {r["layer"] for r in rows} <= set(_json("generalise_layers")["layers"])
+
+
+def test_layer_choice_speed_table_matches_its_results_file():
+    """The README's timing of the layer choice is benchmarks/layer_choice_speed.py's table, and its sums."""
+    md = (ROOT / "benchmarks" / "results" / "layer_choice_speed.md").read_text()
+    table = md[md.index("| scenario | exemplars | chosen layer"):md.index("\n\nSums")].strip()
+    assert table in README
+    rows = _json("layer_choice_speed")["rows"]
+    assert all(r["same_choice"] for r in rows)
+    before, now, anchor = (round(sum(r[k] for r in rows)) for k in ("seconds_before", "seconds_now", "seconds_anchor"))
+    assert f"({before} → {now} s;" in README and f"{now} s against {anchor} s" in README
