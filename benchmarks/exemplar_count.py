@@ -68,23 +68,14 @@ def report(rows: list[dict[str, Any]], total: float) -> int:
 
 
 def count_means(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per method and exemplar count, the means over the scenarios that have every count (the
-    same scenarios in each row), then over all the scenarios that have that many."""
-    counts = sorted({r["n_exemplars"] for r in rows})
+    """Markdown: the means per method and exemplar count over the scenarios that have every count (the same
+    scenarios in each row), then over all the scenarios that have that many."""
+    counts = {r["n_exemplars"] for r in rows}
     every = [s for s in dict.fromkeys(r["scenario"] for r in rows)
-             if {r["n_exemplars"] for r in rows if r["scenario"] == s} == set(counts)]
-    out = []
-    for which, keep in (("every count: " + ", ".join(every), set(every)), ("all with that many", None)):
-        for meth in dict.fromkeys(r["method"] for r in rows):
-            for n in counts:
-                rs = [r for r in rows if r["method"] == meth and r["n_exemplars"] == n
-                      and (keep is None or r["scenario"] in keep)]
-                out.append([which, meth, n, len(rs), G.pct(sum(r["SR"] for r in rs) / len(rs)),
-                            G.pct(sum(r["GR"] for r in rs) / len(rs)), G.pct(min(r["LR"] for r in rs)),
-                            G.pct(min(r["LR_sensitive"] for r in rs)), f"{min(r['d_top1'] for r in rs):+.1f}"])
-    return ("Means (LR, near ties and Δ: the worst):\n\n"
-            + G.C.markdown_table(["scenarios", "method", "exemplars", "n", "mean SR", "mean GR", "min LR",
-                                  "min near ties", "worst Δ"], out))
+             if {r["n_exemplars"] for r in rows if r["scenario"] == s} == counts]
+    return (f"Over the scenarios with every count ({', '.join(every)}). "
+            + G.means_table([r for r in rows if r["scenario"] in every], "method")
+            + "\n\nOver every scenario with that many. " + G.means_table(rows, "method"))
 
 
 if __name__ == "__main__":
