@@ -33,7 +33,9 @@ Example::
 The network's tail after the edited layer is run from cached activations where the model allows it
 (:mod:`rulewriter.core.tail`: EfficientNet's blocks, and past the last block's project conv or the head conv
 an exact linear map), so validating ten strengths costs a few tail passes, not full forward passes. A
-calibration measurement stops once its setting is ruled out (:meth:`LocalityBudget.rules_out`).
+calibration measurement stops once its setting is ruled out (:meth:`LocalityBudget.rules_out`), and the
+search over settings is best-first (:func:`choose_strength`): a setting that could not rank first is never
+measured.
 """
 from __future__ import annotations
 
