@@ -483,19 +483,6 @@ def choose_strength(
         out.candidate = None if single else cands[0]
         return out
 
-    if to_beat is not None and n_own:
-        # The cheap test first: the winner restores the most exemplars of any admissible setting. A candidate
-        # reaches the share only if every strength up to the first that restores it is admissible; that
-        # first one is measured first, as it is the likeliest over.
-        need = float(to_beat[0]) * n_own - 1e-9
-
-        def reaches(ci: int) -> bool:
-            enough = [s for s in strengths if restores(ci, s) >= need]
-            return bool(enough) and admit(ci, enough[0]) is not None and \
-                all(admit(ci, s) is not None for s in strengths if s < enough[0])
-
-        if not any(reaches(ci) for ci in range(len(cands))):
-            return pruned()
     if exhaustive:
         for ci in range(len(cands)):
             settle(ci)
