@@ -573,10 +573,13 @@ def chosen_row(choice: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def layer_score(row: dict[str, Any]) -> tuple[float, bool, float, float]:
+def layer_score(row: dict[str, Any] | None) -> tuple[float, bool, float, float] | None:
     """How :func:`choose_layer` ranks a layer's winning row (:func:`chosen_row`): the share of exemplars it
     restores, whether it is within the locality budget, the share of left-out views right, the mean
-    right-class probability (rounded to 6 places); a tuple, compared in that order."""
+    right-class probability (rounded to 6 places); a tuple, compared in that order. None for no row or one
+    without validation: it scores nothing."""
+    if row is None or row.get("right") is None or not row.get("of"):
+        return None
     restored = row["exemplars_restored"] / row["exemplars"] if row.get("exemplars") else 0.0
     return (restored, row.get("admitted") == "budget", row["right"] / row["of"], round(float(row["mean_prob"]), 6))
 
@@ -606,11 +609,11 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
     rows = []
     for layer, ch in zip(layers, choices):
         r = chosen_row(ch)
-        if r is None or r.get("right") is None or not r.get("of"):
+        score = layer_score(r)
+        if score is None:
             rows.append({"layer": layer, "score": None, "strength": ch.get("chosen"),
                          **({"pruned": ch["reason"]} if ch.get("pruned") else {})})
             continue
-        score = layer_score(r)
         rows.append({"layer": layer, "score": list(score), "strength": ch.get("chosen"),
                      "candidate": ch.get("candidate"), "exemplars_restored": r["exemplars_restored"],
                      "exemplars": r["exemplars"], "within_budget": r.get("admitted") == "budget",

@@ -566,11 +566,9 @@ def rewrite_choosing_layer(
     for i in order:
         edits[i] = rewrite(classifier, rule_at(layers[i]), stats_at(layers[i]), **at(layers[i]),
                            to_beat=None if best is None else best[1], ties_win=best is not None and i < best[0])
-        row = chosen_row(edits[i].meta.get("strength", {}))
-        if row is not None and row.get("right") is not None and row.get("of"):
-            score = layer_score(row)
-            if best is None or (score, -i) > (best[1], -best[0]):  # choose_layer's order: ties to the earlier
-                best = (i, score)
+        score = layer_score(chosen_row(edits[i].meta.get("strength", {})))
+        if score is not None and (best is None or (score, -i) > (best[1], -best[0])):  # ties to the earlier
+            best = (i, score)
     got = choose_layer(layers, [edits[i].meta.get("strength", {}) for i in range(len(layers))])
     edit = edits[got["index"]]
     edit.meta["layer_choice"] = got
