@@ -81,6 +81,42 @@ def test_linear_tail_covers_only_what_it_computes_exactly(lite0, inputs):
     assert LinearTail.build(lite0.model, "_conv_head", torch.zeros(1, 1152, 7, 7)) is None  # not its input
 
 
+def test_a_trusting_scope_compares_the_weights_once_and_still_sees_every_in_place_write(lite0, inputs, monkeypatch):
+    """Inside trusting_checked_weights, covers() compares the weights once, again only after a write."""
+    from rulewriter.core import tail as tail_mod
+
+    _, keys, _ = inputs
+    lt = LinearTail.build(lite0.model, LAYER, keys)
+    edit = _edit(lite0, 1, 0.05)
+    calls = []
+    real = torch.equal
+    monkeypatch.setattr(tail_mod.torch, "equal", lambda a, b: calls.append(1) or real(a, b))
+    assert lt.covers(lite0.model, edit) and lt.covers(lite0.model, edit)
+    per_check = len(calls) // 2
+    assert per_check > 0  # outside the scope every call compares
+    calls.clear()
+    with tail_mod.trusting_checked_weights():
+        assert all(lt.covers(lite0.model, edit) for _ in range(5))
+        assert len(calls) == per_check  # once
+        with edit.applied(lite0.model):  # an in-place write: compared again, and found changed
+            assert not lt.covers(lite0.model, edit)
+        before = len(calls)
+        assert lt.covers(lite0.model, edit) and lt.covers(lite0.model, edit)  # restored: compared once more
+        assert len(calls) == before + per_check
+        fc = lite0.model._fc.weight
+        kept = fc.detach().clone()
+        with torch.no_grad():
+            fc[0, 0] += 1.0  # a write the edit does not make is seen too
+        try:
+            assert not lt.covers(lite0.model, edit)
+        finally:
+            with torch.no_grad():
+                fc.copy_(kept)
+        assert lt.covers(lite0.model, edit)
+    calls.clear()
+    assert lt.covers(lite0.model, edit) and len(calls) == per_check  # the scope is closed: no memory left
+
+
 @pytest.mark.parametrize("rank,scale", [(1, 0.05), (3, 0.5)])
 def test_linear_tail_of_the_head_conv_gives_the_edited_models_logits(lite0, rank, scale):
     """At the head conv the map is the conv's rank-r update through its BatchNorm: the edited tail exactly."""

@@ -113,7 +113,9 @@ class Calibration:
     x: torch.Tensor
     base: torch.Tensor
     near_tie: torch.Tensor
-    batch_size: int = 100
+    #: Images per tail pass: 32 keeps a late block's activations within a CPU's caches (measured on
+    #: EfficientNet-Lite0 from block 11, one thread: 250 images in 1.05 s at 32 against 1.3 s at 100).
+    batch_size: int = 32
     #: The exact shortcut for edits of the last block's project conv or the head conv
     #: (:class:`~rulewriter.core.tail.LinearTail`), where the model has one: a candidate then costs ~1/30 of a
     #: tail pass.
@@ -156,7 +158,8 @@ class Calibration:
             done = 0
             with edit.applied(model):
                 while done < n:
-                    idx = order[done:done + self.batch_size // 2]
+                    # A half batch first: a setting that flips a near tie (they come first) stops sooner.
+                    idx = order[done:done + (self.batch_size // 2 if done == 0 else self.batch_size)]
                     diff[idx] = self._top1_of(model, idx) != self.base[idx]
                     done += int(idx.numel())
                     if done < n and stop(self._shares(diff, n, nt, done)):

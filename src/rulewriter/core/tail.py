@@ -25,14 +25,39 @@ Example::
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail"]
+__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail", "trusting_checked_weights"]
+
+#: The open :func:`trusting_checked_weights` scopes, innermost last: each maps a LinearTail's id to the map,
+#: the model tensors it last found equal to its reference, and their (data pointer, version) signature.
+_TRUSTED: list[dict[int, tuple]] = []
+
+
+@contextmanager
+def trusting_checked_weights() -> Iterator[None]:
+    """Inside, :meth:`LinearTail.covers` compares the model's weights with its reference once, then trusts
+    them while no tensor it compared is written in place or replaced (PyTorch's version counters and data
+    pointers say so; :class:`~rulewriter.core.edit.Edit` writes that way). A search that asks ``covers`` a
+    few hundred times saves the comparisons (about 2 ms each for EfficientNet-Lite0's head). Code that
+    writes weights through ``.data`` bypasses the counters: do not run it inside.
+
+    Example::
+
+        with trusting_checked_weights():
+            for edit in candidates:
+                if lt.covers(model, edit): ...
+    """
+    _TRUSTED.append({})
+    try:
+        yield
+    finally:
+        _TRUSTED.pop()
 
 
 def tail_start(model: nn.Module, layer: str) -> str | None:
@@ -215,8 +240,16 @@ class LinearTail:
         if _stretch(model, self.layer) is None:
             return False
         now = _state(self._modules(model))
-        return len(now) == len(self.reference) and all(
-            a.shape == b.shape and torch.equal(a.detach().to(b.device), b) for a, b in zip(now, self.reference))
+        if len(now) != len(self.reference):
+            return False
+        memo = _TRUSTED[-1] if _TRUSTED else None
+        sig = tuple((id(t), t.data_ptr(), t._version) for t in now)
+        if memo is not None and id(self) in memo and memo[id(self)][2] == sig:
+            return True
+        same = all(a.shape == b.shape and torch.equal(a.detach().to(b.device), b) for a, b in zip(now, self.reference))
+        if same and memo is not None:  # the tensors are held, so their ids and pointers cannot be reused meanwhile
+            memo[id(self)] = (self, now, sig)
+        return same
 
     @torch.no_grad()
     def logits(self, model: nn.Module, edit: Any | None = None) -> torch.Tensor:
