@@ -43,6 +43,35 @@ def test_run_tail_reproduces_the_model(lite0, inputs):
         assert torch.allclose(run_tail(lite0.model, start, tail_in), logits, atol=1e-4)
 
 
+def test_a_stages_first_project_conv_is_its_own_tail_start(lite0):
+    """Block 11 adds no skip connection: its tail runs from the project conv's input, edited or not."""
+    from skimage import data
+    from PIL import Image
+
+    layer = "_blocks.11._project_conv"
+    assert tail_start(lite0.model, layer) == layer
+    assert tail_start(lite0.model, "_blocks.12._project_conv") == "_blocks.12"  # a skip: the block's input
+    assert tail_start(lite0.model, "_blocks.11._expand_conv") == "_blocks.11"
+    assert tail_start(lite0.model, LAYER) == "_blocks.15"  # LinearTail's layer keeps the smaller cache
+    x = lite0.preprocess.batch([Image.fromarray(a) for a in (data.astronaut(), data.chelsea())])
+    conv = lite0.model._blocks[11]._project_conv
+    g = torch.Generator().manual_seed(2)
+    lam = torch.randn(conv.out_channels, 1, generator=g, dtype=torch.float64)
+    d = torch.randn(conv.in_channels, 1, generator=g, dtype=torch.float64)
+    lam *= 0.3 * float(conv.weight.detach().norm()) / float(lam.norm() * d.norm())
+    edit = Edit([LayerUpdate(layer, 2, lam, d)])
+    with torch.no_grad(), Trace(lite0.model, layer, clone=True) as t:
+        logits = lite0.model(x)
+    with torch.no_grad(), edit.applied(lite0.model):
+        edited = lite0.model(x)
+        got_edited = run_tail(lite0.model, layer, t.input)  # the unedited keys: the edit acts after them
+    with torch.no_grad():
+        got = run_tail(lite0.model, layer, t.input)
+    tol = 1e-4 * max(1.0, float(edited.abs().max()), float(logits.abs().max()))
+    assert torch.allclose(got, logits, atol=tol) and torch.allclose(got_edited, edited, atol=tol)
+    assert (edited - logits).abs().max() > 1e-2  # the edit does change the logits: the check can fail
+
+
 @pytest.mark.parametrize("rank,scale", [(1, 0.05), (3, 0.5)])
 def test_linear_tail_gives_the_edited_models_logits(lite0, inputs, rank, scale):
     """The rank-r update of the cached pre-activations is exactly the edited network's tail."""

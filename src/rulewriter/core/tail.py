@@ -3,8 +3,8 @@
 Validating an edit (scoring candidate strengths on exemplar views, counting the top-1 changes it makes on a
 few hundred calibration images) needs only the part of the network after the edited layer.
 
-* :func:`tail_start` and :func:`run_tail` run EfficientNet from the input of a block, so a candidate edit
-  costs a pass through the last blocks, not through the whole network.
+* :func:`tail_start` and :func:`run_tail` run EfficientNet from the input of a block (or of a stage's first
+  project conv), so a candidate edit costs a pass through the last blocks, not through the whole network.
 * :class:`LinearTail` goes further where the edited layer's output reaches the next nonlinearity through
   affine maps only: EfficientNet's last block's project conv → BatchNorm → head conv → BatchNorm, and the
   head conv → BatchNorm. There a
@@ -61,11 +61,22 @@ def trusting_checked_weights() -> Iterator[None]:
 
 
 def tail_start(model: nn.Module, layer: str) -> str | None:
-    """The module whose input lets an EfficientNet run from just before ``layer`` (None: no shortcut)."""
+    """The module whose input lets an EfficientNet run from just before ``layer`` (None: no shortcut).
+
+    Usually the block holding ``layer``. A block's project conv whose block adds no skip connection (the
+    first block of a stage) is its own start: nothing before it in the block reaches the block's output, so
+    the tail skips the block's expand and depthwise convs (at block 11 of EfficientNet-Lite0, its widest
+    activations and a fifth of a tail pass). Not where :class:`LinearTail` covers the layer: there the tail
+    is only the map's fallback, and the block's input is the smaller cache (a sixth of the keys at block 15).
+    """
     if not (hasattr(model, "_blocks") and hasattr(model, "_conv_head") and hasattr(model, "_fc")):
         return None
     m = re.match(r"^_blocks\.(\d+)(\.|$)", layer)
     if m:
+        block = model._blocks[int(m.group(1))]
+        if layer.endswith("._project_conv") and layer.count(".") == 2 and not _adds_skip(block) and \
+                _edited(model, layer) is None:
+            return layer
         return f"_blocks.{int(m.group(1))}"
     if layer == "_conv_head" or layer.startswith(("_bn1", "_fc")):
         return "_conv_head"
@@ -78,11 +89,24 @@ def run_head(model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
     return model._fc(model._dropout(x))
 
 
+def _adds_skip(block: nn.Module) -> bool:
+    """Whether an EfficientNet block adds its input to its output (the condition of its own forward)."""
+    args = getattr(block, "_block_args", None)
+    if args is None:
+        return True  # not a block we know: assume the skip, so its project conv is not a start
+    return bool(getattr(block, "id_skip", False) and args.stride == 1 and args.input_filters == args.output_filters)
+
+
 def run_tail(model: nn.Module, start: str, x: torch.Tensor) -> torch.Tensor:
-    """EfficientNet's forward from the input of module ``start`` to the logits (eval mode)."""
+    """EfficientNet's forward from the input of module ``start`` to the logits (eval mode): a block, a
+    block's project conv (see :func:`tail_start`) or the head conv."""
     if start.startswith("_blocks."):
         first = int(start.split(".")[1])
         n = len(model._blocks)
+        if start.endswith("._project_conv"):  # the rest of a block without a skip connection
+            block = model._blocks[first]
+            x = block._bn2(block._project_conv(x))
+            first += 1
         for idx in range(first, n):
             rate = model._global_params.drop_connect_rate
             rate = rate * float(idx) / n if rate else rate
@@ -114,7 +138,7 @@ def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch
     starts = {layer: tail_start(model, layer) for layer in layers}
     p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
     xs: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s}
+    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s and s not in xs}  # a layer's own input once
     ls = []
     for i in range(0, images.shape[0], batch_size):
         with ExitStack() as stack:
@@ -130,9 +154,10 @@ def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch
     out = {}
     for layer in layers:
         start = starts[layer]
-        tail_in = torch.cat(ts[start]) if start else None
+        chunks = (xs if start in xs else ts)[start] if start else None
+        tail_in = torch.cat(chunks) if start else None
         if start is not None:  # trust the shortcut only where it reproduces the model
-            diff = float((torch.cat([run_tail(model, start, t) for t in ts[start]]) - full).abs().max())
+            diff = float((torch.cat([run_tail(model, start, t) for t in chunks]) - full).abs().max())
             if diff > 1e-4 * max(1.0, float(full.abs().max())):
                 tail_in = None
         out[layer] = (torch.cat(xs[layer]), tail_in)
