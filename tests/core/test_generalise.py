@@ -456,6 +456,32 @@ def test_a_choice_that_cannot_beat_another_layers_score_stops_early_and_only_the
     assert pruned_any
 
 
+def test_a_validation_stops_part_way_once_its_setting_cannot_beat_another_layer():
+    """Views are scored a fold's manipulated or clean half at a time: a setting whose views still to score
+    could not lift it above ``to_beat`` is left part way through, and the choice is still pruned."""
+    from rulewriter.core.generalise import LocalityBudget, choose_strength, chosen_row, layer_score
+
+    model, cal = _mlp_and_calibration()
+    budget = LocalityBudget(changed=0.05, near_tie=0.3)
+    per_setting = 3 * 2  # three folds, manipulated and clean views each
+    stopped_part_way = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        cands = [0.01, 0.03, 0.1]
+        views, solve, coll, _ = _directions(model, cal, cands)
+        score = layer_score(chosen_row(choose_strength(model, views, solve, coll, budget=budget,
+                                                       candidates=cands).to_dict()))
+        parts = []
+        real = views.logits
+        views.logits = lambda m, which, idx: (parts.append(1) if not bool(views.own[idx].any()) else None) or \
+            real(m, which, idx)  # noqa: E731 (scored views, not the exemplars' own)
+        cut = choose_strength(model, views, solve, coll, budget=budget, candidates=cands,
+                              to_beat=[*score[:2], score[2] + 1e-3, 0.0])
+        assert cut.pruned
+        stopped_part_way += len(parts) % per_setting != 0
+    assert stopped_part_way > 0
+
+
 def test_the_best_first_search_chooses_exactly_what_the_exhaustive_one_does():
     """Refining only the setting whose rank bound is highest gives the exhaustive search's choice and the
     same figures on every row it settled, with fewer calibration measurements."""

@@ -352,9 +352,10 @@ def choose_strength(
     views choose what to scale, the measured collateral how far).
 
     The search is best-first: every setting's rank is bounded above by what is known of it (its exemplars
-    restored, cheap to count; its validation, a few views; its admission, a calibration measurement, the
-    dear part), and the setting with the highest bound is refined, cheapest step first, until the best
-    bound belongs to a setting known in full; that one has the highest rank of all admissible settings.
+    restored, cheap to count; its validation, a fold's manipulated or clean views at a time, every view not
+    yet scored counted right; its admission, a calibration measurement, the dear part), and the setting
+    with the highest bound is refined, cheapest step first, until the best bound belongs to a setting known
+    in full; that one has the highest rank of all admissible settings.
     Each row's ``admitted`` says why it was admissible (``"budget"``, ``"fallback"``, ``"no new change"``;
     None: it was not, or it was not measured: ``within_budget`` None).
     """
@@ -441,33 +442,52 @@ def choose_strength(
 
     fold_edits: dict[tuple[int, int], Any] = {}
     validated: dict[tuple[int, float], tuple[int, int, int, float]] = {}  # right, fixed, kept, probability
+    # Validation goes one fold's manipulated or clean views at a time; a setting part way through has
+    # [parts done, fixed, kept, probability, views still to score], so its bound tightens as it goes.
+    parts = [(f, idx, which) for f, idx in zip(folds, fold_idx) for which in ("man", "orig")]
+    partial: dict[tuple[int, float], list] = {}
+
+    def validate_part(ci: int, s: float) -> None:
+        """Score setting (ci, s) on the next part of the left-out views (each fold's edit solved once)."""
+        st = partial.setdefault((ci, s), [0, 0, 0, 0.0, 2 * n_val])
+        f, idx, which = parts[st[0]]
+        if (f, ci) not in fold_edits:
+            fold_edits[f, ci] = solve(f) if single else solve(f, cands[ci])
+        tgt = views.target[idx]
+        p = view_logits(fold_edits[f, ci].scaled(s), which, idx).softmax(1)
+        st[1 if which == "man" else 2] += int((p.argmax(1).cpu() == tgt).sum())
+        st[3] += float(p.gather(1, tgt[:, None].to(p.device)).sum())
+        st[0] += 1
+        st[4] -= int(idx.numel())
+        if st[0] == len(parts):
+            validated[ci, s] = (st[1] + st[2], st[1], st[2], st[3])
+            del partial[ci, s]
 
     def validate(ci: int, s: float) -> None:
-        """Score setting (ci, s) on every fold's left-out views (each fold's edit solved once)."""
-        fixed = kept = 0
-        prob = 0.0
-        for f, idx in zip(folds, fold_idx):
-            if (f, ci) not in fold_edits:
-                fold_edits[f, ci] = solve(f) if single else solve(f, cands[ci])
-            tgt = views.target[idx]
-            for which in ("man", "orig"):
-                p = view_logits(fold_edits[f, ci].scaled(s), which, idx).softmax(1)
-                hit = int((p.argmax(1).cpu() == tgt).sum())
-                fixed, kept = (fixed + hit, kept) if which == "man" else (fixed, kept + hit)
-                prob += float(p.gather(1, tgt[:, None].to(p.device)).sum())
-        validated[ci, s] = (fixed + kept, fixed, kept, prob)
+        """Score setting (ci, s) on every fold's left-out views."""
+        while (ci, s) not in validated:
+            validate_part(ci, s)
+
+    def views_bound(key: tuple[int, float]) -> tuple[float, float] | None:
+        """(views right, summed right-class probability) of ``key``, or their upper bounds part way
+        through its validation (every view still to score right, with probability 1); None: not begun."""
+        v = validated.get(key)
+        if v is not None:
+            return v[0], v[3]
+        st = partial.get(key)
+        return None if st is None else (st[1] + st[2] + st[4], st[3] + st[4])
 
     def rank(key: tuple[int, float]) -> tuple:
         """``key``'s rank among the settings, or its upper bound from what is known of it."""
-        v = validated.get(key)
+        v = views_bound(key)
         return (restores(*key) if n_own else 0, admitted.get(key) != "no new change",
-                v[0] if v else math.inf, round(v[3] / (2 * n_val), 6) if v else math.inf, -order[key])
+                v[0] if v else math.inf, round(v[1] / (2 * n_val), 6) if v else math.inf, -order[key])
 
     def score_bound(key: tuple[int, float]) -> tuple:
         """The highest :func:`layer_score` that ``key``, or its candidate spent, could reach."""
-        v = validated.get(key)
+        v = views_bound(key)
         return (restores(*key) / n_own if n_own else 0.0, admitted.get(key, "budget") == "budget",
-                v[0] / (2 * n_val) if v else 1.0, round(v[3] / (2 * n_val), 6) if v else 1.0)
+                v[0] / (2 * n_val) if v else 1.0, round(v[1] / (2 * n_val), 6) if v else 1.0)
 
     def cannot_win(keys_left: Sequence[tuple[int, float]]) -> bool:
         """No setting of ``keys_left`` could score enough to beat ``to_beat``."""
@@ -501,8 +521,8 @@ def choose_strength(
             top = max((k for k in keys if alive(k)), key=rank)
             if top in admitted and top in validated:
                 break
-            if top not in validated:  # the views first: a few of them against a calibration measurement
-                validate(*top)
+            if top not in validated:  # the views first, a part at a time: a few against a calibration pass
+                validate_part(*top)
             else:
                 settle(top[0], strengths.index(top[1]))
         best_key = top
