@@ -32,7 +32,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail", "trusting_checked_weights"]
+__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail",
+           "trusting_checked_weights"]
 
 #: The open :func:`trusting_checked_weights` scopes, innermost last: each maps a LinearTail's id to the map,
 #: the model tensors it last found equal to its reference, and their (data pointer, version) signature.
@@ -138,7 +139,7 @@ def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch
     starts = {layer: tail_start(model, layer) for layer in layers}
     p = next(model.parameters())  # inputs follow the model's device and dtype (a float64 model: float64)
     xs: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s and s not in xs}  # a layer's own input once
+    ts: dict[str, list[torch.Tensor]] = {s: [] for s in starts.values() if s and s not in xs}  # not twice
     ls = []
     for i in range(0, images.shape[0], batch_size):
         with ExitStack() as stack:
@@ -154,13 +155,14 @@ def read_views_at(classifier, layers: Sequence[str], images: torch.Tensor, batch
     out = {}
     for layer in layers:
         start = starts[layer]
+        x_in = torch.cat(xs[layer])
         chunks = (xs if start in xs else ts)[start] if start else None
-        tail_in = torch.cat(chunks) if start else None
+        tail_in = (x_in if start == layer else torch.cat(chunks)) if start else None  # a layer of its own start
         if start is not None:  # trust the shortcut only where it reproduces the model
             diff = float((torch.cat([run_tail(model, start, t) for t in chunks]) - full).abs().max())
             if diff > 1e-4 * max(1.0, float(full.abs().max())):
                 tail_in = None
-        out[layer] = (torch.cat(xs[layer]), tail_in)
+        out[layer] = (x_in, tail_in)
     return out, full
 
 
