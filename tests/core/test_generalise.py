@@ -716,7 +716,28 @@ def test_choose_layer_ranks_the_winning_settings_as_choose_strength_does():
         choose_layer(layers, [_record(1, 1)])
 
 
-def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny):
+def test_calibration_sets_read_every_layers_calibration_set_in_one_pass(tiny, monkeypatch):
+    """calibration_sets gives each layer exactly calibration_set's Calibration, from one forward pass."""
+    import rulewriter.core.locality as L
+
+    layers = ["features.2", "features.4"]
+    cal = tiny.preprocess.batch(_images(20, seed=3))
+    passes = []
+    real = L.read_views_at
+    monkeypatch.setattr(L, "read_views_at", lambda clf, at, images, **kw: passes.append(list(at)) or
+                        real(clf, at, images, **kw))
+    both = L.calibration_sets(tiny, layers, cal)
+    assert passes == [layers]
+    for layer in layers:
+        one = L.calibration_set(tiny, layer, cal)
+        got = both[layer]
+        assert (got.start, got.batch_size, got.linear) == (one.start, one.batch_size, one.linear)
+        for f in ("x", "base", "near_tie", "margin"):
+            assert torch.equal(getattr(got, f), getattr(one, f)), f
+
+
+def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny, monkeypatch):
+    import rulewriter.core.locality as L
     from rulewriter.core.generalise import calibration_set, choose_layer
     from rulewriter.core.rules import rewrite_choosing_layer
     from rulewriter.errors import EditError
@@ -726,7 +747,13 @@ def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny):
     pasted = _pasted(imgs, masks)
     rule_at = lambda layer: rule_from_images(tiny, layer, imgs, pasted, masks, views=DEFAULT_VIEWS)  # noqa: E731
     cal = tiny.preprocess.batch(_images(60, seed=21))
+    passes = []
+    real = L.read_views_at
+    monkeypatch.setattr(L, "read_views_at", lambda clf, at, images, **kw: passes.append(list(at)) or
+                        real(clf, at, images, **kw))
     edit = rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer), calibration=cal)
+    assert passes == [layers]  # the calibration images ran through the network once for both layers
+    monkeypatch.setattr(L, "read_views_at", real)
     alone = [rewrite(tiny, rule_at(layer), _stats(tiny, layer), calibration=cal) for layer in layers]
     want = choose_layer(layers, [e.meta["strength"] for e in alone])
     got = edit.meta["layer_choice"]

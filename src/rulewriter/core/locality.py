@@ -18,15 +18,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .tail import LinearTail, read_views, run_tail, tail_start
+from .tail import LinearTail, read_views_at, run_tail, tail_start
 
 __all__ = ["DEFAULT_COLLATERAL", "NEAR_TIE", "CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES", "relative_collateral",
-           "LocalityBudget", "Calibration", "exact_map", "calibration_set", "calibration_split"]
+           "LocalityBudget", "Calibration", "exact_map", "calibration_set", "calibration_sets",
+           "calibration_split"]
 
 #: Collateral budget without calibration images: the edit may change the layer's output on the statistics
 #: images by at most 1% of the output's mean square (an RMS change of 10%), measured exactly from ``C``.
@@ -201,6 +202,18 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
     for the last block's project conv it also caches the layer's keys and the head's pre-activations
     (:class:`~rulewriter.core.tail.LinearTail`, about 0.5 MB an image), and a candidate costs the head alone.
     """
+    return calibration_sets(classifier, [layer], data, limit=limit, seed=seed, batch_size=batch_size)[layer]
+
+
+def calibration_sets(classifier, layers: Sequence[str], data: Any, *, limit: int = CALIBRATION_IMAGES,
+                     seed: int = 0, batch_size: int = 32) -> dict[str, Calibration]:
+    """:func:`calibration_set` of each of ``layers`` from one forward pass over the same images (the layer
+    choice validates at several layers: one pass instead of one per layer).
+
+    Example::
+
+        cals = calibration_sets(clf, clf.candidate_layers, "photos/")   # {layer: Calibration}
+    """
     from ..errors import EditError
     from .stats import statistics_dataset
 
@@ -215,13 +228,16 @@ def calibration_set(classifier, layer: str, data: Any, *, limit: int = CALIBRATI
         if not items:
             raise EditError("no calibration images")
         images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-    keys, tail, logits = read_views(classifier, layer, images, batch_size=batch_size)
-    start = tail_start(classifier.model, layer) if tail is not None else None
+    at, logits = read_views_at(classifier, list(dict.fromkeys(layers)), images, batch_size=batch_size)
     prob = logits.softmax(1).topk(2, 1).values
-    linear = exact_map(classifier.model, layer, keys, logits)
     margin = (prob[:, 0] - prob[:, 1]).cpu()
-    return Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
-                       margin <= NEAR_TIE, linear=linear, margin=margin)
+    out = {}
+    for layer, (keys, tail) in at.items():
+        start = tail_start(classifier.model, layer) if tail is not None else None
+        out[layer] = Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
+                                 margin <= NEAR_TIE, linear=exact_map(classifier.model, layer, keys, logits),
+                                 margin=margin)
+    return out
 
 
 def calibration_split(data: Any, samples: int | None = None, *, seed: int = 0, limit: int = CALIBRATION_IMAGES

@@ -525,7 +525,8 @@ def rewrite_choosing_layer(
 
     ``rule_at(layer)`` reads the rule at a layer (with exemplar views, so each edit is validated) and
     ``stats_at(layer)`` gives that layer's statistics; ``kwargs`` go to :func:`rewrite` (``calibration=``
-    as data, not a :class:`~rulewriter.core.generalise.Calibration`, which belongs to one layer; or
+    as data, not a :class:`~rulewriter.core.generalise.Calibration`, which belongs to one layer: read at
+    every layer from one forward pass, :func:`~rulewriter.core.locality.calibration_sets`; or
     ``calibration_at(layer)``, e.g. each layer's cached Calibration). The edits
     are compared by :func:`rulewriter.core.generalise.choose_layer` on what each one's strength choice
     recorded (exemplars restored, within the locality budget, left-out views right), never on held-out
@@ -545,15 +546,26 @@ def rewrite_choosing_layer(
         edit.meta["layer_choice"]["chosen"], edit.meta["layer_choice"]["reason"]    # doctest: +SKIP
     """
     from .generalise import choose_layer, chosen_row, layer_score
-    from .locality import Calibration
+    from .locality import Calibration, calibration_sets
 
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise EditError("no layer to rewrite")
     if isinstance(kwargs.get("calibration"), Calibration) and len(layers) > 1:
         raise EditError("a Calibration belongs to one layer; pass the calibration images themselves")
-    def at(layer: str) -> dict[str, Any]:
-        return kwargs if calibration_at is None else {**kwargs, "calibration": calibration_at(layer)}
+    data = kwargs.get("calibration")
+    shared: dict[str, Calibration] = {}
+
+    def at(layer: str, rule: Rule) -> dict[str, Any]:
+        if calibration_at is not None:
+            return {**kwargs, "calibration": calibration_at(layer)}
+        if data is None or isinstance(data, Calibration) or not _validates(
+                [rule] if isinstance(rule, Rule) else list(rule), kwargs.get("strength", "auto"),
+                kwargs.get("solver", "closed-form"), kwargs.get("on", ())):
+            return kwargs
+        if not shared:  # every layer's calibration images from one forward pass, not one per layer
+            shared.update(calibration_sets(classifier, layers, data))
+        return {**kwargs, "calibration": shared[layer]}
 
     # The default layer first, then the deeper layers before the shallower (their tails are shorter, so
     # their measurements cheaper). A layer whose edit cannot score above the best one already written
@@ -564,7 +576,8 @@ def rewrite_choosing_layer(
     edits: dict[int, Edit] = {}
     best: tuple[int, tuple] | None = None  # the layer scoring highest so far and its layer_score
     for i in order:
-        edits[i] = rewrite(classifier, rule_at(layers[i]), stats_at(layers[i]), **at(layers[i]),
+        rule = rule_at(layers[i])
+        edits[i] = rewrite(classifier, rule, stats_at(layers[i]), **at(layers[i], rule),
                            to_beat=None if best is None else best[1], ties_win=best is not None and i < best[0])
         score = layer_score(chosen_row(edits[i].meta.get("strength", {})))
         if score is not None and (best is None or (score, -i) > (best[1], -best[0])):  # ties to the earlier
@@ -607,6 +620,12 @@ def _own_pairs(rule: Rule, parts):
     return [(pk[keep], pv[keep], pw[keep])]
 
 
+def _validates(rules: Sequence[Rule], strength: Any, solver: str, on: Sequence[Edit]) -> bool:
+    """Whether :func:`rewrite` validates this edit (and so measures it on calibration images)."""
+    return strength == "auto" and solver == "closed-form" and len(rules) == 1 and not on and \
+        rules[0].views is not None and rules[0].pair_view is not None
+
+
 def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer: str, view: int,
               strength: float | str, budget: Any, solver: str, cands: list | None = None,
               on: Sequence[Edit] = (), calibration: Any = None, to_beat: Sequence[Any] | None = None,
@@ -619,8 +638,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     w0c = w0.double()
     reference = float(((w0c @ c.double().to(w0c.device)) * w0c).sum())  # tr(W0 C W0ᵀ), once for every candidate
     unit = relative_collateral(w0, (lam, d), c, reference=reference)
-    validating = strength == "auto" and solver == "closed-form" and len(rules) == 1 and not on and \
-        rules[0].views is not None and rules[0].pair_view is not None
+    validating = _validates(rules, strength, solver, on)
     if calibration is not None and validating and not isinstance(calibration, Calibration):
         calibration = calibration_set(classifier, layer, calibration)
     if budget is None:
