@@ -415,11 +415,18 @@ def test_pasted_edits_are_validated_on_calibration_images_never_in_c(tiny, tmp_p
     assert "closed form" in few.stats_source()["validation"]
 
 
-def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_prefers(tmp_path):
+def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_prefers(tmp_path, monkeypatch):
     """As `rulewriter edit` without --layer: a validated edit is written at each candidate layer (each one's
-    statistics and calibration read once) and kept at the one its validation prefers; --layer names one."""
+    statistics read once, every layer's calibration from one pass) and kept at the one its validation
+    prefers; --layer names one."""
+    import rulewriter.core.locality as L
     from rulewriter.core.generalise import choose_layer
     from rulewriter.core.rules import rewrite
+
+    passes = []
+    real = L.calibration_sets
+    monkeypatch.setattr(L, "calibration_sets", lambda clf, layers, data, **kw: passes.append(list(layers)) or
+                        real(clf, layers, data, **kw))
 
     torch.manual_seed(0)
     clf = load_classifier(Tiny(), labels=LABELS, preprocess=Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3),
@@ -439,6 +446,7 @@ def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_p
         choice = edit.meta["layer_choice"]
         assert [r["layer"] for r in choice["layers"]] == ["features.4", "features.2"]
         assert info["layer"] == choice["chosen"] == edit.meta["layer"] and info["layer_why"] == choice["reason"]
+        assert passes == [["features.4", "features.2"]]  # both layers' calibration images in one pass
         # The same choice as the two layers' edits solved one by one (each layer's statistics and calibration
         # images are the ones the job read: collected once, then reused).
         exemplars = list(state.sessions[sid].exemplars.values())

@@ -298,7 +298,7 @@ class AppState:
         """The calibration images as a :class:`~rulewriter.core.generalise.Calibration` of ``layer`` (default
         :attr:`layer`; read once, with the original weights), or None where there are too few (then edits
         are the closed form)."""
-        from ..core.locality import calibration_set
+        from ..core.locality import calibration_sets
 
         if not self.calibration_paths:
             return None
@@ -307,8 +307,10 @@ class AppState:
             if layer not in self._calibration:
                 self.check_unedited()
                 root = self.stats_data or self.root
-                self._calibration[layer] = calibration_set(
-                    self.clf, layer, CheckedImages(self.calibration_paths, root, self.clf.preprocess))
+                # Every candidate layer still missing from the same pass: the layer choice asks for each.
+                todo = [layer] + [at for at in self.layers if at != layer and at not in self._calibration]
+                self._calibration.update(calibration_sets(
+                    self.clf, todo, CheckedImages(self.calibration_paths, root, self.clf.preprocess)))
             return self._calibration[layer]
 
     def predict(self, images: list[Image.Image], edit=None, source: str = "the edit") -> list[list[dict]]:
