@@ -716,16 +716,24 @@ def test_choose_layer_ranks_the_winning_settings_as_choose_strength_does():
         choose_layer(layers, [_record(1, 1)])
 
 
+def _count_calibration_passes(monkeypatch) -> list[list[str]]:
+    """Record the layers of every forward pass that calibration sets read (rulewriter.core.locality)."""
+    import rulewriter.core.locality as L
+
+    passes: list[list[str]] = []
+    real = L.read_views_at
+    monkeypatch.setattr(L, "read_views_at", lambda clf, at, images, **kw: passes.append(list(at)) or
+                        real(clf, at, images, **kw))
+    return passes
+
+
 def test_calibration_sets_read_every_layers_calibration_set_in_one_pass(tiny, monkeypatch):
     """calibration_sets gives each layer exactly calibration_set's Calibration, from one forward pass."""
     import rulewriter.core.locality as L
 
     layers = ["features.2", "features.4"]
     cal = tiny.preprocess.batch(_images(20, seed=3))
-    passes = []
-    real = L.read_views_at
-    monkeypatch.setattr(L, "read_views_at", lambda clf, at, images, **kw: passes.append(list(at)) or
-                        real(clf, at, images, **kw))
+    passes = _count_calibration_passes(monkeypatch)
     both = L.calibration_sets(tiny, layers, cal)
     assert passes == [layers]
     for layer in layers:
@@ -737,7 +745,6 @@ def test_calibration_sets_read_every_layers_calibration_set_in_one_pass(tiny, mo
 
 
 def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny, monkeypatch):
-    import rulewriter.core.locality as L
     from rulewriter.core.generalise import calibration_set, choose_layer
     from rulewriter.core.rules import rewrite_choosing_layer
     from rulewriter.errors import EditError
@@ -747,13 +754,10 @@ def test_rewrite_choosing_layer_keeps_the_validated_layers_own_edit(tiny, monkey
     pasted = _pasted(imgs, masks)
     rule_at = lambda layer: rule_from_images(tiny, layer, imgs, pasted, masks, views=DEFAULT_VIEWS)  # noqa: E731
     cal = tiny.preprocess.batch(_images(60, seed=21))
-    passes = []
-    real = L.read_views_at
-    monkeypatch.setattr(L, "read_views_at", lambda clf, at, images, **kw: passes.append(list(at)) or
-                        real(clf, at, images, **kw))
+    passes = _count_calibration_passes(monkeypatch)
     edit = rewrite_choosing_layer(tiny, layers, rule_at, lambda layer: _stats(tiny, layer), calibration=cal)
     assert passes == [layers]  # the calibration images ran through the network once for both layers
-    monkeypatch.setattr(L, "read_views_at", real)
+    monkeypatch.undo()
     alone = [rewrite(tiny, rule_at(layer), _stats(tiny, layer), calibration=cal) for layer in layers]
     want = choose_layer(layers, [e.meta["strength"] for e in alone])
     got = edit.meta["layer_choice"]
