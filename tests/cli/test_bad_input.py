@@ -356,7 +356,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stats_mod, "collect_second_moment", interrupted)
+    monkeypatch.setattr(stats_mod, "collect_second_moments", interrupted)
     before = _listing(work)
     code, _, err = _run(capsys, STATS + ["--out", "C3.safetensors"])
     assert code == 130 and err.count("rulewriter: error: interrupted") == 1 and "Traceback" not in err

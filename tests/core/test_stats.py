@@ -260,3 +260,66 @@ def test_cuda_tf32_uses_the_current_api_and_restores_it():
             assert matmul.fp32_precision == "ieee"
     finally:
         matmul.fp32_precision = before
+
+
+def test_several_layers_from_one_pass_equal_one_collection_per_layer_and_share_their_cache(tmp_path):
+    """collect_second_moments: each layer's C exactly as collect_second_moment gives it, from one forward
+    pass a batch; the cache files are the one-layer ones (a later one-layer call reads them), a cached layer
+    is read, not collected, and an interrupted run resumes from the partial files it saved."""
+    from rulewriter.core import stats as S
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(5, 6, 1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    clf = load_classifier(net, preprocess=Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3))
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 8, 8), torch.zeros(40))
+    kw = dict(view=2, precision="fp64", progress=False, batch_size=8, num_workers=0)
+    layers = ["4", "0", "2"]
+    one = {layer: S.collect_second_moment(clf, layer, data, **kw) for layer in layers}
+    calls = []
+    hook = net[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        both = S.collect_second_moments(clf, layers, data, cache_dir=tmp_path, **kw)
+        assert len(calls) == 5  # 40 images in batches of 8: one pass each, whatever the number of layers
+        assert list(both) == layers
+        for layer in layers:
+            assert torch.equal(both[layer].moment(), one[layer].moment()) and both[layer].count == one[layer].count
+        calls.clear()
+        again = S.collect_second_moment(clf, "2", data, cache_dir=tmp_path, **kw)  # the one-layer cache entry
+        assert not calls and torch.equal(again.moment(), one["2"].moment())
+        (p,) = tmp_path.glob("stats-*-2-v2-*.safetensors")
+        p.unlink()  # only layer 2 is missing: the others are read
+        got = S.collect_second_moments(clf, layers, data, cache_dir=tmp_path, **kw)
+        assert len(calls) == 5 and all(torch.equal(got[k].moment(), one[k].moment()) for k in layers)
+    finally:
+        hook.remove()
+    # Interrupted after 3 batches (checkpoints every 2): the rerun resumes from the 16 images saved.
+    for p in tmp_path.glob("stats-*.safetensors"):
+        p.unlink()
+    real, seen = S.SecondMoment.add, []
+
+    def add(self, keys):
+        seen.append(1)
+        if len(seen) > 3 * len(layers):
+            raise KeyboardInterrupt
+        return real(self, keys)
+
+    S.SecondMoment.add = add
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            S.collect_second_moments(clf, layers, data, cache_dir=tmp_path, checkpoint_every=2, **kw)
+    finally:
+        S.SecondMoment.add = real
+    assert len(list(tmp_path.glob("*.partial-0of1.safetensors"))) == len(layers)  # one per layer, none complete
+    assert not [p for p in tmp_path.glob("stats-*.safetensors") if ".partial" not in p.name]
+    calls.clear()
+    hook = net[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        resumed = S.collect_second_moments(clf, layers, data, cache_dir=tmp_path, checkpoint_every=2, **kw)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # 24 of the 40 images left
+    for layer in layers:
+        torch.testing.assert_close(resumed[layer].moment(), one[layer].moment(), rtol=1e-12, atol=1e-12)
+        assert resumed[layer].count == one[layer].count

@@ -153,7 +153,7 @@ def emit(obj: Any, as_json: bool, text: str) -> None:
 
 def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samples: int | None):
     """The second moment for ``layer``: from ``--stats FILE`` (checked to match) or collected from ``data``."""
-    from ..core.stats import SecondMoment, collect_second_moment
+    from ..core.stats import SecondMoment
 
     if getattr(args, "stats", None):
         s = SecondMoment.load(args.stats)
@@ -163,14 +163,25 @@ def load_stats(args: argparse.Namespace, clf, layer: str, data: str | None, samp
         if not getattr(args, "force", False):
             s.check_model(clf, source=args.stats)
         return s
-    s = collect_second_moment(  # commands without the precision options (inverse-edit) take the defaults
-        clf, layer, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
+    return load_stats_at(args, clf, [layer], data, samples)[layer]
+
+
+def load_stats_at(args: argparse.Namespace, clf, layers: list[str], data: str | None, samples: int | None) -> dict:
+    """:func:`load_stats` at several layers (``--stats FILE`` holds one): collected from one pass over ``data``
+    (:func:`rulewriter.core.stats.collect_second_moments`)."""
+    from ..core.stats import collect_second_moments
+
+    if getattr(args, "stats", None):
+        return {layer: load_stats(args, clf, layer, data, samples) for layer in layers}
+    got = collect_second_moments(  # commands without the precision options (inverse-edit) take the defaults
+        clf, layers, data, view=args.view, samples=samples, batch_size=args.batch_size, device=args.device,
         precision=getattr(args, "precision", "auto"), amp=getattr(args, "amp", None),
         num_workers=getattr(args, "workers", None), shard=getattr(args, "shard", None),
         cache_dir=None if args.no_cache else args.cache_dir, progress=not args.quiet,
     )
-    say_cached(s)
-    return s
+    for s in got.values():
+        say_cached(s)
+    return got
 
 
 def calibration_images(args: argparse.Namespace, why_not: str | None = None) -> tuple:

@@ -9,7 +9,8 @@ from ..core.edit import DEFAULT_RIDGE
 from ..core.generalise import DEFAULT_VIEWS
 from ..errors import RulewriterError
 from .common import (CHOSEN_LAYER_HELP, add_command, add_edit_args, add_exemplar_args, add_json_arg, add_model_args,
-                     check_rule_args, edit_layers, emit, load_model, load_stats, resolve_layer)
+                     check_rule_args, edit_layers, emit, load_model, load_stats, load_stats_at,
+                     resolve_layer)
 
 
 def cmd_edit(args) -> None:
@@ -48,7 +49,8 @@ def cmd_edit(args) -> None:
     stats_by = {}
 
     def stats_at(layer: str):
-        stats_by[layer] = load_stats(args, clf, layer, stats_data, stats_samples)
+        if layer not in stats_by:  # every layer's statistics from one pass over the statistics images
+            stats_by.update(load_stats_at(args, clf, layers, stats_data, stats_samples))
         return stats_by[layer]
 
     kw = dict(rank=args.rank, ridge=args.ridge, context=args.context, solver=args.solver, fit=args.fit, on=earlier,

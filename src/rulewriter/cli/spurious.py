@@ -136,7 +136,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 def cmd_mitigate(args: argparse.Namespace) -> None:
     """``rulewriter mitigate``: every input is checked before any file is written."""
-    from .common import calibration_images, edit_layers, emit, resolve_layer, load_model, load_stats
+    from .common import calibration_images, edit_layers, emit, resolve_layer, load_model, load_stats_at
     from ..studies.testsets import TestSet
 
     out = _check_out(args.out)
@@ -171,7 +171,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
     acc = TestSet.from_folder(clf, args.accuracy_data, samples=args.accuracy_samples) if args.accuracy_data else None
     stats = None
     if needs_stats:  # several layers: the images rewrite chooses among them (mitigate's stats mapping)
-        stats = {at: load_stats(args, clf, at, stats_data, stats_samples) for at in layers}
+        stats = load_stats_at(args, clf, layers, stats_data, stats_samples)  # one pass for every layer
         stats = stats if len(layers) > 1 else stats[layer]
     res = mitigate(clf, filtered, args.exemplars, stats, layer=layer, methods=methods, texture=args.texture,
                    target=target, accuracy_set=acc, view=args.view, seed=args.seed,

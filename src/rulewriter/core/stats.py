@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save
 from ..atomic import atomic_bytes, atomic_files, remove_stale_temps
 from ..errors import EditError, StatsError
 from .memory import LayerMemory
-from .trace import Trace
+from .trace import StopForward, Trace
 
-__all__ = ["SecondMoment", "collect_second_moment", "merge_files", "stats_cache_key", "key_products",
-           "tensors_checksum", "read_statistics", "check_made_for", "statistics_dataset", "dataset_fingerprint",
+__all__ = ["SecondMoment", "collect_second_moment", "collect_second_moments", "merge_files", "stats_cache_key",
+           "key_products", "tensors_checksum", "read_statistics", "check_made_for", "statistics_dataset", "dataset_fingerprint",
            "default_precision", "PRECISIONS"]
 
 FORMAT = "rulewriter.second_moment/1"
@@ -591,10 +591,48 @@ def collect_second_moment(
         >>> clf = load_classifier("efficientnet-lite0")                                 # doctest: +SKIP
         >>> s = collect_second_moment(clf, "_blocks.10._project_conv", "photos/", samples=1000)  # doctest: +SKIP
     """
+    return collect_second_moments(
+        classifier, [layer], data, view=view, samples=samples, batch_size=batch_size, device=device,
+        precision=precision, amp=amp, channels_last=channels_last, cache_dir=cache_dir,
+        checkpoint_every=checkpoint_every, shard=shard, num_workers=num_workers, seed=seed, progress=progress,
+    )[layer]
+
+
+def collect_second_moments(
+    classifier,
+    layers: Sequence[str],
+    data: str | Path | Sequence[str | Path] | torch.utils.data.Dataset,
+    *,
+    view: int = 2,
+    samples: int | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    amp: str | None = None,
+    channels_last: bool | None = None,
+    cache_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    shard: str | tuple[int, int] | None = None,
+    num_workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, SecondMoment]:
+    """:func:`collect_second_moment` at each of ``layers`` from one pass over the images: the same
+    statistics, cache files and keys as one call per layer (a layer already cached is read, not collected),
+    at the cost of one forward pass up to the deepest layer still to collect instead of one per layer (the
+    layer choice needs C at every candidate layer).
+
+    Example:
+        >>> cs = collect_second_moments(clf, clf.candidate_layers, "photos/", samples=1000)  # doctest: +SKIP
+        >>> cs["_conv_head"].count                                                          # doctest: +SKIP
+    """
     from tqdm.auto import tqdm
 
     from . import distributed as D
 
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise StatsError("no layer to collect statistics at")
     dev = D.local_device(_resolve_device(device, classifier))
     if precision == "auto":
         precision = default_precision(dev)
@@ -607,7 +645,7 @@ def collect_second_moment(
     if channels_last is None:
         channels_last = dev.type == "cuda"
     model = classifier.model
-    mem = LayerMemory(_module(model, layer), view, name=layer)
+    mems = {layer: LayerMemory(_module(model, layer), view, name=layer) for layer in layers}
     ds = statistics_dataset(classifier, data, samples, seed)
     if len(ds) == 0:
         raise StatsError("no images to collect statistics from")
@@ -617,57 +655,74 @@ def collect_second_moment(
         warnings.warn(f"{type(ds).__name__} has no fingerprint() and is not a TensorDataset, so its statistics are "
                       "not cached (define fingerprint() to cache them)", stacklevel=2)
         cache_dir = None
-    meta = {
-        "model": classifier.name,
-        "weights": classifier.weights_id,
-        "layer": layer,
-        "view": view,
-        "key_dim": mem.key_dim,
-        "data": fingerprint,
-        "n_images": len(ds),
-        "seed": seed,
-        "preprocess": classifier.preprocess.describe(),
-        "precision": precision,
-    }
-    if amp:
-        meta["amp"] = amp  # only when set, so float32 runs keep their earlier cache keys
+    n_images = len(ds)
     if part is not None:
-        meta["shard"] = f"{part[0]}/{part[1]}"
         ds = torch.utils.data.Subset(ds, D.shard_indices(len(ds), rank_=part[0], world=part[1]))
-    key = stats_cache_key(meta)
-    cache = partial = None
     rank, world = D.rank(), D.world_size()
-    if cache_dir is not None:
-        safe_layer = layer.replace("/", "_")
-        cache = Path(cache_dir).expanduser() / f"stats-{classifier.name}-{safe_layer}-v{view}-{key[:16]}.safetensors"
-        if rank == 0:
-            remove_stale_temps(cache.parent)  # temp files of writers killed mid-write
-        hit = None
-        if cache.is_file():
-            try:
-                stats = SecondMoment.load(cache)
-            except StatsError as e:  # truncated or flipped bits: a cache entry is only ever a head start
-                warnings.warn(f"the statistics cache entry is damaged and is rebuilt: {e}", stacklevel=2)
-                stats = None
-            if stats is not None and stats.meta.get("key") == key:
-                hit = stats
-        # Under torchrun all ranks use the cache or none does (a file some ranks cannot see must not leave
-        # the others waiting in all_reduce).
-        if D.all_ranks(hit is not None):
-            return hit
-        partial = _partial_path(cache, rank, world)
+    metas, keys, caches, partials, out = {}, {}, {}, {}, {}
+    for layer in layers:
+        meta = {
+            "model": classifier.name,
+            "weights": classifier.weights_id,
+            "layer": layer,
+            "view": view,
+            "key_dim": mems[layer].key_dim,
+            "data": fingerprint,
+            "n_images": n_images,
+            "seed": seed,
+            "preprocess": classifier.preprocess.describe(),
+            "precision": precision,
+        }
+        if amp:
+            meta["amp"] = amp  # only when set, so float32 runs keep their earlier cache keys
+        if part is not None:
+            meta["shard"] = f"{part[0]}/{part[1]}"
+        metas[layer], keys[layer] = meta, stats_cache_key(meta)
+        caches[layer] = partials[layer] = None
+        if cache_dir is not None:
+            safe_layer = layer.replace("/", "_")
+            cache = Path(cache_dir).expanduser() / (f"stats-{classifier.name}-{safe_layer}-v{view}-"
+                                                    f"{keys[layer][:16]}.safetensors")
+            if rank == 0:
+                remove_stale_temps(cache.parent)  # temp files of writers killed mid-write
+            hit = None
+            if cache.is_file():
+                try:
+                    stats = SecondMoment.load(cache)
+                except StatsError as e:  # truncated or flipped bits: a cache entry is only ever a head start
+                    warnings.warn(f"the statistics cache entry is damaged and is rebuilt: {e}", stacklevel=2)
+                    stats = None
+                if stats is not None and stats.meta.get("key") == keys[layer]:
+                    hit = stats
+            # Under torchrun all ranks use the cache or none does (a file some ranks cannot see must not leave
+            # the others waiting in all_reduce).
+            if D.all_ranks(hit is not None):
+                out[layer] = hit
+                continue
+            caches[layer], partials[layer] = cache, _partial_path(cache, rank, world)
+    todo_layers = [layer for layer in layers if layer not in out]
+    if not todo_layers:
+        return {layer: out[layer] for layer in layers}
 
     mine = D.shard_indices(len(ds), rank_=rank, world=world)
-    stats, done = SecondMoment.zeros(mem.key_dim, precision, dev), 0
-    if partial is not None and partial.is_file():
-        try:
-            saved_stats = SecondMoment.load(partial)
-            saved = saved_stats.meta
-        except StatsError:
-            saved_stats, saved = None, {}  # a damaged partial file is only a lost head start
-        if saved_stats is not None and saved.get("key") == key and saved_stats.dim == mem.key_dim:
-            stats = SecondMoment.zeros(mem.key_dim, precision, dev).merge(saved_stats)
-            done = int(saved.get("images_done", 0))
+    stats_of = {layer: SecondMoment.zeros(mems[layer].key_dim, precision, dev) for layer in todo_layers}
+    resumed = {}
+    for layer in todo_layers:
+        partial = partials[layer]
+        if partial is not None and partial.is_file():
+            try:
+                saved_stats = SecondMoment.load(partial)
+                saved = saved_stats.meta
+            except StatsError:
+                saved_stats, saved = None, {}  # a damaged partial file is only a lost head start
+            if saved_stats is not None and saved.get("key") == keys[layer] and saved_stats.dim == mems[layer].key_dim:
+                resumed[layer] = (saved_stats, int(saved.get("images_done", 0)))
+    # A run resumes only where every layer still to collect saved the same number of images.
+    dones = {d for _, d in resumed.values()}
+    done = dones.pop() if len(resumed) == len(todo_layers) and len(dones) == 1 else 0
+    if done:
+        for layer in todo_layers:
+            stats_of[layer].merge(resumed[layer][0])
     todo = mine[done:]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, todo), batch_size=batch_size, shuffle=False,
@@ -683,42 +738,67 @@ def collect_second_moment(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext())
-    bar = tqdm(total=len(mine), initial=done, desc=f"stats {layer}", disable=not progress or rank != 0,
+    what = todo_layers[0] if len(todo_layers) == 1 else f"{len(todo_layers)} layers"
+    bar = tqdm(total=len(mine), initial=done, desc=f"stats {what}", disable=not progress or rank != 0,
                unit="img")
+    # The forward stops after the layer that runs last (module order; checked on every batch, and run to
+    # the end instead wherever a traced layer did not run before it).
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    last = max(todo_layers, key=lambda layer: position.get(layer, -1))
     try:
-        with torch.no_grad(), Trace(model, layer, retain_output=not mem.forward_direction, stop=True) as tr:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            trs = {layer: stack.enter_context(Trace(model, layer, retain_output=not mems[layer].forward_direction,
+                                                    stop=layer == last)) for layer in todo_layers}
             for i, batch in enumerate(loader, 1):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 x = x.to(dev, classifier.dtype, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    tr(x)
-                k_in, k_out = tr.input, tr.output
-                if amp:  # bf16 activations; products are formed in the chosen precision from float32 keys
-                    k_in, k_out = k_in.float(), None if k_out is None else k_out.float()
-                stats.add(mem.flat_keys(k_in, k_out))
+                while True:
+                    for tr in trs.values():
+                        tr.reset()
+                    with autocast:
+                        try:
+                            model(x)
+                        except StopForward:
+                            pass
+                    if all(tr.input is not None for tr in trs.values()) or not trs[last].stop:
+                        break
+                    trs[last].stop = False  # a traced layer runs after the one thought last: run to the end
+                for layer, tr in trs.items():
+                    k_in, k_out = tr.input, tr.output
+                    if k_in is None:
+                        raise StatsError(f"layer {layer!r} did not run in the forward pass")
+                    if amp:  # bf16 activations; products are formed in the chosen precision from float32 keys
+                        k_in, k_out = k_in.float(), None if k_out is None else k_out.float()
+                    stats_of[layer].add(mems[layer].flat_keys(k_in, k_out))
                 done += x.shape[0]
                 bar.update(x.shape[0])
-                if partial is not None and checkpoint_every and i % checkpoint_every == 0 and done < len(mine):
-                    stats.save(partial, {**meta, "key": key, "images_done": done, "rank": rank, "world": world})
+                if checkpoint_every and i % checkpoint_every == 0 and done < len(mine):
+                    for layer in todo_layers:
+                        if partials[layer] is not None:
+                            stats_of[layer].save(partials[layer], {**metas[layer], "key": keys[layer],
+                                                                   "images_done": done, "rank": rank, "world": world})
     finally:
         bar.close()
         if channels_last != was_nhwc:
             model.to(memory_format=torch.channels_last if was_nhwc else torch.contiguous_format)
         model.to(home)
         model.train(was_training)
-    stats.all_reduce()
-    if stats.count == 0:
-        raise StatsError("no keys were collected")
-    stats.meta = {**meta, "key": key, "count": stats.count}
-    if cache is not None:
-        if rank == 0:
-            stats.save(cache, stats.meta)
-        D.barrier()  # nobody removes its partial file before the merged result is safely on disk
-        if partial is not None:
-            partial.unlink(missing_ok=True)
-    return stats
+    for layer in todo_layers:
+        stats = stats_of[layer]
+        stats.all_reduce()
+        if stats.count == 0:
+            raise StatsError("no keys were collected")
+        stats.meta = {**metas[layer], "key": keys[layer], "count": stats.count}
+        if caches[layer] is not None:
+            if rank == 0:
+                stats.save(caches[layer], stats.meta)
+            D.barrier()  # nobody removes its partial file before the merged result is safely on disk
+            if partials[layer] is not None:
+                partials[layer].unlink(missing_ok=True)
+        out[layer] = stats
+    return {layer: out[layer] for layer in layers}
 
 
 def _parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
