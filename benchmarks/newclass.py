@@ -116,7 +116,7 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
     When the features of ``superset`` (whose first photos are ``paths``) are cached, they are used instead.
     """
     from rulewriter.extensions.class_filter import Features, collect_features
-    from rulewriter.core.stats import read_safetensors
+    from rulewriter.core.artefacts import read_safetensors
 
     names = [str(p) for p in paths]
     for cand in ([paths] + ([superset] if superset else [])):
@@ -125,7 +125,7 @@ def cached_features(clf: Any, layer: str, paths: list[Path], tag: str, superset:
             t, _ = read_safetensors(f, RuntimeError)
             n = len(paths)
             return Features(layer, t["x"][:n], t["logits"][:n], t["head"][:n], names)
-    from rulewriter.core.stats import atomic_save
+    from rulewriter.core.artefacts import atomic_save
 
     f = _cache_file(clf, layer, paths, tag)
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from .common import add_command, add_json_arg, add_model_args, emit, load_model
 def edit_files(target: str) -> list[Path]:
     """The edit files of a folder (``*.safetensors`` that are rulewriter edits), or one file; oldest first."""
     from ..core.edit import FORMAT
-    from ..core.stats import read_safetensors
+    from ..core.artefacts import read_safetensors
 
     root = Path(target).expanduser()
     if root.is_file():

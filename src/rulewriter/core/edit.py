@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import EditError, StatsError
 from .memory import LayerMemory
-from .stats import load_described, save_described
+from .artefacts import load_described, save_described
 
 __all__ = [
     "DEFAULT_RIDGE",

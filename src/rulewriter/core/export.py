@@ -21,7 +21,7 @@ import torch
 
 from ..errors import EditError
 from .edit import Edit, timestamp
-from .stats import atomic_save
+from .artefacts import atomic_save
 
 __all__ = ["FORMAT", "edited_state_dict", "export_edited", "same_file"]
 

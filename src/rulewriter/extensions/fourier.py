@@ -26,8 +26,8 @@ from torch import nn
 from ..core.edit import DEFAULT_RIDGE, solve_lambda, update_direction
 from ..errors import EditError, StatsError
 from ..core.memory import LayerMemory
-from ..core.stats import (atomic_save, check_made_for, dataset_fingerprint, read_statistics, stats_cache_key,
-                          statistics_dataset, tensors_checksum)
+from ..core.artefacts import atomic_save, tensors_checksum
+from ..core.stats import check_made_for, dataset_fingerprint, read_statistics, stats_cache_key, statistics_dataset
 from ..core.trace import Trace, get_module
 
 __all__ = [

@@ -83,7 +83,7 @@ from torch import nn
 from ..errors import EditError, ImageLoadError, LayerError
 from ..core.memory import LayerMemory
 from ..core.rules import describe_sources
-from ..core.stats import load_described, save_described
+from ..core.artefacts import load_described, save_described
 from ..core.trace import get_module
 from .class_filter import (DEFAULT_FPR, DEFAULT_WEIGHT_DECAY, POOLS, Features, ImageLike, MaskLike, calibrate,
                            collect_features, filter_layer, filter_response, fit_filter, pool_map, silhouette_target)

@@ -307,7 +307,7 @@ def load_change(path: str | Path) -> Applicable:
     from ..core.edit import Edit
     from .finetune import FORMAT as DELTA_FORMAT
     from .finetune import WeightDelta
-    from ..core.stats import read_safetensors
+    from ..core.artefacts import read_safetensors
 
     _, header = read_safetensors(Path(path), EditError)
     fmt = header.get("format")

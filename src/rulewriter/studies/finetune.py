@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import EditError, LayerError, RulewriterError
 from ..core.edit import Reversible
-from ..core.stats import load_described, save_described
+from ..core.artefacts import load_described, save_described
 
 __all__ = ["FORMAT", "LEARNING_RATES", "AppliedDelta", "WeightDelta", "finetune_layer", "last_linear",
            "retrain_last_layer", "smallest_fitting_lr"]
