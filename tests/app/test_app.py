@@ -458,6 +458,16 @@ def test_a_model_with_candidate_layers_gets_its_validated_edit_at_the_layer_it_p
         assert all(got == full or "pruned" in got for got, full in zip(choice["layers"], want["layers"]))
     one = create_app(clf, d, out_dir=tmp_path / "out2", stats_samples=10, layer="features.2").state.rulewriter
     assert one.layers == ["features.2"]
+    import rulewriter.core.stats as S
+
+    collected = []
+    real_stats = S.collect_second_moments
+    monkeypatch.setattr(S, "collect_second_moments", lambda clf, layers, data, **kw: collected.append(list(layers))
+                        or real_stats(clf, layers, data, **kw))
+    got = state.stats_at(["features.0", "features.4", "features.2", "head"])
+    assert collected == [["features.0", "head"]]  # the layers not collected yet, in one pass
+    assert list(got) == ["features.0", "features.4", "features.2", "head"]
+    assert state.stats_at(["head"])["head"] is got["head"] and len(collected) == 1
 
 
 def test_edit_names_stay_in_the_output_folder(client, tmp_path):

@@ -284,10 +284,7 @@ class AppState:
                 cal = self.calibration() if rule.views is not None else None
                 return rewrite(self.clf, rule, stats, calibration=cal)
         others = self.layers[1:]
-        stats_by = {self.layer: stats}
-        for i, at in enumerate(others):
-            stats_by[at] = self.stats(job, lo + (hi - lo) * i / len(others), lo + (hi - lo) * (i + 1) / len(others),
-                                      layer=at)
+        stats_by = {self.layer: stats, **self.stats_at(others, job, lo, hi)}  # one pass for the other layers
         with self.model_lock:
             self.check_unedited()
             rules = {self.layer: rule, **self.build_rules(session, exemplars, others)}
@@ -388,33 +385,36 @@ class AppState:
     def stats(self, job: Job | None = None, lo: float = 0.0, hi: float = 1.0, layer: str | None = None):
         """The second moment of ``layer`` (default :attr:`layer`), collected once (and cached on disk when a
         cache folder is set)."""
-        from ..models.data import subsample
-        from ..core.stats import collect_second_moment
-
         layer = layer or self.layer
-        key = (layer, 2)
+        return self.stats_at([layer], job, lo, hi)[layer]
+
+    def stats_at(self, layers: list[str], job: Job | None = None, lo: float = 0.0, hi: float = 1.0) -> dict:
+        """:meth:`stats` of each of ``layers``; those not collected yet from one pass over the images."""
+        from ..models.data import subsample
+        from ..core.stats import collect_second_moments
+
         with self._stats_lock:
-            if key in self._stats:
-                return self._stats[key]
-            paths = self.stats_paths  # the filtered listing made at start, each file re-checked as it is read
-            if self.stats_samples is not None:
-                paths = subsample(paths, self.stats_samples)
-            ds = CheckedImages(paths, self.stats_data or self.root, self.clf.preprocess)
+            todo = [at for at in dict.fromkeys(layers) if (at, 2) not in self._stats]
+            if todo:
+                paths = self.stats_paths  # the filtered listing made at start, each file re-checked as it is read
+                if self.stats_samples is not None:
+                    paths = subsample(paths, self.stats_samples)
+                ds = CheckedImages(paths, self.stats_data or self.root, self.clf.preprocess)
 
-            def report(frac: float, msg: str) -> None:
+                def report(frac: float, msg: str) -> None:
+                    if job is not None:
+                        job.report(lo + (hi - lo) * frac, msg)
+
                 if job is not None:
-                    job.report(lo + (hi - lo) * frac, msg)
-
-            if job is not None:
-                job.report(lo, f"statistics C of {layer}: {len(ds)} images")
-            with self.model_lock:
-                s = collect_second_moment(self.clf, layer, ProgressDataset(ds, report, "statistics C"),
-                                          cache_dir=self.cache_dir, progress=False, batch_size=16,
-                                          device=self.clf.device)  # never move the model
-            self._stats[key] = s
-            if layer == self.layer:
-                self._stats_images = len(ds)
-            return s
+                    job.report(lo, f"statistics C of {', '.join(todo)}: {len(ds)} images")
+                with self.model_lock:
+                    got = collect_second_moments(self.clf, todo, ProgressDataset(ds, report, "statistics C"),
+                                                 cache_dir=self.cache_dir, progress=False, batch_size=16,
+                                                 device=self.clf.device)  # never move the model
+                self._stats.update({(at, 2): got[at] for at in todo})
+                if self.layer in todo:
+                    self._stats_images = len(ds)
+            return {at: self._stats[at, 2] for at in layers}
 
     def concept_rule(self, image: Image.Image, mask: np.ndarray):
         """The masked keys and values of an image itself (a rule from the image to itself)."""
