@@ -142,6 +142,13 @@ def test_a_trusting_scope_compares_the_weights_once_and_still_sees_every_in_plac
             with torch.no_grad():
                 fc.copy_(kept)
         assert lt.covers(lite0.model, edit)
+        import threading
+
+        calls.clear()
+        other = threading.Thread(target=lambda: lt.covers(lite0.model, edit))
+        other.start()
+        other.join()
+        assert len(calls) == per_check  # another thread is not inside this scope: it compares
     calls.clear()
     assert lt.covers(lite0.model, edit) and len(calls) == per_check  # the scope is closed: no memory left
 

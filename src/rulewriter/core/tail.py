@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -35,18 +36,25 @@ from torch import nn
 __all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail",
            "trusting_checked_weights"]
 
-#: The open :func:`trusting_checked_weights` scopes, innermost last: each maps a LinearTail's id to the map,
-#: the model tensors it last found equal to its reference, and their (data pointer, version) signature.
-_TRUSTED: list[dict[int, tuple]] = []
+#: This thread's open :func:`trusting_checked_weights` scopes, innermost last (``.scopes``): each maps a
+#: LinearTail's id to the map, the model tensors it last found equal to its reference, and their (data
+#: pointer, version) signature.
+_TRUSTED = threading.local()
+
+
+def _scopes() -> list[dict[int, tuple]]:
+    if not hasattr(_TRUSTED, "scopes"):
+        _TRUSTED.scopes = []
+    return _TRUSTED.scopes
 
 
 @contextmanager
 def trusting_checked_weights() -> Iterator[None]:
-    """Inside, :meth:`LinearTail.covers` compares the model's weights with its reference once, then trusts
-    them while no tensor it compared is written in place or replaced (PyTorch's version counters and data
-    pointers say so; :class:`~rulewriter.core.edit.Edit` writes that way). A search that asks ``covers`` a
-    few hundred times saves the comparisons (about 2 ms each for EfficientNet-Lite0's head). Code that
-    writes weights through ``.data`` bypasses the counters: do not run it inside.
+    """Inside (in this thread), :meth:`LinearTail.covers` compares the model's weights with its reference
+    once, then trusts them while no tensor it compared is written in place or replaced (PyTorch's version
+    counters and data pointers say so; :class:`~rulewriter.core.edit.Edit` writes that way). A search that
+    asks ``covers`` a few hundred times saves the comparisons (about 2 ms each for EfficientNet-Lite0's
+    head). Code that writes weights through ``.data`` bypasses the counters: do not run it inside.
 
     Example::
 
@@ -54,11 +62,11 @@ def trusting_checked_weights() -> Iterator[None]:
             for edit in candidates:
                 if lt.covers(model, edit): ...
     """
-    _TRUSTED.append({})
+    _scopes().append({})
     try:
         yield
     finally:
-        _TRUSTED.pop()
+        _scopes().pop()
 
 
 def tail_start(model: nn.Module, layer: str) -> str | None:
@@ -269,7 +277,8 @@ class LinearTail:
         now = _state(self._modules(model))
         if len(now) != len(self.reference):
             return False
-        memo = _TRUSTED[-1] if _TRUSTED else None
+        scopes = _scopes()
+        memo = scopes[-1] if scopes else None
         sig = tuple((id(t), t.data_ptr(), t._version) for t in now)
         if memo is not None and id(self) in memo and memo[id(self)][2] == sig:
             return True
