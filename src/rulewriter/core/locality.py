@@ -231,12 +231,12 @@ def calibration_sets(classifier, layers: Sequence[str], data: Any, *, limit: int
     at, logits = read_views_at(classifier, list(dict.fromkeys(layers)), images, batch_size=batch_size)
     prob = logits.softmax(1).topk(2, 1).values
     margin = (prob[:, 0] - prob[:, 1]).cpu()
+    base, near_tie = logits.argmax(1).cpu(), margin <= NEAR_TIE  # the same images: one unedited top-1 for all
     out = {}
     for layer, (keys, tail) in at.items():
         start = tail_start(classifier.model, layer) if tail is not None else None
-        out[layer] = Calibration(start, (tail if tail is not None else images).cpu(), logits.argmax(1).cpu(),
-                                 margin <= NEAR_TIE, linear=exact_map(classifier.model, layer, keys, logits),
-                                 margin=margin)
+        out[layer] = Calibration(start, (tail if tail is not None else images).cpu(), base, near_tie,
+                                 linear=exact_map(classifier.model, layer, keys, logits), margin=margin)
     return out
 
 
