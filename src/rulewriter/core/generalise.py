@@ -52,7 +52,7 @@ from torch import nn
 # The locality budget and the views' activations have their own modules; their names stay importable here.
 from .locality import (CALIBRATION_IMAGES, DEFAULT_COLLATERAL, MIN_CALIBRATION_IMAGES, NEAR_TIE, Calibration,
                        LocalityBudget, calibration_set, calibration_split, exact_map, relative_collateral)
-from .tail import LinearTail, read_views, read_views_at, run_tail
+from .tail import LinearTail, read_views, read_views_at, run_tail, trusting_checked_weights
 
 __all__ = [
     "DEFAULT_VIEWS",
@@ -298,6 +298,7 @@ def _describe(measured: Any, budget: float | LocalityBudget) -> str:
     return f"collateral on the statistics images {float(measured):.2g} of the layer's output energy (budget {budget:g})"
 
 
+@trusting_checked_weights()  # only the search's own edits change the weights while it runs
 def choose_strength(
     model: nn.Module,
     views: ViewSet,

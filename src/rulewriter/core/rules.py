@@ -633,7 +633,6 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
     """The strength for :func:`rewrite` and why (a JSON-ready dict, see generalise.StrengthChoice)."""
     from .generalise import StrengthChoice, choose_strength
     from .locality import DEFAULT_COLLATERAL, Calibration, LocalityBudget, calibration_set, relative_collateral
-    from .tail import trusting_checked_weights
 
     w0c = w0.double()
     reference = float(((w0c @ c.double().to(w0c.device)) * w0c).sum())  # tr(W0 C W0ᵀ), once for every candidate
@@ -688,9 +687,8 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
         return Edit([LayerUpdate(layer, view, lam_f, d_f)])
 
     if cands is None:
-        with trusting_checked_weights():  # only this search's own edits change the weights meanwhile
-            out = choose_strength(classifier.model, views, fold_edit, lambda s, stop=None: measure(lam, d, s, stop),
-                                  budget=budget, to_beat=to_beat, ties_win=ties_win)
+        out = choose_strength(classifier.model, views, fold_edit, lambda s, stop=None: measure(lam, d, s, stop),
+                              budget=budget, to_beat=to_beat, ties_win=ties_win)
         return {**out.to_dict(), "collateral": unit * out.chosen ** 2}
     full: dict[tuple, tuple] = {}
 
@@ -711,8 +709,7 @@ def _strength(classifier, rules: list[Rule], solve, parts, lam, d, w0, c, layer:
             continue
         full[cand] = (lam_c, d_c)
         ok.append(cand)
-    with trusting_checked_weights():  # only this search's own edits change the weights meanwhile
-        out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok,
-                              to_beat=to_beat, ties_win=ties_win)
+    out = choose_strength(classifier.model, views, safe_fold, cand_collateral, budget=budget, candidates=ok,
+                          to_beat=to_beat, ties_win=ties_win)
     lam_c, d_c = full[tuple(out.candidate)]  # the output energy alone: no calibration pass
     return {**out.to_dict(), "collateral": relative_collateral(w0, (lam_c, d_c), c, reference=reference) * out.chosen ** 2}
