@@ -219,6 +219,9 @@ class ViewSet:
     #: where the layer has one: :meth:`logits_under` then costs a rank-r update, not a tail pass.
     linear_orig: LinearTail | None = None
     linear_man: LinearTail | None = None
+    #: (n, S, S) each view's mask on the model's input grid, where the views were read from masks (a rule
+    #: spread over a residual stage reads its pairs at every layer of the stage from them).
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.target.shape[0])

@@ -288,7 +288,8 @@ def _rules_from_views(classifier, mems: dict[str, LayerMemory], view: int, orig:
             start, t_o, t_m = None, pre.batch(vo), pre.batch(vm)
         else:
             start = tail_start(classifier.model, layer)
-        vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own)
+        vs = ViewSet(start, t_o, t_m, logits.argmax(1).cpu(), torch.as_tensor(groups, dtype=torch.long), own,
+                     masks=masks_s)
         vs.linear_orig, vs.linear_man = (exact_map(classifier.model, layer, x, x_logits)
                                          for x, x_logits in ((x_o, logits), (x_m, logits_m)))
         out[layer] = Rule(layer, view, k, v, w, dict(desc), pair_view=pair_view, views=vs)

@@ -1,0 +1,210 @@
+"""One rule spread over a residual stage: MEMIT's split of one value change, carried to a CNN.
+
+A *stage* is a run of convs that all write one residual stream (EfficientNet-Lite0's ``_blocks.11`` starts
+stage 6's stream, ``_blocks.12``–``14`` add to it, and ``_blocks.15`` reads it). Editing one conv inside a
+residual block alone fails (the identity path carries the unedited concept around it, see "Defaults" in the
+README), but the stream itself can be rewritten: its target is the stream's output on the clean exemplars at
+the masked places, ``z``, and each conv of the stage in turn, with the updates before it applied, closes its
+share ``(z − h)/(convs left)`` of what is still missing (``h``: the stream's output on the manipulated
+exemplars now), as MEMIT spreads one hidden-state change over a transformer's layers (Meng et al., 2023).
+Each conv's update is the thesis's closed form at that conv (rank 1 along ``C_l⁻¹k̄_l``, Λ by least squares on
+its masked pairs), the share carried into the conv's own output through the per-channel scale of the eval
+BatchNorm that follows it. The edit is rank 1 at each of the stage's convs.
+
+Measured (``benchmarks/stage_memit.py``): with the same strength rule, it fixes more held-out photos than
+the closed form at one layer; :func:`rewrite_stage` validates and spends it exactly like
+:func:`~rulewriter.core.rules.rewrite` does one layer's edit, so :func:`~rulewriter.core.rules.rewrite_choosing_layer`
+can weigh it against the single layers.
+
+Example::
+
+    stage = clf.candidate_stages[0]
+    rule = rule_from_images(clf, stage.layers[0], originals, pasted, masks, views=DEFAULT_VIEWS)
+    edit = rewrite_stage(clf, stage, rule, [collect_second_moment(clf, l, paths) for l in stage.layers],
+                         calibration=cal_paths)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import EditError, MaskError
+from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, solve_lambda, timestamp, update_direction
+from .memory import LayerMemory
+from .trace import Trace, get_module
+
+__all__ = ["Stage", "fit_stage", "rewrite_stage"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Convs that each write a share of one residual stream, in forward order, and the stream's module.
+
+    ``norms`` names, for each conv, the eval-mode norm between it and the stream (a per-channel affine map,
+    e.g. an MBConv block's ``_bn2``), or None where the conv writes the stream directly.
+
+    Example::
+
+        >>> s = Stage(("_blocks.11._project_conv", "_blocks.12._project_conv"), "_blocks.12",
+        ...           ("_blocks.11._bn2", "_blocks.12._bn2"))
+        >>> s.name
+        'stage _blocks.11._project_conv … _blocks.12._project_conv'
+    """
+
+    layers: tuple[str, ...]
+    stream: str
+    norms: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        if not self.layers or len(self.norms) != len(self.layers):
+            raise EditError("a stage needs at least one conv and one norm (or None) per conv")
+
+    @property
+    def name(self) -> str:
+        """How the layer choice names it."""
+        return f"stage {self.layers[0]} … {self.layers[-1]}"
+
+
+def _gain(model: nn.Module, norm: str | None, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel scale of an eval BatchNorm (``γ/√(var+ε)``), 1 without one; float64, (1, c, 1, 1)."""
+    if norm is None:
+        return torch.ones(1, like.shape[1], 1, 1, dtype=torch.float64, device=like.device)
+    bn = get_module(model, norm)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+        raise EditError(f"{norm!r} is not a BatchNorm with running statistics: the stage's share cannot be "
+                        "carried into its conv's output")
+    g = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+    return (g / torch.sqrt(bn.running_var + bn.eps)).double().reshape(1, -1, 1, 1).to(like.device)
+
+
+@torch.no_grad()
+def _read(model: nn.Module, start: str | None, x: torch.Tensor, stream: str, layer: str | None = None,
+          batch: int = 64) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``layer``'s input (when named) and the stream's output for inputs ``x`` of module ``start`` (None:
+    images through the whole model), the forward stopping after the stream."""
+    from .tail import run_tail
+
+    p = next(model.parameters())
+    ins, outs = [], []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch].to(p.device, p.dtype)
+        with contextlib.ExitStack() as stack:
+            at = stack.enter_context(Trace(model, layer, retain_output=False)) if layer else None
+            with Trace(model, stream, retain_input=False, stop=True) as st:
+                run_tail(model, start, xb) if start else model(xb)
+            if at is not None:
+                ins.append(at.input)
+        outs.append(st.output)
+    return (torch.cat(ins) if layer else None), torch.cat(outs).double()
+
+
+def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tensor, x_man: torch.Tensor,
+              masks: torch.Tensor, *, start: str | None = None, ridge: float = DEFAULT_RIDGE) -> Edit:
+    """The stage's edit from clean and manipulated inputs of module ``start`` (None: preprocessed images)
+    and their masks on the model's input grid (N, S, S).
+
+    ``stats`` gives each conv's second moment (a :class:`~rulewriter.core.stats.SecondMoment` or ``C``), in
+    the stage's order. The convs are fitted one after the other, each with the updates before it applied;
+    the last one is asked for all that is still missing, so a conv whose masked keys are collinear with its
+    mean key maps them exactly.
+    """
+    from .rules import masked_pairs
+
+    model = classifier.model
+    _, z = _read(model, start, x_orig, stage.stream)
+    updates: list[LayerUpdate] = []
+    for i, (layer, norm, st) in enumerate(zip(stage.layers, stage.norms, stats)):
+        mem = LayerMemory(get_module(model, layer), 2, name=layer)
+        with contextlib.ExitStack() as stack:
+            if updates:
+                stack.enter_context(Edit(list(updates)).applied(model))
+            x_in, h = _read(model, start, x_man, stage.stream, layer)
+        keys, values = mem.keys(x_in).double(), mem.values(x_in).double()
+        if h.shape[2:] != values.shape[2:]:
+            raise EditError(f"{layer!r} writes a {tuple(values.shape[2:])} grid but the stream "
+                            f"{stage.stream!r} is {tuple(h.shape[2:])}: not one stage")
+        share = (z - h) / (len(stage.layers) - i) / _gain(model, norm, values)
+        e = values.shape[1]
+        k, vr, w = masked_pairs(mem, keys, torch.cat([values, values + share.to(values.device)], 1), masks)
+        target = vr[:, e:]
+        c = st.moment() if hasattr(st, "moment") else torch.as_tensor(st)
+        if c.shape != (mem.key_dim, mem.key_dim):
+            raise EditError(f"statistics for {layer!r} are {tuple(c.shape)}; its keys have {mem.key_dim} dims")
+        u = (k * w[:, None]).sum(0) / w.sum()
+        d = update_direction(c, u, ridge)[:, None]
+        lam = solve_lambda(mem.matrix().double(), k.T, target.T, d, w)
+        v_star = (target * w[:, None]).sum(0) / w.sum()
+        updates.append(LayerUpdate(layer, 2, lam, d, u[:, None], v_star[:, None]))
+    return Edit(updates, {"stage": stage.name, "layers": list(stage.layers)})
+
+
+def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, calibration: Any,
+                  budget: Any = None, ridge: float = DEFAULT_RIDGE, to_beat: Sequence[Any] | None = None,
+                  ties_win: bool = False) -> Edit:
+    """The stage's edit of ``rule``'s exemplars, its strength and pairs chosen as :func:`~rulewriter.core.rules.rewrite`
+    chooses one layer's (:func:`~rulewriter.core.generalise.choose_strength`).
+
+    ``rule`` is the rule read at the stage's first conv with exemplar views (``rule_from_images(...,
+    views=DEFAULT_VIEWS)``): its views give the inputs, masks and folds. Candidates: the stage fitted on the
+    exemplars' own pairs or on all views; each at the strengths ``STRENGTHS`` (every conv's Λ times ``s``),
+    validated leave one exemplar out under the locality budget on ``calibration`` (a
+    :class:`~rulewriter.core.locality.Calibration` of the first conv, or images for one). The edit's
+    ``meta["strength"]`` is the choice's record, so :func:`~rulewriter.core.generalise.choose_layer` can
+    weigh it against single layers; ``to_beat``/``ties_win`` prune as in ``rewrite``.
+    """
+    from .generalise import choose_strength
+    from .locality import Calibration, LocalityBudget, calibration_set
+
+    views = getattr(rule, "views", None)
+    if views is None or views.masks is None or rule.layer != stage.layers[0]:
+        raise EditError(f"a stage is rewritten from a rule read at its first conv {stage.layers[0]!r} with "
+                        "exemplar views (rule_from_images(..., views=DEFAULT_VIEWS))")
+    if len(stats) != len(stage.layers):
+        raise EditError(f"the stage has {len(stage.layers)} convs but {len(stats)} statistics were given")
+    if calibration is None:
+        raise EditError("a stage's edit is validated on calibration images: pass calibration=")
+    if not isinstance(calibration, Calibration):
+        calibration = calibration_set(classifier, stage.layers[0], calibration)
+    budget = LocalityBudget() if budget is None else budget
+    if not isinstance(budget, LocalityBudget):
+        raise EditError("a stage's edit is measured against a LocalityBudget on calibration images")
+    masks = views.masks
+    has_pairs = masks.flatten(1).amax(1) > 0
+    fits: dict[tuple, Edit] = {}
+
+    def fit(left_out: int | None, cand: tuple) -> Edit:
+        if (left_out, cand) not in fits:
+            keep = has_pairs.clone() if left_out is None else has_pairs & (views.group != left_out)
+            if not cand[2]:  # without augmentation: the exemplars' own pairs only
+                keep &= views.own
+            idx = torch.nonzero(keep).flatten()
+            if idx.numel() == 0:
+                raise EditError("a validation fold leaves no pair to fit")
+            fits[left_out, cand] = fit_stage(classifier, stage, stats, views.x_orig[idx], views.x_man[idx],
+                                             masks[idx], start=views.start, ridge=ridge)
+        return fits[left_out, cand]
+
+    def safe_fold(left_out: int | None, cand: tuple) -> Edit:
+        try:
+            return fit(left_out, cand)
+        except (EditError, MaskError):  # nothing to fit in this fold: it scores as no edit
+            return Edit([])
+
+    def collateral(s: float, cand: tuple, stop=None) -> Any:
+        return calibration.changed(classifier.model, fit(None, cand).scaled(s), stop=stop)
+
+    cands = [("stage", len(stage.layers), aug) for aug in (False, True)]
+    choice = choose_strength(classifier.model, views, safe_fold, collateral, budget=budget, candidates=cands,
+                             to_beat=to_beat, ties_win=ties_win)
+    cand = tuple(choice.candidate) if choice.candidate is not None else cands[0]
+    record = {**choice.to_dict(), "augmented": bool(cand[2])}
+    edit = fit(None, cand).scaled(choice.chosen)
+    edit.meta = {"created": timestamp(), "model": classifier.name, "weights": classifier.weights_id,
+                 "layer": stage.name, "layers": list(stage.layers), "stream": stage.stream, "view": 2,
+                 "rank": len(stage.layers), "ridge": ridge, "context": "stage", "fit": "pairs",
+                 "solver": "closed-form", "strength": record, "rules": [rule.description]}
+    return edit
