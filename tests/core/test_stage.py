@@ -1,0 +1,171 @@
+"""stage: one rule spread over the convs of a residual stream (MEMIT's split)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from rulewriter.core.edit import Edit
+from rulewriter.core.generalise import DEFAULT_VIEWS, LocalityBudget
+from rulewriter.core.memory import LayerMemory
+from rulewriter.core.rules import layer_io, rule_from_images
+from rulewriter.core.stage import Stage, fit_stage, rewrite_stage
+from rulewriter.core.stats import SecondMoment
+from rulewriter.errors import EditError
+from rulewriter.models.registry import Preprocess, load_classifier
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.expand, self.project, self.bn = nn.Conv2d(c, 7, 1), nn.Conv2d(7, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, s):
+        return s + self.bn(self.project(torch.relu(self.expand(s))))
+
+
+class Streamy(nn.Module):
+    """A conv that writes a stream through a BatchNorm, a residual block that adds to it, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.write, self.write_bn = nn.Conv2d(6, 5, 1, bias=False), nn.BatchNorm2d(5)
+        self.block = _Res(5)
+        self.head = nn.Linear(5, 4)
+        g = torch.Generator().manual_seed(3)
+        for bn in (self.write_bn, self.block.bn):  # gains far from 1, so the share's conversion matters
+            bn.weight.data = torch.rand(5, generator=g) * 2 + 0.3
+            bn.bias.data = torch.randn(5, generator=g)
+            bn.running_mean = torch.randn(5, generator=g)
+            bn.running_var = torch.rand(5, generator=g) * 3 + 0.2
+
+    def forward(self, x):
+        return self.head(self.block(self.write_bn(self.write(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+STAGE = Stage(("write", "block.project"), "block", ("write_bn", "block.bn"))
+
+
+@pytest.fixture()
+def streamy():
+    torch.manual_seed(0)
+    pre = Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    clf = load_classifier(Streamy().double(), preprocess=pre)
+    return clf
+
+
+def _images(n, seed=0, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _stats(clf, layer, n=40):
+    s = SecondMoment()
+    mem = LayerMemory(dict(clf.model.named_modules())[layer], 2)
+    x, _ = layer_io(clf, layer, clf.preprocess.batch(_images(n, seed=9)))
+    s.add(mem.flat_keys(x))
+    return s
+
+
+def _stream(clf, x, module="block"):
+    got = {}
+    h = dict(clf.model.named_modules())[module].register_forward_hook(lambda m, a, o: got.setdefault("o", o))
+    try:
+        with torch.no_grad():
+            clf.model(x)
+    finally:
+        h.remove()
+    return got["o"].double()
+
+
+def test_the_stage_closes_the_streams_gap_at_the_masked_place_a_share_per_conv(streamy):
+    clf = streamy
+    x_o, x_m = (torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                for s in (1, 2))
+    masks = torch.zeros(1, 32, 32, dtype=torch.float64)
+    masks[0, 10:12, 6:8] = 1  # exactly the key-grid cell (5, 3) of the 16×16 grid
+    stats = [_stats(clf, layer) for layer in STAGE.layers]
+    z, h0 = _stream(clf, x_o)[0, :, 5, 3], _stream(clf, x_m)[0, :, 5, 3]
+    assert (z - h0).abs().max() > 0.1
+    edit = fit_stage(clf, STAGE, stats, x_o, x_m, masks)
+    assert [u.layer for u in edit.updates] == list(STAGE.layers) and all(u.rank == 1 for u in edit.updates)
+    # The first conv alone moves its norm's output (what it writes to the stream) by exactly half the gap.
+    before = _stream(clf, x_m, "write_bn")[0, :, 5, 3]
+    with Edit(edit.updates[:1]).applied(clf.model):
+        after = _stream(clf, x_m, "write_bn")[0, :, 5, 3]
+    assert torch.allclose(after - before, (z - h0) / 2, atol=1e-9)
+    # The last conv closes what is still missing: one pair, so exactly.
+    with edit.applied(clf.model):
+        assert torch.allclose(_stream(clf, x_m)[0, :, 5, 3], z, atol=1e-9)
+    # Keys C-orthogonal to a conv's mean key (kᵀ(C + εI)⁻¹k̄ = 0) keep their outputs; that key does not.
+    for u in edit.updates:
+        d = u.direction[:, 0]
+        k = torch.randn(d.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        k -= (k @ d) / (d @ d) * d
+        assert float((u.delta() @ k).abs().max()) < 1e-9 < float((u.delta() @ u.keys[:, 0]).abs().max())
+
+
+def _pasted(images, masks, seed=5):
+    tex = _images(len(images), seed=seed)
+    return [Image.fromarray(np.where(m[..., None] > 0, np.asarray(t), np.asarray(o)).astype(np.uint8))
+            for o, t, m in zip(images, tex, masks)]
+
+
+def _masks(n, size=(48, 40)):
+    out = []
+    for i in range(n):
+        m = np.zeros((size[1], size[0]), np.float32)
+        m[8 + i: 24 + i, 10:30] = 1
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("changed", [0.0, 1.0])
+def test_rewrite_stage_keeps_the_calibration_images_within_the_budget_and_records_its_choice(streamy, changed):
+    clf = streamy
+    imgs, masks = _images(3), _masks(3)
+    rule = rule_from_images(clf, STAGE.layers[0], imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
+    cal = clf.preprocess.batch(_images(60, seed=21)).double()
+    edit = rewrite_stage(clf, STAGE, rule, [_stats(clf, layer) for layer in STAGE.layers], calibration=cal,
+                         budget=LocalityBudget(changed=changed, near_tie=1.0))
+    ch = edit.meta["strength"]
+    json.dumps(edit.meta)
+    assert edit.meta["layer"] == STAGE.name and [u.layer for u in edit.updates] == list(STAGE.layers)
+    assert tuple(ch["candidate"])[:2] == ("stage", 2)
+    with torch.no_grad():
+        base = clf.model(cal).argmax(1)
+        with edit.applied(clf.model):
+            share = float((clf.model(cal).argmax(1) != base).double().mean())
+    assert share <= max(changed, ch["candidates"][0]["collateral"]["changed"]) + 1e-12
+    # The chosen edit is the chosen candidate's full fit, scaled: its first conv's Λ is the strength times
+    # the closed form's of those pairs.
+    aug = bool(ch["augmented"])
+    views = rule.views
+    keep = views.masks.flatten(1).amax(1) > 0
+    if not aug:
+        keep &= views.own
+    unit = fit_stage(clf, STAGE, [_stats(clf, layer) for layer in STAGE.layers], views.x_orig[keep],
+                     views.x_man[keep], views.masks[keep], start=views.start)
+    assert torch.allclose(edit.updates[0].lam, unit.updates[0].lam * ch["chosen"])
+
+
+def test_a_stage_needs_its_first_convs_rule_with_views_and_one_statistics_per_conv(streamy):
+    clf = streamy
+    imgs, masks = _images(2), _masks(2)
+    stats = [_stats(clf, layer) for layer in STAGE.layers]
+    cal = clf.preprocess.batch(_images(20, seed=21)).double()
+    plain = rule_from_images(clf, STAGE.layers[0], imgs, _pasted(imgs, masks), masks)
+    with pytest.raises(EditError, match="exemplar views"):
+        rewrite_stage(clf, STAGE, plain, stats, calibration=cal)
+    rule = rule_from_images(clf, STAGE.layers[0], imgs, _pasted(imgs, masks), masks, views=DEFAULT_VIEWS)
+    with pytest.raises(EditError, match="2 convs but 1 statistics"):
+        rewrite_stage(clf, STAGE, rule, stats[:1], calibration=cal)
+    with pytest.raises(EditError, match="calibration"):
+        rewrite_stage(clf, STAGE, rule, stats, calibration=None)
+    with pytest.raises(EditError, match="one norm"):
+        Stage(("write",), "block", ())
