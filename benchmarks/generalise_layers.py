@@ -42,7 +42,13 @@ def defaults(name: str) -> tuple[str, dict[tuple[str, int], dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     from rulewriter.core.generalise import choose_layer
 
-    names = list(argv if argv is not None else sys.argv[1:]) or list(RUNS)
+    names = list(argv if argv is not None else sys.argv[1:])
+    out_name = "generalise_layers"
+    if "--name" in names:  # another results file, e.g. for a trial with a fourth candidate
+        i = names.index("--name")
+        out_name = names[i + 1]
+        del names[i:i + 2]
+    names = names or list(RUNS)
     runs = [defaults(n) for n in names]
     layers = [layer for layer, _ in runs]
     keys = [k for k in runs[0][1] if all(k in rows for _, rows in runs)]
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           + "\n\nMeans over the scenarios (LR, near ties and Δ: the worst):\n\n"
           + C.markdown_table(["layer", "exemplars", "mean SR", "mean GR", "min LR", "min LR sens.", "worst Δ"],
                              mean))
-    C.write_results("generalise_layers", {"runs": names, "layers": layers, "rows": out}, md)
+    C.write_results(out_name, {"runs": names, "layers": layers, "rows": out}, md)
     print(md)
     return 0
 

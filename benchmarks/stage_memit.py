@@ -38,6 +38,7 @@ STREAM = "_blocks.14"  # the stage's output: what block 15 reads
 DEFAULT_LAYER = "_blocks.15._project_conv"
 VARIANTS = {"stage MEMIT 11-14": STAGE, "stream 14": STAGE[-1:]}
 VIEWS = "--views" in sys.argv
+FINAL = "--final" in sys.argv  # with --validated: block 15 fitted last to its own clean values
 
 
 @contextlib.contextmanager
@@ -163,11 +164,13 @@ def validated(rows: list[dict[str, Any]], details: list[dict[str, Any]]):
         from rulewriter.core.stats import collect_second_moments
 
         assert layer == STAGE[0], f"run with --layer {STAGE[0]}"
+        stage = Stage(tuple(STAGE), STREAM, tuple(name.rsplit(".", 1)[0] + "._bn2" for name in STAGE),
+                      final=DEFAULT_LAYER if FINAL else None)
         if "stats" not in state:
             paths, _ = C.imagenet_samples(C.require_shared("data/imagenet-samples"), clf)
-            st = collect_second_moments(clf, STAGE, paths[0:4 * len(cal):2], cache_dir=C.CACHE_DIR, progress=False)
-            state["stats"] = [st[name] for name in STAGE]
-        stage = Stage(tuple(STAGE), STREAM, tuple(name.rsplit(".", 1)[0] + "._bn2" for name in STAGE))
+            st = collect_second_moments(clf, list(stage.convs), paths[0:4 * len(cal):2], cache_dir=C.CACHE_DIR,
+                                        progress=False)
+            state["stats"] = [st[name] for name in stage.convs]
         t0 = time.perf_counter()
         rule = rule_from_images(clf, STAGE[0], sc.ex_orig[:n], sc.ex_man[:n], sc.ex_mask[:n], views=DEFAULT_VIEWS)
         e = rewrite_stage(clf, stage, rule, state["stats"], calibration=cal)
@@ -183,7 +186,7 @@ def validated(rows: list[dict[str, Any]], details: list[dict[str, Any]]):
 
 def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
-    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--views"]
+    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--views", "--final")]
     if "--validated" in argv:
         details: list[dict[str, Any]] = []
         G.run_probe([a for a in argv if a != "--validated"] + ["--layer", STAGE[0]], validated(rows, details),
@@ -191,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         md = ("# The stage's edit, validated and spent like the default\n\n"
               + G.probe_table([{**r, "cal_changed": None} for r in rows], [("seconds", lambda r: f"{r['seconds']:.1f}")])
               + "\n\n" + G.means_table(rows, "method"))
-        return G.report_probe("generalise_stage", {"rows": rows, "details": details, "layer": "stage " + STAGE[0]
-                                                   + " … " + STAGE[-1]}, md)
+        name = "generalise_stage_final" if FINAL else "generalise_stage"
+        return G.report_probe(name, {"rows": rows, "details": details, "layer": "stage " + STAGE[0] + " … "
+                                     + (DEFAULT_LAYER if FINAL else STAGE[-1])}, md)
     G.run_probe(argv + ["--layer", STAGE[0]], probe(rows),
                 scenarios=",".join(G.SCENARIOS), exemplars="5,1")
     chosen = [r for r in rows if r.get("chosen")]

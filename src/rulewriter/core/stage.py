@@ -58,15 +58,24 @@ class Stage:
     layers: tuple[str, ...]
     stream: str
     norms: tuple[str | None, ...]
+    #: A conv after the stream that is fitted last, to its own clean values (the thesis's rule at that
+    #: layer, on the model the stream's updates leave), counted as one more layer of the split; None: the
+    #: stream's convs close the whole gap.
+    final: str | None = None
 
     def __post_init__(self) -> None:
         if not self.layers or len(self.norms) != len(self.layers):
             raise EditError("a stage needs at least one conv and one norm (or None) per conv")
 
     @property
+    def convs(self) -> tuple[str, ...]:
+        """Every conv the stage's edit updates, in order (the stream's, then ``final``)."""
+        return self.layers + ((self.final,) if self.final else ())
+
+    @property
     def name(self) -> str:
         """How the layer choice names it."""
-        return f"stage {self.layers[0]} … {self.layers[-1]}"
+        return f"stage {self.layers[0]} … {self.convs[-1]}"
 
 
 def _gain(model: nn.Module, norm: str | None, like: torch.Tensor) -> torch.Tensor:
@@ -115,21 +124,31 @@ def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tens
     from .rules import masked_pairs
 
     model = classifier.model
+    if len(stats) != len(stage.convs):
+        raise EditError(f"the stage has {len(stage.convs)} convs but {len(stats)} statistics were given")
     _, z = _read(model, start, x_orig, stage.stream)
+    if stage.final:  # the final conv's own clean values, on the unedited model
+        mem_f = LayerMemory(get_module(model, stage.final), 2, name=stage.final)
+        values_f = mem_f.values(_read(model, start, x_orig, stage.final, stage.final)[0]).double()
+    parts = len(stage.convs)
     updates: list[LayerUpdate] = []
-    for i, (layer, norm, st) in enumerate(zip(stage.layers, stage.norms, stats)):
+    for i, (layer, st) in enumerate(zip(stage.convs, stats)):
         mem = LayerMemory(get_module(model, layer), 2, name=layer)
         with contextlib.ExitStack() as stack:
             if updates:
                 stack.enter_context(Edit(list(updates)).applied(model))
-            x_in, h = _read(model, start, x_man, stage.stream, layer)
+            x_in, h = _read(model, start, x_man, stage.final if layer == stage.final else stage.stream, layer)
         keys, values = mem.keys(x_in).double(), mem.values(x_in).double()
-        if h.shape[2:] != values.shape[2:]:
-            raise EditError(f"{layer!r} writes a {tuple(values.shape[2:])} grid but the stream "
-                            f"{stage.stream!r} is {tuple(h.shape[2:])}: not one stage")
-        share = (z - h) / (len(stage.layers) - i) / _gain(model, norm, values)
+        if layer == stage.final:
+            target_map = values_f
+        else:
+            if h.shape[2:] != values.shape[2:]:
+                raise EditError(f"{layer!r} writes a {tuple(values.shape[2:])} grid but the stream "
+                                f"{stage.stream!r} is {tuple(h.shape[2:])}: not one stage")
+            share = (z - h) / (parts - i) / _gain(model, stage.norms[i], values)
+            target_map = values + share.to(values.device)
         e = values.shape[1]
-        k, vr, w = masked_pairs(mem, keys, torch.cat([values, values + share.to(values.device)], 1), masks)
+        k, vr, w = masked_pairs(mem, keys, torch.cat([values, target_map], 1), masks)
         target = vr[:, e:]
         c = st.moment() if hasattr(st, "moment") else torch.as_tensor(st)
         if c.shape != (mem.key_dim, mem.key_dim):
@@ -139,7 +158,7 @@ def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tens
         lam = solve_lambda(mem.matrix().double(), k.T, target.T, d, w)
         v_star = (target * w[:, None]).sum(0) / w.sum()
         updates.append(LayerUpdate(layer, 2, lam, d, u[:, None], v_star[:, None]))
-    return Edit(updates, {"stage": stage.name, "layers": list(stage.layers)})
+    return Edit(updates, {"stage": stage.name, "layers": list(stage.convs)})
 
 
 def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, calibration: Any,
@@ -163,8 +182,8 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
     if views is None or views.masks is None or rule.layer != stage.layers[0]:
         raise EditError(f"a stage is rewritten from a rule read at its first conv {stage.layers[0]!r} with "
                         "exemplar views (rule_from_images(..., views=DEFAULT_VIEWS))")
-    if len(stats) != len(stage.layers):
-        raise EditError(f"the stage has {len(stage.layers)} convs but {len(stats)} statistics were given")
+    if len(stats) != len(stage.convs):
+        raise EditError(f"the stage has {len(stage.convs)} convs but {len(stats)} statistics were given")
     if calibration is None:
         raise EditError("a stage's edit is validated on calibration images: pass calibration=")
     if not isinstance(calibration, Calibration):
@@ -197,14 +216,14 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
     def collateral(s: float, cand: tuple, stop=None) -> Any:
         return calibration.changed(classifier.model, fit(None, cand).scaled(s), stop=stop)
 
-    cands = [("stage", len(stage.layers), aug) for aug in (False, True)]
+    cands = [("stage", len(stage.convs), aug) for aug in (False, True)]
     choice = choose_strength(classifier.model, views, safe_fold, collateral, budget=budget, candidates=cands,
                              to_beat=to_beat, ties_win=ties_win)
     cand = tuple(choice.candidate) if choice.candidate is not None else cands[0]
     record = {**choice.to_dict(), "augmented": bool(cand[2])}
     edit = fit(None, cand).scaled(choice.chosen)
     edit.meta = {"created": timestamp(), "model": classifier.name, "weights": classifier.weights_id,
-                 "layer": stage.name, "layers": list(stage.layers), "stream": stage.stream, "view": 2,
-                 "rank": len(stage.layers), "ridge": ridge, "context": "stage", "fit": "pairs",
+                 "layer": stage.name, "layers": list(stage.convs), "stream": stage.stream, "view": 2,
+                 "rank": len(stage.convs), "ridge": ridge, "context": "stage", "fit": "pairs",
                  "solver": "closed-form", "strength": record, "rules": [rule.description]}
     return edit
