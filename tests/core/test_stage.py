@@ -36,6 +36,7 @@ class Streamy(nn.Module):
         self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
         self.write, self.write_bn = nn.Conv2d(6, 5, 1, bias=False), nn.BatchNorm2d(5)
         self.block = _Res(5)
+        self.after = nn.Conv2d(5, 5, 1)  # reads the stream
         self.head = nn.Linear(5, 4)
         g = torch.Generator().manual_seed(3)
         for bn in (self.write_bn, self.block.bn):  # gains far from 1, so the share's conversion matters
@@ -45,7 +46,8 @@ class Streamy(nn.Module):
             bn.running_var = torch.rand(5, generator=g) * 3 + 0.2
 
     def forward(self, x):
-        return self.head(self.block(self.write_bn(self.write(torch.relu(self.stem(x))))).mean((2, 3)))
+        s = self.block(self.write_bn(self.write(torch.relu(self.stem(x)))))
+        return self.head(self.after(s).mean((2, 3)))
 
 
 STAGE = Stage(("write", "block.project"), "block", ("write_bn", "block.bn"))
@@ -108,6 +110,27 @@ def test_the_stage_closes_the_streams_gap_at_the_masked_place_a_share_per_conv(s
         k = torch.randn(d.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         k -= (k @ d) / (d @ d) * d
         assert float((u.delta() @ k).abs().max()) < 1e-9 < float((u.delta() @ u.keys[:, 0]).abs().max())
+
+
+def test_a_final_conv_takes_one_more_share_and_then_recalls_its_own_clean_values(streamy):
+    clf = streamy
+    stage = Stage(STAGE.layers, STAGE.stream, STAGE.norms, final="after")
+    assert stage.convs == ("write", "block.project", "after") and stage.name == "stage write … after"
+    x_o, x_m = (torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                for s in (1, 2))
+    masks = torch.zeros(1, 32, 32, dtype=torch.float64)
+    masks[0, 10:12, 6:8] = 1  # one key-grid cell
+    stats = [_stats(clf, layer) for layer in stage.convs]
+    with pytest.raises(EditError, match="3 convs but 2 statistics"):
+        fit_stage(clf, stage, stats[:2], x_o, x_m, masks)
+    edit = fit_stage(clf, stage, stats, x_o, x_m, masks)
+    z, h0 = _stream(clf, x_o)[0, :, 5, 3], _stream(clf, x_m)[0, :, 5, 3]
+    before = _stream(clf, x_m, "write_bn")[0, :, 5, 3]
+    with Edit(edit.updates[:1]).applied(clf.model):  # three parts now: the first closes a third of the gap
+        assert torch.allclose(_stream(clf, x_m, "write_bn")[0, :, 5, 3] - before, (z - h0) / 3, atol=1e-9)
+    clean = _stream(clf, x_o, "after")[0, :, 5, 3]
+    with edit.applied(clf.model):
+        assert torch.allclose(_stream(clf, x_m, "after")[0, :, 5, 3], clean, atol=1e-9)
 
 
 def _pasted(images, masks, seed=5):
