@@ -160,12 +160,14 @@ def validated(rows: list[dict[str, Any]], details: list[dict[str, Any]]):
 
         from rulewriter.core.generalise import DEFAULT_VIEWS
         from rulewriter.core.rules import rule_from_images
-        from rulewriter.core.stage import Stage, rewrite_stage
+        from rulewriter.core.stage import Stage, rewrite_stage, stage_before
         from rulewriter.core.stats import collect_second_moments
 
         assert layer == STAGE[0], f"run with --layer {STAGE[0]}"
-        stage = Stage(tuple(STAGE), STREAM, tuple(name.rsplit(".", 1)[0] + "._bn2" for name in STAGE),
-                      final=DEFAULT_LAYER if FINAL else None)
+        stage = stage_before(clf.model, DEFAULT_LAYER)
+        assert stage.layers == tuple(STAGE) and stage.stream == STREAM
+        if not FINAL:  # the stream's convs close the whole gap
+            stage = Stage(stage.layers, stage.stream, stage.norms)
         if "stats" not in state:
             paths, _ = C.imagenet_samples(C.require_shared("data/imagenet-samples"), clf)
             st = collect_second_moments(clf, list(stage.convs), paths[0:4 * len(cal):2], cache_dir=C.CACHE_DIR,

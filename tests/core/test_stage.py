@@ -192,3 +192,16 @@ def test_a_stage_needs_its_first_convs_rule_with_views_and_one_statistics_per_co
         rewrite_stage(clf, STAGE, rule, stats, calibration=None)
     with pytest.raises(EditError, match="one norm"):
         Stage(("write",), "block", ())
+
+
+def test_stage_before_finds_the_residual_stage_an_efficientnet_layer_reads(lite0):
+    from rulewriter.core.stage import stage_before
+
+    s = stage_before(lite0.model, "_blocks.15._project_conv")
+    assert s.layers == tuple(f"_blocks.{i}._project_conv" for i in (11, 12, 13, 14))
+    assert s.norms == tuple(f"_blocks.{i}._bn2" for i in (11, 12, 13, 14))
+    assert (s.stream, s.final) == ("_blocks.14", "_blocks.15._project_conv")
+    # Block 11 adds no skip (it widens the stream), so a stage read by block 12 is block 11 alone.
+    assert stage_before(lite0.model, "_blocks.12._project_conv").layers == ("_blocks.11._project_conv",)
+    assert stage_before(lite0.model, "_conv_head") is None
+    assert stage_before(Streamy(), "block.project") is None

@@ -18,14 +18,15 @@ can weigh it against the single layers.
 
 Example::
 
-    stage = clf.candidate_stages[0]
+    stage = stage_before(clf.model, clf.default_layer)      # EfficientNet-Lite0: blocks 11-14, then 15
     rule = rule_from_images(clf, stage.layers[0], originals, pasted, masks, views=DEFAULT_VIEWS)
-    edit = rewrite_stage(clf, stage, rule, [collect_second_moment(clf, l, paths) for l in stage.layers],
-                         calibration=cal_paths)
+    cs = collect_second_moments(clf, stage.convs, stats_paths)
+    edit = rewrite_stage(clf, stage, rule, [cs[l] for l in stage.convs], calibration=cal_paths)
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,7 +38,7 @@ from .edit import DEFAULT_RIDGE, Edit, LayerUpdate, solve_lambda, timestamp, upd
 from .memory import LayerMemory
 from .trace import Trace, get_module
 
-__all__ = ["Stage", "fit_stage", "rewrite_stage"]
+__all__ = ["Stage", "fit_stage", "rewrite_stage", "stage_before"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,33 @@ class Stage:
     def name(self) -> str:
         """How the layer choice names it."""
         return f"stage {self.layers[0]} … {self.convs[-1]}"
+
+
+def stage_before(model: nn.Module, layer: str) -> Stage | None:
+    """The residual stage whose stream ``layer``'s block reads, with ``layer`` as its final conv.
+
+    For EfficientNet-style models (``_blocks`` of MBConv blocks) and ``layer`` a block's project conv: the
+    blocks before it back to the first that adds no skip connection (it starts the stream; the others add to
+    it), each block's project conv and its ``_bn2``. None for other models and layers.
+
+    Example::
+
+        >>> stage_before(clf.model, "_blocks.15._project_conv").layers   # EfficientNet-Lite0  # doctest: +SKIP
+        ('_blocks.11._project_conv', '_blocks.12._project_conv', '_blocks.13._project_conv', '_blocks.14._project_conv')
+    """
+    from .tail import adds_skip
+
+    blocks = getattr(model, "_blocks", None)
+    m = re.fullmatch(r"_blocks\.(\d+)\._project_conv", layer)
+    if blocks is None or m is None or int(m.group(1)) < 1:
+        return None
+    end = int(m.group(1)) - 1
+    first = end
+    while first > 0 and adds_skip(blocks[first]):
+        first -= 1
+    ids = range(first, end + 1)
+    return Stage(tuple(f"_blocks.{i}._project_conv" for i in ids), f"_blocks.{end}",
+                 tuple(f"_blocks.{i}._bn2" for i in ids), final=layer)
 
 
 def _gain(model: nn.Module, norm: str | None, like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail",
+__all__ = ["tail_start", "run_tail", "run_head", "read_views", "read_views_at", "LinearTail", "adds_skip",
            "trusting_checked_weights"]
 
 #: This thread's open :func:`trusting_checked_weights` scopes, innermost last (``.scopes``): each maps a
@@ -83,7 +83,7 @@ def tail_start(model: nn.Module, layer: str) -> str | None:
     m = re.match(r"^_blocks\.(\d+)(\.|$)", layer)
     if m:
         block = model._blocks[int(m.group(1))]
-        if layer.endswith("._project_conv") and layer.count(".") == 2 and not _adds_skip(block) and \
+        if layer.endswith("._project_conv") and layer.count(".") == 2 and not adds_skip(block) and \
                 _edited(model, layer) is None:
             return layer
         return f"_blocks.{int(m.group(1))}"
@@ -98,7 +98,7 @@ def run_head(model: nn.Module, pre: torch.Tensor) -> torch.Tensor:
     return model._fc(model._dropout(x))
 
 
-def _adds_skip(block: nn.Module) -> bool:
+def adds_skip(block: nn.Module) -> bool:
     """Whether an EfficientNet block adds its input to its output (the condition of its own forward)."""
     args = getattr(block, "_block_args", None)
     if args is None:
