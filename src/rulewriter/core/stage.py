@@ -111,7 +111,7 @@ def _gain(model: nn.Module, norm: str | None, like: torch.Tensor) -> torch.Tenso
     if norm is None:
         return torch.ones(1, like.shape[1], 1, 1, dtype=torch.float64, device=like.device)
     bn = get_module(model, norm)
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or bn.running_var is None:
         raise EditError(f"{norm!r} is not a BatchNorm with running statistics: the stage's share cannot be "
                         "carried into its conv's output")
     g = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
