@@ -100,6 +100,35 @@ def test_edit_prints_top3_and_knobs_and_saves_pasted_exemplars(capsys, files, ph
     assert not bad.exists() and not (tmp_path / "x").exists()
 
 
+def test_edit_stage_spreads_the_rule_over_the_residual_stage_and_refuses_what_it_cannot_honour(
+        capsys, files, photo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RULEWRITER_CACHE", str(tmp_path / "cache"))
+    out_edit = tmp_path / "S.safetensors"
+    base = ["edit", "--model", "efficientnet-lite0", "--original", files / "coffee.png", "--mask", files / "mask.png",
+            "--texture", files / "coffee_gravel.png", "--stats-data", photo_dir, "--stats-samples", "30", "--quiet",
+            "--stage"]
+    code, out, err = _run(capsys, *base, "--out", out_edit, "--json")
+    assert code == 0, err
+    convs = [f"_blocks.{i}._project_conv" for i in (11, 12, 13, 14, 15)]
+    assert "spreading the rule over " + ", ".join(convs) in err and "writing the rule at" not in err
+    info = json.loads(out)
+    assert info["layer"] == "stage _blocks.11._project_conv … _blocks.15._project_conv" and info["rank"] == 5
+    assert info["context"] == "stage" and "of 50 calibration images" in info["why"] and info["pairs"] > 0
+    from rulewriter.core.edit import Edit
+
+    edit = Edit.load(out_edit)
+    assert [u.layer for u in edit.updates] == convs and edit.meta["strength"]["chosen"] == info["strength"]
+    (ex,) = info["exemplars"]
+    assert ex["before"] != ex["after"]
+    # What --stage cannot honour, and a layer that reads no residual stage: one error line, nothing written.
+    for extra, words in ((["--rank", "2"], "--rank"), (["--views", "0"], "--views 0"),
+                         (["--layer", "_conv_head"], "reads a residual stage")):
+        bad = tmp_path / "bad.safetensors"
+        code, out, err = _run(capsys, *base, *extra, "--out", bad)
+        assert code == 2 and err.startswith("rulewriter: error:") and words in err, err
+        assert len(err.strip().splitlines()) <= 2 and not bad.exists() and not Path(str(bad) + ".json").exists()
+
+
 def test_edit_without_calibration_images_is_the_closed_form_and_says_so(capsys, files, photo_dir, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setenv("RULEWRITER_CACHE", str(tmp_path / "cache"))

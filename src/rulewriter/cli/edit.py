@@ -18,13 +18,15 @@ def cmd_edit(args) -> None:
     from ..models.data import load_image
 
     out = check_rule_args(args)
+    check_stage_args(args)
     save_dir = check_save_exemplars(args)
     earlier = after_edits(args, out)
     stats_data, stats_samples, calibration, note = calibration_images(args)  # checked before any work
     clf = load_model(args)
     for path, e in zip(args.after, earlier):
         e.check_model(clf, path)
-    layers = edit_layers(args, clf, calibration)
+    stage = model_stage(args, clf, calibration) if args.stage else None
+    layers = [stage.layers[0]] if stage else edit_layers(args, clf, calibration)
     shown = None  # the exemplars as the model sees them: (name, image)
     pasted = None
 
@@ -55,18 +57,24 @@ def cmd_edit(args) -> None:
 
     kw = dict(rank=args.rank, ridge=args.ridge, context=args.context, solver=args.solver, fit=args.fit, on=earlier,
               calibration=calibration)
-    if len(layers) > 1:
+    if stage:
+        from ..core.stage import rewrite_stage
+
+        layers = list(stage.convs)  # every conv's statistics from one pass
+        edit = rewrite_stage(clf, stage, rules[stage.layers[0]], [stats_at(c) for c in stage.convs],
+                             calibration=calibration, ridge=args.ridge)
+    elif len(layers) > 1:
         edit = rewrite_choosing_layer(clf, layers, rules.__getitem__, stats_at, **kw)
     else:
         edit = rewrite(clf, rules[layers[0]], stats_at(layers[0]), **kw)
-    layer = edit.updates[0].layer
-    stats = stats_by[layer]
+    layer = edit.meta["layer"] if stage else edit.updates[0].layer
+    stats = stats_by[edit.updates[0].layer]
     top3 = before_after(clf, edit, shown, earlier) if shown else []
     saved = save_pasted(save_dir, shown) if save_dir is not None and not args.manipulated and shown else []
     edit.save(out)
     st = edit.meta.get("strength", {})
     lc = edit.meta.get("layer_choice")
-    info = {"out": str(out), "layer": layer, "view": args.view, "rank": edit.updates[0].rank,
+    info = {"out": str(out), "layer": layer, "view": args.view, "rank": sum(u.rank for u in edit.updates),
             "pairs": edit.meta["n_pairs"], "stats_keys": stats.count, "context": edit.meta["context"],
             "strength": st.get("chosen"), "why": st.get("reason"), "exemplars": top3,
             "saved_exemplars": [str(p) for p in saved], "after": list(args.after),
@@ -84,6 +92,36 @@ def cmd_edit(args) -> None:
         lines.append(f"  {e['image']}\n    before: {fmt(e['before'])}\n    after:  {fmt(e['after'])}")
     lines += [f"saved {p}" for p in saved]
     emit(info, args.json, "\n".join(lines))
+
+
+def check_stage_args(args) -> None:
+    """``--stage`` is a validated edit of its own: it takes none of the options it could not honour."""
+    if not args.stage:
+        return
+    clash = [opt for opt, on in (("--stats FILE (one layer's statistics; use --stats-data)", args.stats),
+                                 ("--after", args.after), ("--from-features", args.from_features),
+                                 ("--solver projected-gd", args.solver != "closed-form"),
+                                 ("--rank", args.rank is not None), ("--context", args.context != "auto"),
+                                 ("--fit mean", args.fit != "pairs"), ("--views 0", args.views <= 0),
+                                 ("--view 1", args.view != 2)) if on]
+    if clash:
+        raise RulewriterError(f"--stage chooses its own fit by validation and cannot take {', '.join(clash)}")
+
+
+def model_stage(args, clf, calibration):
+    """The residual stage ``--stage`` spreads the rule over (:func:`rulewriter.core.stage.stage_before`)."""
+    from ..core.stage import stage_before
+
+    if calibration is None:
+        raise RulewriterError("--stage is validated on calibration images: give --calibration-data DIR or a "
+                              "--stats-data folder to set some aside")
+    layer = resolve_layer(args, clf)
+    stage = stage_before(clf.model, layer)
+    if stage is None:
+        raise RulewriterError(f"--stage needs a layer whose block reads a residual stage (an EfficientNet block's "
+                              f"project conv, e.g. {clf.default_layer}); {layer!r} is not one")
+    print(f"rulewriter: spreading the rule over {', '.join(stage.convs)}", file=sys.stderr)
+    return stage
 
 
 def calibration_images(args) -> tuple:
@@ -287,6 +325,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--after", action="append", default=[],
                    help="an earlier edit this one is written on (repeat): the new update keeps every earlier rule's "
                         "key mapping to its value; apply them together (predict --edit A --edit B)")
+    p.add_argument("--stage", action="store_true",
+                   help="spread the rule over the residual stage that --layer (default: the model's default layer) "
+                        "reads, then that layer, as MEMIT splits one change over layers; validated like one "
+                        "layer's edit. Opt-in: on our scoreboard it carries further with one exemplar but restores "
+                        "fewer exemplars (README, \"One rule over a residual stage\")")
     p.add_argument("--out", required=True, help="where to write the edit (.safetensors, plus a .json beside it)")
     add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_edit, out_kind="file+json")

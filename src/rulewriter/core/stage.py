@@ -160,6 +160,7 @@ def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tens
         values_f = mem_f.values(_read(model, start, x_orig, stage.final, stage.final)[0]).double()
     parts = len(stage.convs)
     updates: list[LayerUpdate] = []
+    pairs = 0
     for i, (layer, st) in enumerate(zip(stage.convs, stats)):
         mem = LayerMemory(get_module(model, layer), 2, name=layer)
         with contextlib.ExitStack() as stack:
@@ -186,7 +187,9 @@ def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tens
         lam = solve_lambda(mem.matrix().double(), k.T, target.T, d, w)
         v_star = (target * w[:, None]).sum(0) / w.sum()
         updates.append(LayerUpdate(layer, 2, lam, d, u[:, None], v_star[:, None]))
-    return Edit(updates, {"stage": stage.name, "layers": list(stage.convs)})
+        if i == 0:  # the pairs the rule was read from, at the stage's first conv
+            pairs = int(k.shape[0])
+    return Edit(updates, {"stage": stage.name, "layers": list(stage.convs), "n_pairs": pairs})
 
 
 def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, calibration: Any,
@@ -253,5 +256,6 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
     edit.meta = {"created": timestamp(), "model": classifier.name, "weights": classifier.weights_id,
                  "layer": stage.name, "layers": list(stage.convs), "stream": stage.stream, "view": 2,
                  "rank": len(stage.convs), "ridge": ridge, "context": "stage", "fit": "pairs",
+                 "n_pairs": fit(None, cand).meta["n_pairs"],
                  "solver": "closed-form", "strength": record, "rules": [rule.description]}
     return edit
