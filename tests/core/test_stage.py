@@ -11,12 +11,13 @@ from torch import nn
 
 from rulewriter.core.edit import Edit
 from rulewriter.core.generalise import DEFAULT_VIEWS, LocalityBudget
-from rulewriter.core.memory import LayerMemory
-from rulewriter.core.rules import layer_io, rule_from_images
+from rulewriter.core.rules import rule_from_images
 from rulewriter.core.stage import Stage, fit_stage, rewrite_stage
-from rulewriter.core.stats import SecondMoment
 from rulewriter.errors import EditError
 from rulewriter.models.registry import Preprocess, load_classifier
+
+# The rule tests' images, masks and statistics (one copy for every file).
+from test_rules import _images, _masks, _stats  # noqa: E402
 
 
 class _Res(nn.Module):
@@ -59,19 +60,6 @@ def streamy():
     pre = Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     clf = load_classifier(Streamy().double(), preprocess=pre)
     return clf
-
-
-def _images(n, seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _stats(clf, layer, n=40):
-    s = SecondMoment()
-    mem = LayerMemory(dict(clf.model.named_modules())[layer], 2)
-    x, _ = layer_io(clf, layer, clf.preprocess.batch(_images(n, seed=9)))
-    s.add(mem.flat_keys(x))
-    return s
 
 
 def _stream(clf, x, module="block"):
@@ -137,15 +125,6 @@ def _pasted(images, masks, seed=5):
     tex = _images(len(images), seed=seed)
     return [Image.fromarray(np.where(m[..., None] > 0, np.asarray(t), np.asarray(o)).astype(np.uint8))
             for o, t, m in zip(images, tex, masks)]
-
-
-def _masks(n, size=(48, 40)):
-    out = []
-    for i in range(n):
-        m = np.zeros((size[1], size[0]), np.float32)
-        m[8 + i: 24 + i, 10:30] = 1
-        out.append(m)
-    return out
 
 
 @pytest.mark.parametrize("changed", [0.0, 1.0])
