@@ -12,9 +12,11 @@ its masked pairs), the share carried into the conv's own output through the per-
 BatchNorm that follows it. The edit is rank 1 at each of the stage's convs.
 
 Measured (``benchmarks/stage_memit.py``): with the same strength rule, it fixes more held-out photos than
-the closed form at one layer; :func:`rewrite_stage` validates and spends it exactly like
-:func:`~rulewriter.core.rules.rewrite` does one layer's edit, so :func:`~rulewriter.core.rules.rewrite_choosing_layer`
-can weigh it against the single layers.
+the closed form at one layer. :func:`rewrite_stage` validates and spends it exactly like
+:func:`~rulewriter.core.rules.rewrite` does one layer's edit (its record is what
+:func:`~rulewriter.core.generalise.choose_layer` compares); validated, it carries further than the default
+with one exemplar but restores fewer exemplars, and the exemplars' own validation seldom prefers it to the
+single layers, so it is opt-in (``rulewriter edit --stage``), not part of the default's layer choice.
 
 Example::
 
