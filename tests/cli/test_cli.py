@@ -112,7 +112,7 @@ def test_edit_stage_spreads_the_rule_over_the_residual_stage_and_refuses_what_it
     convs = [f"_blocks.{i}._project_conv" for i in (11, 12, 13, 14, 15)]
     assert "spreading the rule over " + ", ".join(convs) in err and "writing the rule at" not in err
     info = json.loads(out)
-    assert info["layer"] == "stage _blocks.11._project_conv … _blocks.15._project_conv" and info["rank"] == 5
+    assert info["layer"] == "stage _blocks.11._project_conv … _blocks.15._project_conv" and info["rank"] >= 5
     assert info["context"] == "stage" and "of 50 calibration images" in info["why"] and info["pairs"] > 0
     from rulewriter.core.edit import Edit
 

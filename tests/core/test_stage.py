@@ -119,6 +119,14 @@ def test_a_final_conv_takes_one_more_share_and_then_recalls_its_own_clean_values
     clean = _stream(clf, x_o, "after")[0, :, 5, 3]
     with edit.applied(clf.model):
         assert torch.allclose(_stream(clf, x_m, "after")[0, :, 5, 3], clean, atol=1e-9)
+    # The final conv along another context, the stream's updates reused: they are the same, and it still
+    # recalls its clean values (one pair: the uniform direction is the mean key's).
+    other = fit_stage(clf, stage, stats, x_o, x_m, masks, final_context=("uniform", 1), stream=edit)
+    assert all(a is b for a, b in zip(other.updates[:2], edit.updates[:2]))
+    with other.applied(clf.model):
+        assert torch.allclose(_stream(clf, x_m, "after")[0, :, 5, 3], clean, atol=1e-9)
+    with pytest.raises(EditError, match="unknown context"):
+        fit_stage(clf, stage, stats, x_o, x_m, masks, final_context=("zca", 1), stream=edit)
 
 
 def _pasted(images, masks, seed=5):
@@ -138,7 +146,7 @@ def test_rewrite_stage_keeps_the_calibration_images_within_the_budget_and_record
     ch = edit.meta["strength"]
     json.dumps(edit.meta)
     assert edit.meta["layer"] == STAGE.name and [u.layer for u in edit.updates] == list(STAGE.layers)
-    assert tuple(ch["candidate"])[:2] == ("stage", 2)
+    assert tuple(ch["candidate"])[:2] == ("mean", 1)  # no final conv: the stream convs follow their mean keys
     with torch.no_grad():
         base = clf.model(cal).argmax(1)
         with edit.applied(clf.model):

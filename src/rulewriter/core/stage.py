@@ -142,56 +142,81 @@ def _read(model: nn.Module, start: str | None, x: torch.Tensor, stream: str, lay
 
 
 def fit_stage(classifier, stage: Stage, stats: Sequence[Any], x_orig: torch.Tensor, x_man: torch.Tensor,
-              masks: torch.Tensor, *, start: str | None = None, ridge: float = DEFAULT_RIDGE) -> Edit:
+              masks: torch.Tensor, *, start: str | None = None, ridge: float = DEFAULT_RIDGE,
+              final_context: tuple[str, int] = ("mean", 1), stream: Edit | None = None) -> Edit:
     """The stage's edit from clean and manipulated inputs of module ``start`` (None: preprocessed images)
     and their masks on the model's input grid (N, S, S).
 
     ``stats`` gives each conv's second moment (a :class:`~rulewriter.core.stats.SecondMoment` or ``C``), in
-    the stage's order. The convs are fitted one after the other, each with the updates before it applied;
-    the last one is asked for all that is still missing, so a conv whose masked keys are collinear with its
-    mean key maps them exactly.
+    the order of :attr:`Stage.convs`. The convs are fitted one after the other, each with the updates before it
+    applied; the stream's last conv (without a ``final``) is asked for all that is still missing. The stream's
+    convs update along their mean key; the final conv along ``final_context``: ``("mean", 1)``, ``("uniform",
+    1)`` (the mean key through ``C + λΣ``, as ``rewrite(context="uniform")``) or ``("svd", r)`` (the top r
+    directions of its masked keys), as :func:`~rulewriter.core.rules.rewrite` validates one layer's edit.
+    ``stream``: the stream convs' updates of an earlier fit of the same inputs (they do not depend on the final
+    conv's context), so only the final conv is fitted.
     """
-    from .rules import masked_pairs
-
     model = classifier.model
     if len(stats) != len(stage.convs):
         raise EditError(f"the stage has {len(stage.convs)} convs but {len(stats)} statistics were given")
-    _, z = _read(model, start, x_orig, stage.stream)
-    if stage.final:  # the final conv's own clean values, on the unedited model
-        mem_f = LayerMemory(get_module(model, stage.final), 2, name=stage.final)
-        values_f = mem_f.values(_read(model, start, x_orig, stage.final, stage.final)[0]).double()
     parts = len(stage.convs)
-    updates: list[LayerUpdate] = []
-    pairs = 0
-    for i, (layer, st) in enumerate(zip(stage.convs, stats)):
-        mem = LayerMemory(get_module(model, layer), 2, name=layer)
-        with contextlib.ExitStack() as stack:
-            if updates:
-                stack.enter_context(Edit(list(updates)).applied(model))
-            x_in, h = _read(model, start, x_man, stage.final if layer == stage.final else stage.stream, layer)
-        keys, values = mem.keys(x_in).double(), mem.values(x_in).double()
-        if layer == stage.final:
-            target_map = values_f
-        else:
+    if stream is not None:
+        updates, pairs = list(stream.updates[:len(stage.layers)]), int(stream.meta["n_pairs"])
+    else:
+        updates, pairs = [], 0
+        _, z = _read(model, start, x_orig, stage.stream)
+        for i, (layer, st) in enumerate(zip(stage.layers, stats)):
+            with _applied(model, updates):
+                x_in, h = _read(model, start, x_man, stage.stream, layer)
+            mem = LayerMemory(get_module(model, layer), 2, name=layer)
+            values = mem.values(x_in).double()
             if h.shape[2:] != values.shape[2:]:
                 raise EditError(f"{layer!r} writes a {tuple(values.shape[2:])} grid but the stream "
                                 f"{stage.stream!r} is {tuple(h.shape[2:])}: not one stage")
             share = (z - h) / (parts - i) / _gain(model, stage.norms[i], values)
-            target_map = values + share.to(values.device)
-        e = values.shape[1]
-        k, vr, w = masked_pairs(mem, keys, torch.cat([values, target_map], 1), masks)
-        target = vr[:, e:]
-        c = st.moment() if hasattr(st, "moment") else torch.as_tensor(st)
-        if c.shape != (mem.key_dim, mem.key_dim):
-            raise EditError(f"statistics for {layer!r} are {tuple(c.shape)}; its keys have {mem.key_dim} dims")
-        u = (k * w[:, None]).sum(0) / w.sum()
-        d = update_direction(c, u, ridge)[:, None]
-        lam = solve_lambda(mem.matrix().double(), k.T, target.T, d, w)
-        v_star = (target * w[:, None]).sum(0) / w.sum()
-        updates.append(LayerUpdate(layer, 2, lam, d, u[:, None], v_star[:, None]))
-        if i == 0:  # the pairs the rule was read from, at the stage's first conv
-            pairs = int(k.shape[0])
+            update, n = _fit_conv(mem, x_in, values + share.to(values.device), masks, st, ridge)
+            updates.append(update)
+            pairs = pairs if i else n  # the pairs the rule was read from, at the stage's first conv
+    if stage.final:  # fitted last, to its own clean values on the unedited model
+        mem = LayerMemory(get_module(model, stage.final), 2, name=stage.final)
+        clean = mem.values(_read(model, start, x_orig, stage.final, stage.final)[0]).double()
+        with _applied(model, updates):
+            x_in, _ = _read(model, start, x_man, stage.final, stage.final)
+        updates.append(_fit_conv(mem, x_in, clean, masks, stats[-1], ridge, final_context)[0])
     return Edit(updates, {"stage": stage.name, "layers": list(stage.convs), "n_pairs": pairs})
+
+
+def _applied(model: nn.Module, updates: Sequence[LayerUpdate]) -> contextlib.AbstractContextManager:
+    return Edit(list(updates)).applied(model) if updates else contextlib.nullcontext()
+
+
+def _fit_conv(mem: LayerMemory, x_in: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, st: Any,
+              ridge: float, context: tuple[str, int] = ("mean", 1)) -> tuple[LayerUpdate, int]:
+    """One conv's closed form: its masked keys (of input ``x_in``) → ``targets`` (a value map), along the
+    ``context`` directions; and the number of pairs."""
+    from ..concepts.keys import context as context_dirs
+    from .rules import concept_spread, masked_pairs
+
+    keys, values = mem.keys(x_in).double(), mem.values(x_in).double()
+    e = values.shape[1]
+    k, vr, w = masked_pairs(mem, keys, torch.cat([values, targets.to(values.device)], 1), masks)
+    target = vr[:, e:]
+    c = st.moment() if hasattr(st, "moment") else torch.as_tensor(st)
+    if c.shape != (mem.key_dim, mem.key_dim):
+        raise EditError(f"statistics for {mem.name!r} are {tuple(c.shape)}; its keys have {mem.key_dim} dims")
+    u = (k * w[:, None]).sum(0) / w.sum()
+    how, rank = context
+    if how == "mean":
+        d = update_direction(c, u, ridge)[:, None]
+    elif how == "uniform":
+        d = update_direction(c + concept_spread([(k, target, w)], c), u, ridge)[:, None]
+    elif how == "svd":
+        d = update_direction(c, context_dirs(k, rank, method="svd", C=c, weights=w, ridge=ridge), ridge)
+    else:
+        raise EditError(f"unknown context {how!r} for a stage's final conv; use mean, uniform or svd")
+    lam = solve_lambda(mem.matrix().double(), k.T, target.T, d, w)
+    v_star = (target * w[:, None]).sum(0) / w.sum()
+    return LayerUpdate(mem.name, 2, lam, d, u[:, None], v_star[:, None]), int(k.shape[0])
 
 
 def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, calibration: Any,
@@ -236,8 +261,11 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
             idx = torch.nonzero(keep).flatten()
             if idx.numel() == 0:
                 raise EditError("a validation fold leaves no pair to fit")
+            # The stream's updates do not depend on the final conv's context: fitted once per fold and pairs.
+            stream = next((e for (lo, c), e in fits.items() if lo == left_out and c[2] == cand[2]), None)
             fits[left_out, cand] = fit_stage(classifier, stage, stats, views.x_orig[idx], views.x_man[idx],
-                                             masks[idx], start=views.start, ridge=ridge)
+                                             masks[idx], start=views.start, ridge=ridge, final_context=cand[:2],
+                                             stream=stream)
         return fits[left_out, cand]
 
     def safe_fold(left_out: int | None, cand: tuple) -> Edit:
@@ -249,7 +277,21 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
     def collateral(s: float, cand: tuple, stop=None) -> Any:
         return calibration.changed(classifier.model, fit(None, cand).scaled(s), stop=stop)
 
-    cands = [("stage", len(stage.convs), aug) for aug in (False, True)]
+    # The final conv's directions are validated as rewrite validates one layer's (simplest first); the
+    # stream's convs always follow their mean key. A context the masked keys cannot support is no candidate.
+    from .rules import SEARCH_RANKS
+
+    contexts = [("mean", 1), ("uniform", 1)] + [("svd", r) for r in SEARCH_RANKS] if stage.final else [("mean", 1)]
+    cands = []
+    for ctx in contexts:
+        for aug in (False, True):
+            try:
+                fit(None, (*ctx, aug))
+            except (EditError, MaskError):
+                continue
+            cands.append((*ctx, aug))
+    if not cands:
+        raise EditError("the exemplars' masks give the stage no pair to fit")
     choice = choose_strength(classifier.model, views, safe_fold, collateral, budget=budget, candidates=cands,
                              to_beat=to_beat, ties_win=ties_win)
     cand = tuple(choice.candidate) if choice.candidate is not None else cands[0]
@@ -257,7 +299,8 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
     edit = fit(None, cand).scaled(choice.chosen)
     edit.meta = {"created": timestamp(), "model": classifier.name, "weights": classifier.weights_id,
                  "layer": stage.name, "layers": list(stage.convs), "stream": stage.stream, "view": 2,
-                 "rank": len(stage.convs), "ridge": ridge, "context": "stage", "fit": "pairs",
+                 "rank": sum(u.rank for u in edit.updates), "ridge": ridge, "context": "stage",
+                 "final_context": list(cand[:2]) if stage.final else None, "fit": "pairs",
                  "n_pairs": fit(None, cand).meta["n_pairs"],
                  "solver": "closed-form", "strength": record, "rules": [rule.description]}
     return edit
