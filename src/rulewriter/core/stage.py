@@ -14,9 +14,10 @@ BatchNorm that follows it. The edit is rank 1 at each of the stage's convs.
 Measured (``benchmarks/stage_memit.py``): with the same strength rule, it fixes more held-out photos than
 the closed form at one layer. :func:`rewrite_stage` validates and spends it exactly like
 :func:`~rulewriter.core.rules.rewrite` does one layer's edit (its record is what
-:func:`~rulewriter.core.generalise.choose_layer` compares); validated, it carries further than the default
-with one exemplar but restores fewer exemplars, and the exemplars' own validation seldom prefers it to the
-single layers, so it is opt-in (``rulewriter edit --stage``), not part of the default's layer choice.
+:func:`~rulewriter.core.generalise.choose_layer` compares); validated, it restores more exemplars than the
+default and carries a little further with one exemplar, but as a candidate of the layer choice it lowers
+the held-out share fixed with five exemplars and costs three more layers' statistics, so it is opt-in
+(``rulewriter edit --stage``), not part of the default's layer choice.
 
 Example::
 
