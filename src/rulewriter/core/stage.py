@@ -228,7 +228,9 @@ def rewrite_stage(classifier, stage: Stage, rule: Any, stats: Sequence[Any], *, 
 
     ``rule`` is the rule read at the stage's first conv with exemplar views (``rule_from_images(...,
     views=DEFAULT_VIEWS)``): its views give the inputs, masks and folds. Candidates: the stage fitted on the
-    exemplars' own pairs or on all views; each at the strengths ``STRENGTHS`` (every conv's Λ times ``s``),
+    exemplars' own pairs or on all views, and with a ``final`` conv its directions as one layer's edit has them
+    (the mean key, the uniform one, the top ``SEARCH_RANKS`` SVD directions; the stream's convs always follow
+    their mean keys); each at the strengths ``STRENGTHS`` (every conv's Λ times ``s``),
     validated leave one exemplar out under the locality budget on ``calibration`` (a
     :class:`~rulewriter.core.locality.Calibration` of the first conv, or images for one). The edit's
     ``meta["strength"]`` is the choice's record, so :func:`~rulewriter.core.generalise.choose_layer` can
