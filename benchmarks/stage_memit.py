@@ -10,19 +10,22 @@ update is the thesis's closed form (rank 1, direction ``C_l⁻¹k̄_l`` of that 
 squares on the masked pairs), so the edit has rank 4 over four layers. Unlike an edit of one conv inside a
 residual block (the default's reason to avoid those), the stream's identity path is compensated: the target
 is the stream, not the conv's clean output. "stream 14" is the one-layer case (block 14 closes the whole gap);
-"block 15" is the default layer's mean-key closed form, for comparison on the same footing.
+"block 15" is the default layer's mean-key closed form, for comparison on the same footing. The stage's
+edits are :func:`rulewriter.core.stage.fit_stage`'s; ``--validated [--final]`` runs
+:func:`~rulewriter.core.stage.rewrite_stage` instead (validated and spent like the default; with ``--final``
+block 15 is one more share, its directions validated), as scoreboard rows named "default" in
+``results/generalise_stage{,_final}.json`` for ``generalise_layers.py``.
 
 Every variant is scaled by ``s ∈ STRENGTHS`` and chosen like the default spends its budget: the strongest
 strength within the locality budget (calibration images) that restores the most exemplars, strength 1 when
 none is within it. The pairs are the exemplars' own (no augmented views), for all three variants alike.
 Exploration, not a method: the table prints held-out figures for every strength, and no default is read off it.
 
-Run: ``python benchmarks/stage_memit.py [--scenarios ...] [--exemplars 5,1]``; writes
-``benchmarks/results/stage_memit.{json,md}``.
+Run: ``python benchmarks/stage_memit.py [--views] [--scenarios ...] [--exemplars 5,1]`` (``--views``: the
+stage also fitted on every exemplar's joint views); writes ``benchmarks/results/stage_memit.{json,md}``.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,72 +44,13 @@ VIEWS = "--views" in sys.argv
 FINAL = "--final" in sys.argv  # with --validated: block 15 fitted last to its own clean values
 
 
-@contextlib.contextmanager
-def recording(model: torch.nn.Module, names: list[str]):
-    """Inputs and outputs of the named modules in one forward pass: ``{name: (input, output)}``."""
-    from rulewriter.core.trace import get_module
-
-    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [get_module(model, n).register_forward_hook(
-        lambda mod, args, out, n=n: got.__setitem__(n, (args[0].detach().clone(), out.detach().clone())))
-        for n in names]
-    try:
-        yield got
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def bn_scale(model: torch.nn.Module, conv: str) -> torch.Tensor:
-    """Per-channel gain of the BatchNorm that follows ``conv`` (``_bn2`` of its block), float64."""
-    from rulewriter.core.trace import get_module
-
-    bn = get_module(model, conv.rsplit(".", 1)[0] + "._bn2")
-    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double().detach()
-
-
-def stage_edit(clf: Any, layers: list[str], stats: dict[str, Any], x_o: torch.Tensor, x_m: torch.Tensor,
-               masks_s: torch.Tensor) -> Any:
-    """The MEMIT-style edit of ``layers`` (in order) towards the clean stage output at the masked places."""
-    from rulewriter.core.edit import Edit, LayerUpdate, solve_lambda, update_direction
-    from rulewriter.core.memory import LayerMemory
-    from rulewriter.core.rules import masked_pairs
-    from rulewriter.core.trace import get_module
-
-    model = clf.model
-    with torch.no_grad(), recording(model, [STREAM]) as got:
-        model(x_o)
-    z = got[STREAM][1].double()
-    updates: list[Any] = []
-    for i, layer in enumerate(layers):
-        mem = LayerMemory(get_module(model, layer), 2, name=layer)
-        with contextlib.ExitStack() as stack:
-            if updates:
-                stack.enter_context(Edit(list(updates), {}).applied(model))
-            stack.enter_context(torch.no_grad())
-            got = stack.enter_context(recording(model, [layer, STREAM]))
-            model(x_m)
-        x_in, h = got[layer][0], got[STREAM][1].double()
-        keys, values = mem.keys(x_in).double(), mem.values(x_in).double()
-        share = (z - h) / (len(layers) - i) / bn_scale(model, layer)[None, :, None, None]
-        e = values.shape[1]
-        k, vr, w = masked_pairs(mem, keys, torch.cat([values, values + share], 1), masks_s)
-        target = vr[:, e:]
-        c = stats[layer].moment()
-        u = (k * w[:, None]).sum(0) / w.sum()
-        d = update_direction(c, u)[:, None]
-        w0 = mem.matrix().double()
-        lam = solve_lambda(w0, k.T, target.T, d, w)
-        updates.append(LayerUpdate(layer, 2, lam, d))
-    return Edit(updates, {"layers": layers})
-
-
 def probe(rows: list[dict[str, Any]]):
     state: dict[str, Any] = {}
 
     def run(clf: Any, layer: str, start: str, sc: Any, n: int, stats: Any, cal: Any, photos: Any) -> None:
         from rulewriter.core.generalise import STRENGTHS, LocalityBudget
         from rulewriter.core.rules import load_exemplars, rewrite, rule_from_images
+        from rulewriter.core.stage import Stage, fit_stage
         from rulewriter.core.stats import collect_second_moments
 
         assert layer == STAGE[0], f"run with --layer {STAGE[0]}"
@@ -120,7 +64,9 @@ def probe(rows: list[dict[str, Any]]):
         orig, man, masks_s = load_exemplars(clf, o, m, k)
         pre = clf.preprocess
         x_o, x_m = pre.batch(orig), pre.batch(man)
-        edits = {name: stage_edit(clf, layers, st, x_o, x_m, masks_s) for name, layers in VARIANTS.items()}
+        stages = {name: Stage(tuple(layers), STREAM, tuple(n.rsplit(".", 1)[0] + "._bn2" for n in layers))
+                  for name, layers in VARIANTS.items()}
+        edits = {name: fit_stage(clf, s, [st[n] for n in s.layers], x_o, x_m, masks_s) for name, s in stages.items()}
         if VIEWS:  # the same, fitted on every exemplar's joint views as well (the default's "all views" pairs)
             from rulewriter.concepts.masks import load_mask
             from rulewriter.core.generalise import DEFAULT_VIEWS, exemplar_views
@@ -128,8 +74,9 @@ def probe(rows: list[dict[str, Any]]):
 
             full = [mask_for_image(load_mask(mk), im.size) for mk, im in zip(k, orig)]
             vo, vm, vk, _ = exemplar_views(orig, man, full, DEFAULT_VIEWS)
-            edits["stage MEMIT 11-14, views"] = stage_edit(clf, STAGE, st, pre.batch(vo), pre.batch(vm),
-                                                           torch.stack([pre.mask(mk) for mk in vk]))
+            s = stages["stage MEMIT 11-14"]
+            edits["stage MEMIT 11-14, views"] = fit_stage(clf, s, [st[n] for n in s.layers], pre.batch(vo),
+                                                          pre.batch(vm), torch.stack([pre.mask(mk) for mk in vk]))
         edits["block 15"] = rewrite(clf, rule_from_images(clf, DEFAULT_LAYER, o, m, k, views=0), st[DEFAULT_LAYER],
                                     strength=1.0)
         budget = LocalityBudget()
