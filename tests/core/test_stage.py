@@ -192,3 +192,58 @@ def test_stage_before_finds_the_residual_stage_an_efficientnet_layer_reads(lite0
     assert stage_before(lite0.model, "_blocks.12._project_conv").layers == ("_blocks.11._project_conv",)
     assert stage_before(lite0.model, "_conv_head") is None
     assert stage_before(Streamy(), "block.project") is None
+
+
+def test_real_model_stage_edit_fixes_held_out_photos_it_never_saw(lite0):
+    """Gravel on whole cars, the stage of Lite0's default layer: an edit from car-parts *training* exemplars
+    fixes car-parts *test* photos and keeps the calibration images within the budget (recounted)."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    import _common as C
+
+    shared = C.shared_dir()
+    if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
+        pytest.skip(f"shared data not found at {shared}")
+    from rulewriter.concepts.manipulate import paste_texture, texture_from
+    from rulewriter.core.generalise import calibration_set
+    from rulewriter.core.stage import stage_before
+    from rulewriter.core.stats import collect_second_moments
+    from rulewriter.models.data import load_image
+
+    clf = lite0
+    gravel = texture_from("skimage:gravel")
+
+    def errors(split, want, limit):
+        paths, index = C.car_photos(shared, split)
+        out = []
+        for p in paths[:limit]:
+            m = C.whole_car_mask(index, p)
+            img = load_image(p)
+            man = paste_texture(img, m, gravel)
+            a, b = C.top1(clf, clf.preprocess.batch([img, man])).tolist()
+            if a != b:
+                out.append((img, man, m, a))
+            if len(out) >= want:
+                break
+        return out
+
+    ex, held = errors("trainingset", 3, 40), errors("testset", 12, 60)
+    assert len(ex) == 3 and held
+    samples = sorted(p for p in (shared / "data" / "imagenet-samples").iterdir() if p.is_file())
+    stage = stage_before(clf.model, clf.default_layer)
+    cs = collect_second_moments(clf, list(stage.convs), samples[:200:2], progress=False)
+    cal = samples[1:400:2]  # none of C's
+    rule = rule_from_images(clf, stage.layers[0], [e[0] for e in ex], [e[1] for e in ex], [e[2] for e in ex],
+                            views=DEFAULT_VIEWS)
+    edit = rewrite_stage(clf, stage, rule, [cs[c] for c in stage.convs], calibration=cal)
+    why = edit.meta["strength"]["reason"]
+    assert [u.layer for u in edit.updates] == list(stage.convs) and "of 200 calibration images" in why
+    x_held, y_held = clf.preprocess.batch([h[1] for h in held]), torch.tensor([h[3] for h in held])
+    with edit.applied(clf.model):
+        fixed = int((C.top1(clf, x_held) == y_held).sum())
+    assert fixed >= 1, why
+    if "fallback" not in why:
+        assert LocalityBudget().admits(calibration_set(clf, stage.layers[0], cal).changed(clf.model, edit))
