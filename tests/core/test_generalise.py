@@ -225,6 +225,29 @@ def test_bad_strength_is_a_clear_error(tiny):
 
 # ------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
+def car_errors(clf, shared, split: str, want: int, limit: int, texture: str = "skimage:gravel") -> list:
+    """Up to ``want`` of the first ``limit`` car-parts ``split`` photos whose top-1 the texture pasted on the
+    whole car changes: (photo, pasted, mask, clean top-1). Needs ``benchmarks/`` on sys.path."""
+    import _common as C
+
+    from rulewriter.concepts.manipulate import paste_texture, texture_from
+    from rulewriter.models.data import load_image
+
+    tex = texture_from(texture)
+    paths, index = C.car_photos(shared, split)
+    out = []
+    for p in paths[:limit]:
+        m = C.whole_car_mask(index, p)
+        img = load_image(p)
+        man = paste_texture(img, m, tex)
+        a, b = C.top1(clf, clf.preprocess.batch([img, man])).tolist()
+        if a != b:
+            out.append((img, man, m, a))
+        if len(out) >= want:
+            break
+    return out
+
+
 def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     """Gravel on whole cars: an edit from car-parts *training* exemplars fixes car-parts *test* photos.
 
@@ -242,30 +265,12 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     shared = C.shared_dir()
     if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
         pytest.skip(f"shared data not found at {shared}")
-    from rulewriter.models.data import load_image
-    from rulewriter.concepts.manipulate import paste_texture, texture_from
     from rulewriter.core.stats import collect_second_moment
 
     clf = lite0
     layer = clf.default_layer
-    gravel = texture_from("skimage:gravel")
-
-    def errors(split, want, limit):
-        paths, index = C.car_photos(shared, split)
-        out = []
-        for p in paths[:limit]:
-            m = C.whole_car_mask(index, p)
-            img = load_image(p)
-            man = paste_texture(img, m, gravel)
-            a, b = C.top1(clf, clf.preprocess.batch([img, man])).tolist()
-            if a != b:
-                out.append((img, man, m, a))
-            if len(out) >= want:
-                break
-        return out
-
-    ex = errors("trainingset", 3, 40)
-    held = errors("testset", 12, 60)
+    ex = car_errors(clf, shared, "trainingset", 3, 40)
+    held = car_errors(clf, shared, "testset", 12, 60)
     assert len(ex) == 3 and held
     photos = sorted((shared / "data" / "imagenet-samples").glob("*.JPEG"))[:200:2] or \
         sorted((shared / "data" / "imagenet-samples").glob("*.jpg"))[:200:2]

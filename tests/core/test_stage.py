@@ -207,30 +207,13 @@ def test_real_model_stage_edit_fixes_held_out_photos_it_never_saw(lite0):
     shared = C.shared_dir()
     if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
         pytest.skip(f"shared data not found at {shared}")
-    from rulewriter.concepts.manipulate import paste_texture, texture_from
     from rulewriter.core.generalise import calibration_set
     from rulewriter.core.stage import stage_before
     from rulewriter.core.stats import collect_second_moments
-    from rulewriter.models.data import load_image
+    from test_generalise import car_errors
 
     clf = lite0
-    gravel = texture_from("skimage:gravel")
-
-    def errors(split, want, limit):
-        paths, index = C.car_photos(shared, split)
-        out = []
-        for p in paths[:limit]:
-            m = C.whole_car_mask(index, p)
-            img = load_image(p)
-            man = paste_texture(img, m, gravel)
-            a, b = C.top1(clf, clf.preprocess.batch([img, man])).tolist()
-            if a != b:
-                out.append((img, man, m, a))
-            if len(out) >= want:
-                break
-        return out
-
-    ex, held = errors("trainingset", 3, 40), errors("testset", 12, 60)
+    ex, held = car_errors(clf, shared, "trainingset", 3, 40), car_errors(clf, shared, "testset", 12, 60)
     assert len(ex) == 3 and held
     samples = sorted(p for p in (shared / "data" / "imagenet-samples").iterdir() if p.is_file())
     stage = stage_before(clf.model, clf.default_layer)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ImageLoadError, RulewriterError
+from ..errors import ImageLoadError
 from ..studies.evaluate import evaluate_edit, load_change
 from ..studies.evaluation_report import write_report
 from ..studies.report import percent
