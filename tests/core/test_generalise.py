@@ -225,6 +225,21 @@ def test_bad_strength_is_a_clear_error(tiny):
 
 # ------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
+def car_parts_data():
+    """The benchmarks' helpers (``_common``) and the shared data folder, or a skip when car-parts or
+    imagenet-samples is absent."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import _common as C
+
+    shared = C.shared_dir()
+    if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
+        pytest.skip(f"shared data not found at {shared}")
+    return C, shared
+
+
 def car_errors(clf, shared, split: str, want: int, limit: int, texture: str = "skimage:gravel") -> list:
     """Up to ``want`` of the first ``limit`` car-parts ``split`` photos whose top-1 the texture pasted on the
     whole car changes: (photo, pasted, mask, clean top-1). Needs ``benchmarks/`` on sys.path."""
@@ -255,16 +270,7 @@ def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     must fix at least one held-out error and no fewer than the closed form from the same exemplars, restore
     its exemplars, and keep the calibration images within the budget.
     """
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    import _common as C
-
-    shared = C.shared_dir()
-    if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
-        pytest.skip(f"shared data not found at {shared}")
+    C, shared = car_parts_data()
     from rulewriter.core.stats import collect_second_moment
 
     clf = lite0

@@ -197,20 +197,12 @@ def test_stage_before_finds_the_residual_stage_an_efficientnet_layer_reads(lite0
 def test_real_model_stage_edit_fixes_held_out_photos_it_never_saw(lite0):
     """Gravel on whole cars, the stage of Lite0's default layer: an edit from car-parts *training* exemplars
     fixes car-parts *test* photos and keeps the calibration images within the budget (recounted)."""
-    import sys
-    from pathlib import Path
+    from test_generalise import car_errors, car_parts_data
 
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    import _common as C
-
-    shared = C.shared_dir()
-    if not (shared / "data" / "car-parts").is_dir() or not (shared / "data" / "imagenet-samples").is_dir():
-        pytest.skip(f"shared data not found at {shared}")
+    C, shared = car_parts_data()
     from rulewriter.core.generalise import calibration_set
     from rulewriter.core.stage import stage_before
     from rulewriter.core.stats import collect_second_moments
-    from test_generalise import car_errors
 
     clf = lite0
     ex, held = car_errors(clf, shared, "trainingset", 3, 40), car_errors(clf, shared, "testset", 12, 60)
