@@ -224,7 +224,6 @@ def test_bad_strength_is_a_clear_error(tiny):
 
 
 # ------------------------------------------------------------------------------------------ real model
-@pytest.mark.slow
 def car_parts_data():
     """The benchmarks' helpers (``_common``) and the shared data folder, or a skip when car-parts or
     imagenet-samples is absent."""
@@ -263,6 +262,7 @@ def car_errors(clf, shared, split: str, want: int, limit: int, texture: str = "s
     return out
 
 
+@pytest.mark.slow
 def test_real_model_edit_fixes_held_out_photos_it_never_saw(lite0):
     """Gravel on whole cars: an edit from car-parts *training* exemplars fixes car-parts *test* photos.
 

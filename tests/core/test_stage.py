@@ -194,6 +194,7 @@ def test_stage_before_finds_the_residual_stage_an_efficientnet_layer_reads(lite0
     assert stage_before(Streamy(), "block.project") is None
 
 
+@pytest.mark.slow
 def test_real_model_stage_edit_fixes_held_out_photos_it_never_saw(lite0):
     """Gravel on whole cars, the stage of Lite0's default layer: an edit from car-parts *training* exemplars
     fixes car-parts *test* photos and keeps the calibration images within the budget (recounted)."""
