@@ -264,7 +264,8 @@ class StrengthChoice:
     pruned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        budget = ({"changed": self.budget.changed, "near_tie": self.budget.near_tie}
+        budget = ({"changed": self.budget.changed, "near_tie": self.budget.near_tie,
+                   "expected": self.budget.expected}
                   if isinstance(self.budget, LocalityBudget) else self.budget)
         out = {"chosen": self.chosen, "reason": self.reason, "budget": budget, "folds": self.folds,
                "n_validation": self.n_validation, "candidates": self.rows}
@@ -281,23 +282,22 @@ def _admits(measured: Any, budget: float | LocalityBudget) -> bool:
     return float(measured) <= budget
 
 
-def _no_worse(measured: Any, ref: Any) -> bool:
-    """Collateral ``measured`` adds nothing to ``ref``'s: it changes only calibration images that ``ref``
-    changes (``which``; without it, no more of them overall and on near ties), or no more output energy."""
-    if isinstance(measured, dict):
-        if "which" in measured and "which" in ref:
-            return set(measured["which"]) <= set(ref["which"])
-        nt, ref_nt = measured.get("changed_near_tie"), ref.get("changed_near_tie")
-        return measured["changed"] <= ref["changed"] and (nt is None or ref_nt is None or nt <= ref_nt)
+def _no_worse(measured: Any, ref: Any, budget: float | LocalityBudget) -> bool:
+    """Collateral ``measured`` adds nothing to ``ref``'s (:meth:`LocalityBudget.adds_nothing`), or no more
+    output energy."""
+    if isinstance(budget, LocalityBudget):
+        return budget.adds_nothing(measured, ref)
     return float(measured) <= float(ref)
 
 
 def _describe(measured: Any, budget: float | LocalityBudget) -> str:
     if isinstance(budget, LocalityBudget):
-        nt = measured.get("changed_near_tie")
+        nt, ex = measured.get("changed_near_tie"), measured.get("expected")
         return (f"top-1 changed on {100 * measured['changed']:.1f}% of {measured['n']} calibration images"
                 + ("" if nt is None else f" and {100 * nt:.0f}% of their {measured['n_near_tie']} near ties")
-                + f" (budget {100 * budget.changed:g}% / {100 * budget.near_tie:g}%)")
+                + ("" if ex is None else f", {100 * ex:.2f}% expected from their margins")
+                + f" (budget {100 * budget.changed:g}% / {100 * budget.near_tie:g}%"
+                + ("" if ex is None else f" / {100 * budget.expected:g}%") + ")")
     return f"collateral on the statistics images {float(measured):.2g} of the layer's output energy (budget {budget:g})"
 
 
@@ -399,7 +399,7 @@ def choose_strength(
             return "fallback" if not _admits(ref, budget) else "budget"
         if _admits(measured[ci, s], budget):
             return "budget"
-        return "no new change" if _no_worse(measured[ci, s], ref) else None
+        return "no new change" if _no_worse(measured[ci, s], ref, budget) else None
 
     settled = [0] * len(cands)  # candidate ci's first settled[ci] strengths are settled
     over = [False] * len(cands)
@@ -578,7 +578,7 @@ def choose_strength(
         reason += "; even the closed form is over the budget (it is the fallback)"
         if best["admitted"] == "no new change":
             reason += (", and this setting restores more exemplars than any within the budget while it changes "
-                       "only calibration images the closed form changes")
+                       "only calibration images the closed form changes, within the expected share or no more than it")
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out
