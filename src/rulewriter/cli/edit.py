@@ -309,7 +309,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", type=int, default=DEFAULT_VIEWS, metavar="N",
                    help="N joint augmented views per exemplar; the strength, rank and augmentation are chosen per "
                         "edit by leave-one-exemplar-out validation, under a locality budget on calibration images "
-                        "(top-1 changes on at most 0.5%% of them, 5%% of their near ties); 0 is the thesis's closed "
+                        "(top-1 changes on at most 0.5%% of them, 5%% of their near ties, 1%% expected from their "
+                        "margins); 0 is the thesis's closed "
                         "form. Without calibration images the edit is the closed form")
     p.add_argument("--calibration-data", default=None, metavar="DIR",
                    help="images the locality budget is measured on, none of them statistics images (default: a "

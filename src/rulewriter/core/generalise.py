@@ -15,8 +15,8 @@ from them, and the closed-form update moves those only part of the way. Two defa
   themselves (fitted on all views), then has the most left-out views right, then the higher mean
   probability of the right class, then the smaller ``s``, wins, among the settings within the **locality
   budget** (:class:`LocalityBudget`): the full edit changes the top-1 of at most 0.5 % of the calibration
-  images and 5 % of their near ties (:class:`Calibration`, images that are *not* among ``C``'s own,
-  :func:`calibration_split`). The winner's candidate is then scaled to its strongest strength within that
+  images and 5 % of their near ties, and at most 1 % expected from their margins (:class:`Calibration`,
+  images that are *not* among ``C``'s own, :func:`calibration_split`). The winner's candidate is then scaled to its strongest strength within that
   budget that restores as many exemplars: the views choose what to scale, the measured collateral how far.
   Without calibration images the budget is the output energy ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ) ≤ 1 %``
   (exact from ``C``, but on the scoreboard looser than top-1 locality, so it caps the strength and is not

@@ -1,9 +1,10 @@
 """Locality: what an edit may change elsewhere, measured on calibration images.
 
 An edit is local when the photos it was not written for keep their top-1. :class:`LocalityBudget` is how
-much may change (the field's LR targets, halved for sampling error), :class:`Calibration` counts the top-1
-changes of a candidate edit on calibration images from cached activations (:func:`calibration_set`, which
-must not be ``C``'s own images: :func:`calibration_split`), stopping once a setting is ruled out; without
+much may change (the field's LR targets, the counted share halved for sampling error), :class:`Calibration`
+counts the top-1 changes of a candidate edit on calibration images from cached activations
+(:func:`calibration_set`, which must not be ``C``'s own images: :func:`calibration_split`) and estimates
+the share it would change from every image's margin loss, stopping once a setting is ruled out; without
 calibration images the budget is the layer's output energy on the statistics keys
 (:func:`relative_collateral`). :func:`rulewriter.core.generalise.choose_strength` spends the budget.
 
@@ -11,7 +12,7 @@ Example::
 
     stats_paths, cal_paths = calibration_split("photos/")               # disjoint
     cal = calibration_set(clf, layer, cal_paths)
-    cal.changed(clf.model, edit)            # {'changed': 0.002, 'changed_near_tie': 0.0, 'which': [...], ...}
+    cal.changed(clf.model, edit)      # {'changed': 0.002, 'changed_near_tie': 0.0, 'expected': 0.004, ...}
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ class Calibration:
     Example::
 
         cal = calibration_set(clf, layer, "photos/")              # the statistics images, up to 500
-        cal.changed(clf.model, edit)                              # {'changed': 0.002, 'changed_near_tie': 0.0, ...}
+        cal.changed(clf.model, edit)          # {'changed': 0.002, 'changed_near_tie': 0.0, 'expected': 0.004, ...}
     """
 
     start: str | None
