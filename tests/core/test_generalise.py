@@ -28,6 +28,7 @@ from rulewriter.core.stats import SecondMoment
 
 # The fixture model and images of the rule tests (one copy for both files).
 from test_rules import Tiny, _images, _masks, tiny  # noqa: E402,F401
+from test_locality import _mlp  # noqa: E402
 
 
 def _pasted(images, masks, seed=5):
@@ -324,18 +325,8 @@ class _InputViews:
 
 def _mlp_and_calibration() -> tuple[nn.Module, Any]:
     """A small MLP with confident outputs (a dozen near ties among 200 inputs) and its Calibration."""
-    from rulewriter.core.locality import Calibration
-
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.fc1, model.act, model.fc2 = nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)
-    model.fc2.weight.data *= 10
-    x = 2 * torch.randn(200, 8)
-    with torch.no_grad():
-        logits = model(x)
-    p = logits.softmax(1).topk(2, 1).values
-    margin = p[:, 0] - p[:, 1]
-    return model, Calibration(None, x, logits.argmax(1), margin <= 0.05, batch_size=20, margin=margin)
+    model, _, cal = _mlp()
+    return model, cal
 
 
 def _directions(model: nn.Module, cal: Any, cands: list[float]):
@@ -362,7 +353,7 @@ def test_a_stopping_measurement_chooses_exactly_what_the_full_one_does():
     model, cal = _mlp_and_calibration()
     cands = [0.003, 0.01, 0.03]  # three directions, each of its own size: top-1 changes start at 1, 8, 30
     views, solve, stopping, seen = _directions(model, cal, cands)
-    budget = LocalityBudget(changed=0.01, near_tie=0.1)
+    budget = LocalityBudget(changed=0.01, near_tie=0.1, expected=0.05)
     fast = choose_strength(model, views, solve, stopping, budget=budget, candidates=cands, exhaustive=True)
     n_fast = sum(seen)
     seen.clear()
