@@ -615,12 +615,13 @@ def test_a_mask_too_small_for_the_svd_context_leaves_that_candidate_out(tiny, mo
 
 
 # ------------------------------------------------------------------------------------------ the layer
-def _record(restored, right, admitted="budget", prob=0.5, of=10, exemplars=2):
+def _record(restored, right, admitted="budget", prob=0.5, of=10, exemplars=2, expected=None):
     return {"chosen": 2.0, "candidate": ["mean", 1, False], "candidates": [
         {"candidate": ["mean", 1, False], "strength": 1.0, "exemplars_restored": 0, "exemplars": exemplars,
          "admitted": "budget", "right": of, "of": of, "mean_prob": 0.9},  # not the winner: never counted
         {"candidate": ["mean", 1, False], "strength": 2.0, "exemplars_restored": restored, "exemplars": exemplars,
-         "admitted": admitted, "right": right, "of": of, "mean_prob": prob}]}
+         "admitted": admitted, "right": right, "of": of, "mean_prob": prob,
+         "collateral": None if expected is None else {"changed": 0.02, "expected": expected}}]}
 
 
 def test_choose_layer_ranks_the_winning_settings_as_choose_strength_does():
@@ -631,6 +632,11 @@ def test_choose_layer_ranks_the_winning_settings_as_choose_strength_does():
     assert choose_layer(layers, [_record(1, 9), _record(2, 1)])["chosen"] == "other"
     # 2. then within the budget rather than the fallback
     assert choose_layer(layers, [_record(2, 9, admitted="fallback"), _record(2, 1)])["chosen"] == "other"
+    # 2b. every layer over the budget: the smaller expected share of top-1 changes, before the views
+    over = [_record(2, 9, admitted="fallback", expected=0.02), _record(2, 1, admitted="fallback", expected=0.011)]
+    got = choose_layer(layers, over)
+    assert got["chosen"] == "other" and "1.10% expected top-1 changes" in got["reason"]
+    assert choose_layer(layers, [_record(2, 1, expected=0.009), over[1]])["chosen"] == "default"  # within wins
     # 3. then the share of left-out views right, then the mean probability
     assert choose_layer(layers, [_record(2, 5), _record(2, 6)])["chosen"] == "other"
     assert choose_layer(layers, [_record(2, 5, prob=0.4), _record(2, 5, prob=0.6)])["chosen"] == "other"
@@ -716,7 +722,7 @@ def test_rewrite_choosing_layer_writes_the_default_then_deeper_layers_and_passes
 
     def score(layer):
         got, of = shares[layer]
-        return (got / of, True, 0.5, 0.5)
+        return (got / of, True, 0.0, 0.5, 0.5)
 
     def fake(classifier, rule, stats, *, to_beat=None, ties_win=False, **kw):
         calls.append((rule, to_beat, ties_win))

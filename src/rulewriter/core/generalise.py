@@ -490,7 +490,9 @@ def choose_strength(
     def score_bound(key: tuple[int, float]) -> tuple:
         """The highest :func:`layer_score` that ``key``, or its candidate spent, could reach."""
         v = views_bound(key)
-        return (restores(*key) / n_own if n_own else 0.0, admitted.get(key, "budget") == "budget",
+        within = admitted.get(key, "budget") == "budget"  # not settled yet: it may be within
+        over = 0.0 if within else _over_by({"admitted": admitted[key], "collateral": measured.get(key)})
+        return (restores(*key) / n_own if n_own else 0.0, within, over,
                 v[0] / (2 * n_val) if v else 1.0, round(v[1] / (2 * n_val), 6) if v else 1.0)
 
     def cannot_win(keys_left: Sequence[tuple[int, float]]) -> bool:
@@ -597,15 +599,27 @@ def chosen_row(choice: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def layer_score(row: dict[str, Any] | None) -> tuple[float, bool, float, float] | None:
+def _over_by(row: dict[str, Any]) -> float:
+    """How far a winning row outside the budget is over it: minus its expected share of top-1 changes
+    (0 within the budget, or without an estimate), so that less collateral ranks higher."""
+    if row.get("admitted") == "budget":
+        return 0.0
+    ex = (row.get("collateral") or {}).get("expected") if isinstance(row.get("collateral"), dict) else None
+    return 0.0 if ex is None else -round(float(ex), 6)
+
+
+def layer_score(row: dict[str, Any] | None) -> tuple[float, bool, float, float, float] | None:
     """How :func:`choose_layer` ranks a layer's winning row (:func:`chosen_row`): the share of exemplars it
-    restores, whether it is within the locality budget, the share of left-out views right, the mean
-    right-class probability (rounded to 6 places); a tuple, compared in that order. None for no row or one
-    without validation: it scores nothing."""
+    restores, whether it is within the locality budget, for one outside it the smaller expected share of
+    top-1 changes (every layer's fallback may be over the budget: the least over it is the nearest to what
+    the user accepts), the share of left-out views right, the mean right-class probability (rounded to 6
+    places); a tuple, compared in that order. None for no row or one without validation: it scores
+    nothing."""
     if row is None or row.get("right") is None or not row.get("of"):
         return None
     restored = row["exemplars_restored"] / row["exemplars"] if row.get("exemplars") else 0.0
-    return (restored, row.get("admitted") == "budget", row["right"] / row["of"], round(float(row["mean_prob"]), 6))
+    return (restored, row.get("admitted") == "budget", _over_by(row), row["right"] / row["of"],
+            round(float(row["mean_prob"]), 6))
 
 
 def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -615,8 +629,9 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
     the first layer is the model's default. Each edit's winning setting is scored as
     :func:`choose_strength` scores settings within one layer, in the same order: the share of the user's
     exemplars it restores, then being within the locality budget (not the fallback or a setting admitted for
-    adding no calibration change to it), then the share of left-out exemplar views right, then the mean
-    probability of the right class; ties go to the earlier layer. A record without validation rows (no
+    adding no calibration change to it), then, among edits outside it, the smaller expected share of top-1
+    changes, then the share of left-out exemplar views right, then the mean probability of the right
+    class; ties go to the earlier layer. A record without validation rows (no
     views, an energy budget's run without folds, a validation pruned because it could not restore as many
     exemplars as an earlier layer's) scores nothing, so the default layer is kept unless another layer was
     validated. Returns a JSON-ready dict: ``chosen`` (the layer), ``index``, ``reason``
@@ -650,7 +665,8 @@ def choose_layer(layers: Sequence[str], choices: Sequence[dict[str, Any]]) -> di
     b = rows[best]
     reason = (f"layer {b['layer']}: restores {b['exemplars_restored']}/{b['exemplars']} exemplars, "
               f"{b['right']}/{b['of']} left-out views right, "
-              f"{'within the budget' if b['within_budget'] else 'the fallback'}; "
+              + ("within the budget" if b["within_budget"] else "the fallback"
+                 + ("" if not b["score"][2] else f", {-100 * b['score'][2]:.2f}% expected top-1 changes")) + "; "
               + ", ".join(f"{r['layer']} {r['exemplars_restored']}/{r['exemplars']} and {r['right']}/{r['of']}"
                           if r["score"] is not None else f"{r['layer']} {r['pruned']}"
                           for i, r in enumerate(rows) if i != best and (r["score"] is not None or "pruned" in r)))
