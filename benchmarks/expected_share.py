@@ -66,7 +66,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
         sel = [r for r in rows if r["strength"] == s]
         over_c = [r for r in sel if r["cal_changed"] > 0.005 + 1e-12]
         over_e = [r for r in sel if r["cal_expected"] > 0.01 + 1e-12]
-        out.append([f"{s:g}", len(sel), f"{100 * mean('cal_changed', sel):.2f}%", f"{100 * mean('cal_expected', sel):.2f}%",
+        out.append([f"{s:g}", len(sel), f"{100 * mean('cal_changed', sel):.2f}%",
+                    f"{100 * mean('cal_expected', sel):.2f}%",
                     sum(r["cal_changed"] == 0 for r in sel), f"{len(over_c)} / {len(over_e)}",
                     f"{100 * mean('lr_changed', sel):.2f}%", f"{100 * mean('lr_expected', sel):.2f}%"])
     head = ["strength", "edits", "calibration: mean counted", "calibration: mean expected",

@@ -38,7 +38,8 @@ def test_calibration_counts_top1_changes_exactly(tiny):
     assert torch.equal(cal.near_tie, (p[:, 0] - p[:, 1]) <= NEAR_TIE)
     torch.manual_seed(2)
     w0 = LayerMemory(dict(tiny.model.named_modules())[layer], 2).matrix()
-    edit = Edit([LayerUpdate(layer, 2, 30 * torch.randn(w0.shape[0], 1).double(), torch.randn(w0.shape[1], 1).double())])
+    edit = Edit([LayerUpdate(layer, 2, 30 * torch.randn(w0.shape[0], 1).double(),
+                             torch.randn(w0.shape[1], 1).double())])
     got = cal.changed(tiny.model, edit)
     with edit.applied(tiny.model), torch.no_grad():
         top = tiny.model(x).argmax(1)

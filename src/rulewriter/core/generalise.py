@@ -16,8 +16,9 @@ from them, and the closed-form update moves those only part of the way. Two defa
   probability of the right class, then the smaller ``s``, wins, among the settings within the **locality
   budget** (:class:`LocalityBudget`): the full edit changes the top-1 of at most 0.5 % of the calibration
   images and 5 % of their near ties, and at most 1 % expected from their margins (:class:`Calibration`,
-  images that are *not* among ``C``'s own, :func:`calibration_split`). The winner's candidate is then scaled to its strongest strength within that
-  budget that restores as many exemplars: the views choose what to scale, the measured collateral how far.
+  images that are *not* among ``C``'s own, :func:`calibration_split`). The winner's candidate is then
+  scaled to its strongest strength within that budget that restores as many exemplars: the views choose
+  what to scale, the measured collateral how far.
   Without calibration images the budget is the output energy ``s² tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ) ≤ 1 %``
   (exact from ``C``, but on the scoreboard looser than top-1 locality, so it caps the strength and is not
   spent). No held-out photo takes part.
@@ -580,7 +581,8 @@ def choose_strength(
         reason += "; even the closed form is over the budget (it is the fallback)"
         if best["admitted"] == "no new change":
             reason += (", and this setting restores more exemplars than any within the budget while it changes "
-                       "only calibration images the closed form changes, within the expected share or no more than it")
+                       "only calibration images the closed form changes, within the expected share or no more "
+                       "than it")
     out = StrengthChoice(best["strength"], reason, rows, budget, len(folds), n_val)
     out.candidate = best.get("candidate")
     return out

@@ -26,9 +26,9 @@ from torch import nn
 
 from .tail import LinearTail, read_views_at, run_tail, tail_start
 
-__all__ = ["DEFAULT_COLLATERAL", "NEAR_TIE", "EXPECTED_CHANGED", "CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES", "relative_collateral",
-           "LocalityBudget", "Calibration", "exact_map", "calibration_set", "calibration_sets",
-           "calibration_split"]
+__all__ = ["DEFAULT_COLLATERAL", "NEAR_TIE", "EXPECTED_CHANGED", "CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES",
+           "relative_collateral", "LocalityBudget", "Calibration", "exact_map", "calibration_set",
+           "calibration_sets", "calibration_split"]
 
 #: Collateral budget without calibration images: the edit may change the layer's output on the statistics
 #: images by at most 1% of the output's mean square (an RMS change of 10%), measured exactly from ``C``.
