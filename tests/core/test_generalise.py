@@ -21,7 +21,6 @@ from rulewriter.core.generalise import (
     view_groups,
 )
 from rulewriter.core.memory import LayerMemory
-from rulewriter.models.registry import Preprocess, load_classifier
 from rulewriter.core.rules import Rule, layer_io, rewrite, rule_from_images
 from rulewriter.core.stats import SecondMoment
 

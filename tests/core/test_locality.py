@@ -8,25 +8,14 @@ import torch
 from torch import nn
 
 from rulewriter.core.edit import Edit, LayerUpdate
-from rulewriter.core.locality import EXPECTED_CHANGED, Calibration, LocalityBudget, calibration_set
+from rulewriter.core.locality import EXPECTED_CHANGED, NEAR_TIE, Calibration, LocalityBudget, calibration_set
 from rulewriter.core.memory import LayerMemory
 
 # The fixture model and images of the rule tests (one copy for all the files).
-from test_rules import Tiny, _images, tiny  # noqa: E402,F401
-
-LAYER = "features.2"
-
-
-def _random_edit(clf, scale: float, seed: int = 2) -> Edit:
-    torch.manual_seed(seed)
-    w0 = LayerMemory(dict(clf.model.named_modules())[LAYER], 2).matrix()
-    return Edit([LayerUpdate(LAYER, 2, scale * torch.randn(w0.shape[0], 1).double(),
-                             torch.randn(w0.shape[1], 1).double())])
+from test_rules import _images, tiny  # noqa: E402,F401
 
 
 def test_calibration_counts_top1_changes_exactly(tiny):
-    from rulewriter.core.generalise import NEAR_TIE, calibration_set
-
     layer = "features.2"
     imgs = _images(40, seed=11)
     cal = calibration_set(tiny, layer, tiny.preprocess.batch(imgs))
@@ -57,8 +46,6 @@ def test_a_calibration_measurement_that_may_stop_decides_as_the_full_one(tiny):
     """``changed(stop=budget.rules_out(·, ref))`` measures the most fragile images first and stops once a
     setting is ruled out; whatever it measured, its admission is the full measurement's, and a measurement
     it did not stop is the full one."""
-    from rulewriter.core.generalise import LocalityBudget, calibration_set
-
     layer = "features.2"
     cal = calibration_set(tiny, layer, tiny.preprocess.batch(_images(60, seed=11)))
     cal.batch_size = 10  # chunks of 5 images
@@ -85,8 +72,6 @@ def test_a_calibration_measurement_that_may_stop_decides_as_the_full_one(tiny):
 
 
 def test_locality_budget_admits():
-    from rulewriter.core.generalise import LocalityBudget
-
     b = LocalityBudget(changed=0.01, near_tie=0.1)
     assert b.admits({"changed": 0.01, "changed_near_tie": 0.1})
     assert not b.admits({"changed": 0.011, "changed_near_tie": 0.0})
