@@ -174,13 +174,6 @@ class Calibration:
     def __len__(self) -> int:
         return int(self.base.shape[0])
 
-    @torch.no_grad()
-    def top1(self, model: nn.Module) -> torch.Tensor:
-        """The model's top-1 on the calibration images as the model is now."""
-        n = len(self)
-        return torch.cat([self._logits_of(model, torch.arange(i, min(i + self.batch_size, n))).argmax(1)
-                          for i in range(0, n, self.batch_size)])
-
     def changed(self, model: nn.Module, edit: Any, *,
                 stop: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """Share of calibration images (and of their near ties) whose top-1 ``edit`` changes, and the
