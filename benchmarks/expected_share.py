@@ -5,8 +5,9 @@ it would change from every image's margin loss (``expected``: each image's loss 
 largest other, set against all the images' unedited margins). This measures both on the scoreboard's
 calibration images (250, index 1 mod 4) for the closed form of every scenario at strengths 1, 2, 4 and 8
 (the rule without views: no search picked these settings, so no count among them was kept for being
-low), and, for comparison only, the same two quantities on the LR photos (index 3 mod 4). No default is
-chosen from the LR photos: the budget on ``expected`` is the LR target itself (1 %).
+low), and, for comparison only, the same two quantities on the LR photos (index 3 mod 4); and the near
+ties' share, counted and estimated the same way against the near ties' margins (which the budget does not
+use). No default is chosen from the LR photos: the budget on ``expected`` is the LR target itself (1 %).
 
 Run: ``python benchmarks/expected_share.py [--scenarios ...] [--exemplars 5,1]``;
 writes ``benchmarks/results/expected_share.{json,md}``.
@@ -37,6 +38,26 @@ def lr_calibration(clf: Any, start: str, photos: Any) -> Any:
     return Calibration.of(start, photos.x, logits)
 
 
+def near_tie_estimate(cal: Any, model: Any, edit: Any) -> float | None:
+    """The expected share among near ties, estimated the same way: every image's margin loss against the
+    near ties' unedited margins (not in the budget: see the README)."""
+    from rulewriter.core.tail import run_tail
+
+    if not int(cal.near_tie.sum()):
+        return None
+    with torch.no_grad():
+        if cal.linear is not None and cal.linear.covers(model, edit):
+            logits = cal.linear.logits(model, edit)
+        else:
+            with edit.applied(model):
+                logits = torch.cat([run_tail(model, cal.start, cal.x[i:i + 100]) for i in range(0, len(cal), 100)])
+    logits = logits.double().cpu()
+    own = logits.gather(1, cal.base[:, None]).squeeze(1)
+    loss = cal.logit_margin - (own - logits.scatter(1, cal.base[:, None], -torch.inf).max(1).values)
+    ref = cal.logit_margin[cal.near_tie]
+    return float((ref[None, :] < loss[:, None]).double().mean())
+
+
 def probe(rows: list[dict[str, Any]], lr_cal: dict[str, Any]):
     def run(clf: Any, layer: str, start: str, sc: Any, n: int, stats: Any, cal: Any, photos: Any) -> None:
         from rulewriter.core.rules import rewrite, rule_from_images
@@ -50,7 +71,9 @@ def probe(rows: list[dict[str, Any]], lr_cal: dict[str, Any]):
             rows.append({"scenario": sc.name, "n_exemplars": n, "strength": s,
                          "cal_changed": a["changed"], "cal_near_tie": a["changed_near_tie"],
                          "cal_expected": a["expected"], "lr_changed": b["changed"],
-                         "lr_near_tie": b["changed_near_tie"], "lr_expected": b["expected"]})
+                         "lr_near_tie": b["changed_near_tie"], "lr_expected": b["expected"],
+                         "cal_near_tie_expected": near_tie_estimate(cal, clf.model, e),
+                         "lr_near_tie_expected": near_tie_estimate(lr_cal["cal"], clf.model, e)})
             G.log(f"  {sc.name} n={n} s={s:g}: calibration {100 * a['changed']:.1f}% counted, "
                   f"{100 * a['expected']:.2f}% expected; LR photos {100 * b['changed']:.1f}% counted, "
                   f"{100 * b['expected']:.2f}% expected")
@@ -69,10 +92,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
         out.append([f"{s:g}", len(sel), f"{100 * mean('cal_changed', sel):.2f}%",
                     f"{100 * mean('cal_expected', sel):.2f}%",
                     sum(r["cal_changed"] == 0 for r in sel), f"{len(over_c)} / {len(over_e)}",
-                    f"{100 * mean('lr_changed', sel):.2f}%", f"{100 * mean('lr_expected', sel):.2f}%"])
+                    f"{100 * mean('lr_changed', sel):.2f}%", f"{100 * mean('lr_expected', sel):.2f}%",
+                    f"{100 * mean('cal_near_tie', sel):.1f}% / {100 * mean('cal_near_tie_expected', sel):.1f}%",
+                    f"{100 * mean('lr_near_tie', sel):.1f}% / {100 * mean('lr_near_tie_expected', sel):.1f}%"])
     head = ["strength", "edits", "calibration: mean counted", "calibration: mean expected",
             "calibration: counted 0", "over the budget (counted 0.5 % / expected 1 %)",
-            "LR photos: mean counted", "LR photos: mean expected"]
+            "LR photos: mean counted", "LR photos: mean expected",
+            "near ties, calibration: counted / expected", "near ties, LR photos: counted / expected"]
     return C.markdown_table(head, out)
 
 
