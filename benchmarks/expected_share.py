@@ -41,20 +41,12 @@ def lr_calibration(clf: Any, start: str, photos: Any) -> Any:
 def near_tie_estimate(cal: Any, model: Any, edit: Any) -> float | None:
     """The expected share among near ties, estimated the same way: every image's margin loss against the
     near ties' unedited margins (not in the budget: see the README)."""
-    from rulewriter.core.tail import run_tail
+    from rulewriter.core.locality import margin_loss
 
     if not int(cal.near_tie.sum()):
         return None
-    with torch.no_grad():
-        if cal.linear is not None and cal.linear.covers(model, edit):
-            logits = cal.linear.logits(model, edit)
-        else:
-            with edit.applied(model):
-                logits = torch.cat([run_tail(model, cal.start, cal.x[i:i + 100]) for i in range(0, len(cal), 100)])
-    logits = logits.double().cpu()
-    own = logits.gather(1, cal.base[:, None]).squeeze(1)
-    loss = cal.logit_margin - (own - logits.scatter(1, cal.base[:, None], -torch.inf).max(1).values)
-    ref = cal.logit_margin[cal.near_tie]
+    loss = margin_loss(cal.logits(model, edit).cpu(), cal.base, cal.logit_margin)
+    ref = cal.logit_margin[cal.near_tie].double()
     return float((ref[None, :] < loss[:, None]).double().mean())
 
 

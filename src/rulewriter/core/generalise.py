@@ -606,7 +606,8 @@ def _over_by(row: dict[str, Any]) -> float:
     (0 within the budget, or without an estimate), so that less collateral ranks higher."""
     if row.get("admitted") == "budget":
         return 0.0
-    ex = (row.get("collateral") or {}).get("expected") if isinstance(row.get("collateral"), dict) else None
+    c = row.get("collateral")
+    ex = c.get("expected") if isinstance(c, dict) else None
     return 0.0 if ex is None else -round(float(ex), 6)
 
 

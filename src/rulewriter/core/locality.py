@@ -27,7 +27,7 @@ from torch import nn
 from .tail import LinearTail, read_views_at, run_tail, tail_start
 
 __all__ = ["DEFAULT_COLLATERAL", "NEAR_TIE", "EXPECTED_CHANGED", "CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES",
-           "relative_collateral", "LocalityBudget", "Calibration", "exact_map", "calibration_set",
+           "relative_collateral", "margin_loss", "LocalityBudget", "Calibration", "exact_map", "calibration_set",
            "calibration_sets", "calibration_split"]
 
 #: Collateral budget without calibration images: the edit may change the layer's output on the statistics
@@ -130,6 +130,21 @@ class LocalityBudget:
                 f"from their margins")
 
 
+def margin_loss(logits: torch.Tensor, top: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """How much of each image's unedited ``margin`` (its ``top`` logit minus the largest other) an edit
+    took, given the edited ``logits``: the margin before minus the same class's margin after. The top-1
+    changes exactly where this exceeds ``margin``.
+
+    Example:
+        >>> margin_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([0]), torch.tensor([0.5])).tolist()
+        [1.5]
+    """
+    logits = logits.double()
+    own = logits.gather(1, top[:, None]).squeeze(1)
+    others = logits.scatter(1, top[:, None], -math.inf).max(1).values
+    return margin.double() - (own - others)
+
+
 @dataclass
 class Calibration:
     """Calibration images for the locality budget: where their tail starts, its cached inputs, the unedited
@@ -158,7 +173,12 @@ class Calibration:
     #: The unedited top-1 logit minus the largest other logit of each image: what an edit must take from
     #: an image to change its top-1 (the expected share in :meth:`changed`). None: no estimate.
     logit_margin: torch.Tensor | None = None
+    #: ``logit_margin`` sorted, the reference distribution of the expected share (derived, not passed).
     _sorted: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.logit_margin is not None:
+            self._sorted = self.logit_margin.double().sort().values.contiguous()
 
     @classmethod
     def of(cls, start: str | None, x: torch.Tensor, logits: torch.Tensor, *, linear: LinearTail | None = None,
@@ -195,14 +215,8 @@ class Calibration:
         n, nt = len(self), int(self.near_tie.sum())
         diff = torch.zeros(n, dtype=torch.bool)
         flips = torch.zeros(n, dtype=torch.float64)  # F(δᵢ) of each measured image
-        if self.linear is not None and self.linear.covers(model, edit):
-            self._count(self.linear.logits(model, edit), torch.arange(n), diff, flips)
-            done = n
-        elif stop is None:
-            with edit.applied(model):
-                for i in range(0, n, self.batch_size):
-                    idx = torch.arange(i, min(i + self.batch_size, n))
-                    self._count(self._logits_of(model, idx), idx, diff, flips)
+        if stop is None or (self.linear is not None and self.linear.covers(model, edit)):
+            self._count(self.logits(model, edit), torch.arange(n), diff, flips)
             done = n
         else:
             order = torch.argsort(self.margin, stable=True) if self.margin is not None else torch.arange(n)
@@ -217,25 +231,30 @@ class Calibration:
                         break
         return self._shares(diff, flips, n, nt, done)
 
+    @torch.no_grad()
+    def logits(self, model: nn.Module, edit: Any) -> torch.Tensor:
+        """Every calibration image's logits with ``edit`` applied: through the exact linear map where it
+        covers the edit, else tail passes with the edit applied (and undone)."""
+        if self.linear is not None and self.linear.covers(model, edit):
+            return self.linear.logits(model, edit)
+        n = len(self)
+        with edit.applied(model):
+            return torch.cat([self._logits_of(model, torch.arange(i, min(i + self.batch_size, n)))
+                              for i in range(0, n, self.batch_size)])
+
     def _count(self, logits: torch.Tensor, idx: torch.Tensor, diff: torch.Tensor, flips: torch.Tensor) -> None:
         """Record images ``idx``'s edited ``logits``: whether their top-1 changed, and ``F(δᵢ)``."""
         logits = logits.double().cpu()
-        top = self.base[idx]
-        diff[idx] = logits.argmax(1) != top
-        if self.logit_margin is not None:
-            own = logits.gather(1, top[:, None]).squeeze(1)
-            others = logits.scatter(1, top[:, None], -math.inf).max(1).values
-            loss = self.logit_margin[idx].double() - (own - others)
-            if self._sorted is None:
-                self._sorted = self.logit_margin.double().sort().values.contiguous()
-            ref = self._sorted
-            flips[idx] = torch.searchsorted(ref, loss).double() / len(ref)  # margins strictly below δᵢ
+        diff[idx] = logits.argmax(1) != self.base[idx]
+        if self._sorted is not None:
+            loss = margin_loss(logits, self.base[idx], self.logit_margin[idx])
+            flips[idx] = torch.searchsorted(self._sorted, loss).double() / len(self._sorted)  # margins below δᵢ
 
     def _shares(self, diff: torch.Tensor, flips: torch.Tensor, n: int, nt: int, done: int) -> dict[str, Any]:
         out = {"changed": float(diff.double().sum()) / n, "n": n,
                "changed_near_tie": float(diff[self.near_tie].double().sum()) / nt if nt else None, "n_near_tie": nt,
                "which": torch.nonzero(diff).flatten().tolist()}
-        if self.logit_margin is not None:
+        if self._sorted is not None:
             out["expected"] = float(flips.sum()) / n
         if done < n:
             out.update(complete=False, measured=done)
